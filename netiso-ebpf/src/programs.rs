@@ -1,0 +1,260 @@
+//! Program entry points, maps and the aggregation logic.
+
+use aya_ebpf::{
+    EbpfContext, Global,
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC, __sk_buff},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{classifier, map, tracepoint},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{TcContext, TracePointContext},
+};
+use netiso_common::{
+    Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL,
+    EVENT_FLAG_NEW_KEY, EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS,
+    LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL, LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS,
+};
+
+use crate::headers::{ETH_P_IP, ETH_P_IPV6, HeaderSource, Parsed, parse_ip};
+
+/// Set by user space from the running kernel's BTF before loading.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    skb_head: 0,
+    skb_len: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_dev: 0,
+    skb_iif: 0,
+    net_device_ifindex: 0,
+    _pad: 0,
+});
+
+/// Sizes are defaults; user space sets them at load time.
+#[map]
+static DROPS: PerCpuHashMap<DropKey, Counters> = PerCpuHashMap::with_max_entries(16384, 0);
+#[map]
+static FLOWS: PerCpuHashMap<FlowKey, Counters> = PerCpuHashMap::with_max_entries(65536, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// Non-zero at index `reason` keeps drops with that `enum skb_drop_reason`; written by user space.
+#[map]
+static DROP_REASON_FILTER: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
+#[map]
+static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
+
+const EEXIST: i32 = 17;
+/// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
+const HEADER_UNSET: u16 = 0xffff;
+
+fn count_loss(index: u32) {
+    if let Some(counter) = LOSSES.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot is only written by this CPU, and programs do not nest on
+        // one CPU for these hooks, so the increment cannot race.
+        unsafe { *counter += 1 };
+    }
+}
+
+fn add(counters: *mut Counters, now: u64, len: u32, ifindex: u32, tcp_flags: u8) {
+    // SAFETY: `counters` points at this CPU's slot of a per-CPU hash entry, which only this CPU
+    // writes (see `count_loss`).
+    let c = unsafe { &mut *counters };
+    if c.packets == 0 {
+        c.first_seen_ns = now;
+    }
+    c.packets += 1;
+    c.bytes += len as u64;
+    c.last_seen_ns = now;
+    c.ifindex = ifindex;
+    c.tcp_flags |= tcp_flags;
+}
+
+/// Counts one packet under `key`: in place when the key exists, otherwise by inserting it and
+/// announcing it once on the ring buffer. When the map is full the ring-buffer record is the only
+/// trace of the packet, and the loss is counted either way.
+fn record<K>(
+    map: &PerCpuHashMap<K, Counters>,
+    key: &K,
+    mut event: Event,
+    map_full_loss: u32,
+) {
+    let now = event.timestamp_ns;
+    if let Some(counters) = map.get_ptr_mut(key) {
+        add(counters, now, event.len, event.ifindex, event.tcp_flags);
+        return;
+    }
+    let first = Counters {
+        packets: 1,
+        bytes: event.len as u64,
+        first_seen_ns: now,
+        last_seen_ns: now,
+        ifindex: event.ifindex,
+        tcp_flags: event.tcp_flags,
+        _pad: [0; 3],
+    };
+    match map.insert(key, &first, BPF_NOEXIST as u64) {
+        Ok(()) => event.flags = EVENT_FLAG_NEW_KEY,
+        // Another CPU inserted the key between our lookup and insert.
+        Err(e) if e == -EEXIST => {
+            if let Some(counters) = map.get_ptr_mut(key) {
+                add(counters, now, event.len, event.ifindex, event.tcp_flags);
+            }
+            return;
+        }
+        Err(_) => {
+            count_loss(map_full_loss);
+            event.flags = EVENT_FLAG_MAP_FULL;
+        }
+    }
+    if EVENTS.output(&event, 0).is_err() {
+        count_loss(LOSS_RINGBUF_FULL);
+    }
+}
+
+// ---- drops: tracepoint/skb/kfree_skb ----
+
+/// Offsets of the tracepoint's fields (stable since the reason was added in 5.17; checked against
+/// the format file by user space before attaching).
+const TP_SKBADDR: usize = 8;
+const TP_LOCATION: usize = 16;
+const TP_PROTOCOL: usize = 32;
+const TP_REASON: usize = 36;
+
+struct KernelMemory(u64);
+
+impl HeaderSource for KernelMemory {
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a bad one.
+        unsafe { bpf_probe_read_kernel((self.0 + offset as u64) as *const [u8; N]).ok() }
+    }
+}
+
+fn read_kernel<T>(addr: u64) -> Option<T> {
+    // SAFETY: as above; `T` is a plain integer at every call site.
+    unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
+}
+
+#[tracepoint(category = "skb", name = "kfree_skb")]
+fn kfree_skb(ctx: TracePointContext) -> u32 {
+    let _ = try_kfree_skb(&ctx);
+    0
+}
+
+fn try_kfree_skb(ctx: &TracePointContext) -> Option<()> {
+    // SAFETY: the offsets are those of the kfree_skb format, which user space verified.
+    let reason: u32 = unsafe { ctx.read_at(TP_REASON).ok()? };
+    if let Some(keep) = DROP_REASON_FILTER.get(reason)
+        && *keep == 0
+    {
+        return None;
+    }
+    // SAFETY: as above.
+    let (skb, location, protocol): (u64, u64, u16) = unsafe {
+        (
+            ctx.read_at(TP_SKBADDR).ok()?,
+            ctx.read_at(TP_LOCATION).ok()?,
+            ctx.read_at(TP_PROTOCOL).ok()?,
+        )
+    };
+    if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+        return None;
+    }
+    let off = OFFSETS.load();
+    let head: u64 = read_kernel(skb + off.skb_head as u64)?;
+    let network_header: u16 = read_kernel(skb + off.skb_network_header as u64)?;
+    if network_header == HEADER_UNSET || head == 0 {
+        count_loss(LOSS_UNPARSED);
+        return None;
+    }
+    let Some(Parsed { tuple, tcp_flags }) =
+        parse_ip(&KernelMemory(head), protocol, network_header as usize)
+    else {
+        count_loss(LOSS_UNPARSED);
+        return None;
+    };
+    let len: u32 = read_kernel(skb + off.skb_len as u64).unwrap_or(0);
+    let dev: u64 = read_kernel(skb + off.skb_dev as u64).unwrap_or(0);
+    let ifindex: u32 = if dev != 0 {
+        read_kernel(dev + off.net_device_ifindex as u64).unwrap_or(0)
+    } else {
+        read_kernel(skb + off.skb_iif as u64).unwrap_or(0)
+    };
+    let key = DropKey { tuple, reason, _pad: 0, location };
+    let event = Event {
+        kind: EVENT_DROP,
+        flags: 0,
+        direction: 0,
+        tcp_flags,
+        ifindex,
+        tuple,
+        reason,
+        len,
+        location,
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    record(&DROPS, &key, event, LOSS_DROP_MAP_FULL);
+    Some(())
+}
+
+// ---- allowed flows: tc on pod-facing interfaces ----
+
+struct Packet<'a>(&'a TcContext);
+
+impl HeaderSource for Packet<'_> {
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.0.load(offset).ok()
+    }
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_8021Q: u16 = 0x8100;
+
+#[classifier]
+fn flows_from_pod(ctx: TcContext) -> i32 {
+    observe(&ctx, DIRECTION_FROM_POD);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+fn flows_to_pod(ctx: TcContext) -> i32 {
+    observe(&ctx, DIRECTION_TO_POD);
+    TC_ACT_UNSPEC
+}
+
+fn observe(ctx: &TcContext, direction: u8) {
+    let packet = Packet(ctx);
+    let Some(eth) = packet.read::<{ ETH_HLEN + 4 }>(0) else {
+        return;
+    };
+    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        ethertype = u16::from_be_bytes([eth[16], eth[17]]);
+        l3 += 4;
+    }
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return;
+    }
+    let Some(Parsed { tuple, tcp_flags }) = parse_ip(&packet, ethertype, l3) else {
+        count_loss(LOSS_UNPARSED);
+        return;
+    };
+    let key = FlowKey { tuple, direction, _pad: [0; 7] };
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: `skb` is the valid `__sk_buff` the program was called with.
+    let (len, ifindex) = unsafe { ((*skb).len, (*skb).ifindex) };
+    let event = Event {
+        kind: EVENT_FLOW,
+        flags: 0,
+        direction,
+        tcp_flags,
+        ifindex,
+        tuple,
+        reason: 0,
+        len,
+        location: 0,
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    record(&FLOWS, &key, event, LOSS_FLOW_MAP_FULL);
+}
