@@ -23,9 +23,14 @@ fn main() -> anyhow::Result<()> {
     // RUSTC_BOOTSTRAP=1, set here so it reaches only the nested eBPF build, never the userspace crates.
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-    let toolchain = std::env::var("RUSTUP_TOOLCHAIN").context("RUSTUP_TOOLCHAIN is not set: build with rustup's cargo")?;
+    let toolchain = std::env::var("RUSTUP_TOOLCHAIN")
+        .context("RUSTUP_TOOLCHAIN is not set: build with rustup's cargo")?;
     aya_build::build_ebpf(
-        [Package { name: "netiso-ebpf", root_dir, ..Default::default() }],
+        [Package {
+            name: "netiso-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom(&toolchain),
     )
 }

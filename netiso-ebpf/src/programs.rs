@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC, __sk_buff},
+    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{classifier, map, tracepoint},
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -71,12 +71,7 @@ fn add(counters: *mut Counters, now: u64, len: u32, ifindex: u32, tcp_flags: u8)
 /// Counts one packet under `key`: in place when the key exists, otherwise by inserting it and
 /// announcing it once on the ring buffer. When the map is full the ring-buffer record is the only
 /// trace of the packet, and the loss is counted either way.
-fn record<K>(
-    map: &PerCpuHashMap<K, Counters>,
-    key: &K,
-    mut event: Event,
-    map_full_loss: u32,
-) {
+fn record<K>(map: &PerCpuHashMap<K, Counters>, key: &K, mut event: Event, map_full_loss: u32) {
     let now = event.timestamp_ns;
     if let Some(counters) = map.get_ptr_mut(key) {
         add(counters, now, event.len, event.ifindex, event.tcp_flags);
@@ -178,7 +173,12 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Option<()> {
     } else {
         read_kernel(skb + off.skb_iif as u64).unwrap_or(0)
     };
-    let key = DropKey { tuple, reason, _pad: 0, location };
+    let key = DropKey {
+        tuple,
+        reason,
+        _pad: 0,
+        location,
+    };
     let event = Event {
         kind: EVENT_DROP,
         flags: 0,
@@ -239,7 +239,11 @@ fn observe(ctx: &TcContext, direction: u8) {
         count_loss(LOSS_UNPARSED);
         return;
     };
-    let key = FlowKey { tuple, direction, _pad: [0; 7] };
+    let key = FlowKey {
+        tuple,
+        direction,
+        _pad: [0; 7],
+    };
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: `skb` is the valid `__sk_buff` the program was called with.
     let (len, ifindex) = unsafe { ((*skb).len, (*skb).ifindex) };

@@ -1,0 +1,90 @@
+//! Watches the network namespace's links over rtnetlink so the tc programs follow pod
+//! interfaces as they appear and go.
+
+use futures::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{MulticastGroup, new_connection, new_multicast_connection};
+use tokio::sync::mpsc;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub is_veth: bool,
+}
+
+#[derive(Debug)]
+pub enum LinkChange {
+    Present(Link),
+    Gone(u32),
+}
+
+fn link_of(msg: &LinkMessage) -> Option<Link> {
+    let mut name = None;
+    let mut is_veth = false;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                is_veth |= infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    Some(Link {
+        index: msg.header.index,
+        name: name?,
+        is_veth,
+    })
+}
+
+/// Current links of this network namespace.
+pub async fn list() -> std::io::Result<Vec<Link>> {
+    let (conn, handle, _) = new_connection()?;
+    let task = tokio::spawn(conn);
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(std::io::Error::other)?;
+    task.abort();
+    Ok(links.iter().filter_map(link_of).collect())
+}
+
+/// Sends every current link, then every change, until the receiver is dropped. Subscribes before
+/// listing so a link created in between is not missed (it may be reported twice, which the
+/// consumer tolerates).
+pub async fn watch(changes: mpsc::Sender<LinkChange>) -> std::io::Result<()> {
+    let (conn, _handle, mut messages) = new_multicast_connection(&[MulticastGroup::Link])?;
+    let task = tokio::spawn(conn);
+    for link in list().await? {
+        if changes.send(LinkChange::Present(link)).await.is_err() {
+            task.abort();
+            return Ok(());
+        }
+    }
+    while let Some((message, _)) = messages.next().await {
+        let change = match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                link_of(&link).map(LinkChange::Present)
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                Some(LinkChange::Gone(link.header.index))
+            }
+            _ => None,
+        };
+        if let Some(change) = change
+            && changes.send(change).await.is_err()
+        {
+            break;
+        }
+    }
+    task.abort();
+    Ok(())
+}

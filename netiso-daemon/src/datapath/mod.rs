@@ -1,0 +1,719 @@
+//! The kernel side of netiso as seen from user space: loads the eBPF programs with offsets and
+//! reason names from the running kernel, attaches them, and turns the kernel maps and ring buffer
+//! into a stream of [`DatapathRecord`]s.
+
+pub mod btf;
+pub mod interfaces;
+pub mod kallsyms;
+pub mod reasons;
+pub mod record;
+pub mod tracefs;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use netiso_common::{
+    Counters, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, Event, FlowKey,
+    FlowTuple, KernelOffsets, LOSS_COUNTERS, MAX_DROP_REASONS,
+};
+use nix::time::{ClockId, clock_gettime};
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+
+use self::btf::{Btf, BtfError};
+use self::interfaces::{Link, LinkChange};
+use self::kallsyms::Kallsyms;
+use self::reasons::{DropReasons, ReasonError, classify};
+pub use self::record::{DatapathRecord, Direction, EventKind};
+use self::record::{protocol_name, tcp_flag_names, tuple_addrs};
+
+/// The compiled eBPF object, built from netiso-ebpf by this crate's build script.
+static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netiso-probes"));
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error(
+        "cannot read the kernel's BTF at {BTF_PATH} ({0}); netiso needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf(std::io::Error),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error(transparent)]
+    Reasons(#[from] ReasonError),
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error(
+        "loading the eBPF programs was refused ({0}); run as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+    )]
+    Privilege(String),
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "no interface named `{0}` in this network namespace; check the name with `ip link` or use a glob pattern"
+    )]
+    UnknownInterface(String),
+    #[error("invalid interface pattern `{pattern}`: {source}")]
+    Pattern {
+        pattern: String,
+        source: glob::PatternError,
+    },
+    #[error("netlink: {0}")]
+    Netlink(std::io::Error),
+    #[error("ring buffer: {0}")]
+    RingBuffer(std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Interfaces to observe besides every veth, by name or glob (`eth*`).
+    pub interface_patterns: Vec<String>,
+    /// Drop reasons to keep: names, classes, `default` or `all` (see [`DropReasons::select`]).
+    pub drop_reasons: String,
+    pub drop_map_entries: u32,
+    pub flow_map_entries: u32,
+    /// How often user space reads the kernel maps.
+    pub drain_interval: Duration,
+    /// Keys with no packet for this long are removed from the kernel maps.
+    pub idle_timeout: Duration,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            interface_patterns: Vec::new(),
+            drop_reasons: "default".into(),
+            drop_map_entries: 16_384,
+            flow_map_entries: 65_536,
+            drain_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters of the datapath's own health, shared with the metrics exporter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathStats {
+    pub interfaces_attached: u64,
+    pub ringbuf_full: u64,
+    pub drop_map_full: u64,
+    pub flow_map_full: u64,
+    pub unparsed: u64,
+    pub ring_events: u64,
+    pub records: u64,
+}
+
+impl DatapathStats {
+    pub fn losses(&self) -> u64 {
+        self.ringbuf_full + self.drop_map_full + self.flow_map_full
+    }
+}
+
+/// Reads the sk_buff and net_device offsets the drop program needs from the kernel's BTF.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    Ok(KernelOffsets {
+        skb_head: btf.member_offset("sk_buff", "head")?,
+        skb_len: btf.member_offset("sk_buff", "len")?,
+        skb_network_header: btf.member_offset("sk_buff", "network_header")?,
+        skb_transport_header: btf.member_offset("sk_buff", "transport_header")?,
+        skb_dev: btf.member_offset("sk_buff", "dev")?,
+        skb_iif: btf.member_offset("sk_buff", "skb_iif")?,
+        net_device_ifindex: btf.member_offset("net_device", "ifindex")?,
+        _pad: 0,
+    })
+}
+
+struct Attached {
+    name: String,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+const FLOW_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("flows_from_pod", TcAttachType::Ingress),
+    ("flows_to_pod", TcAttachType::Egress),
+];
+
+/// Loaded and attached programs. Dropping it detaches everything and frees the maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    reasons: DropReasons,
+    symbols: Kallsyms,
+    patterns: Vec<glob::Pattern>,
+    attached: HashMap<u32, Attached>,
+    config: DatapathConfig,
+    stats: Arc<Mutex<DatapathStats>>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+fn is_permission_error(e: &aya::EbpfError) -> bool {
+    let text = format!("{e:?}");
+    text.contains("PermissionDenied")
+        || text.contains("EPERM")
+        || text.contains("Operation not permitted")
+}
+
+impl Datapath {
+    /// Loads the programs and attaches the drop tracepoint. Interfaces are attached by [`run`].
+    pub async fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let patterns = config
+            .interface_patterns
+            .iter()
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|source| DatapathError::Pattern {
+                    pattern: p.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // A literal name that does not exist is a typo, not a pattern waiting for a match.
+        let links = interfaces::list().await.map_err(DatapathError::Netlink)?;
+        for p in &config.interface_patterns {
+            let literal = !p.contains(['*', '?', '[']);
+            if literal && !links.iter().any(|l| &l.name == p) {
+                return Err(DatapathError::UnknownInterface(p.clone()));
+            }
+        }
+
+        let btf_data = std::fs::read(BTF_PATH).map_err(DatapathError::NoBtf)?;
+        let btf = Btf::parse(&btf_data)?;
+        let offsets = kernel_offsets(&btf)?;
+        let format_path = tracefs::format_path("skb", "kfree_skb")?;
+        let format = std::fs::read_to_string(&format_path).unwrap_or_default();
+        tracefs::check_kfree_skb_layout(&format, &format_path)?;
+        let reasons = DropReasons::from_kernel(Some(&btf), &format_path)?;
+        let keep = reasons.select(&config.drop_reasons)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("DROPS", config.drop_map_entries)
+            .map_max_entries("FLOWS", config.flow_map_entries)
+            .load(PROBES)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    DatapathError::Privilege(e.to_string())
+                } else {
+                    DatapathError::Load(e)
+                }
+            })?;
+
+        let mut filter: Array<_, u8> =
+            Array::try_from(ebpf.map_mut("DROP_REASON_FILTER").expect("map in object"))
+                .map_err(map_err("DROP_REASON_FILTER"))?;
+        for value in keep.into_iter().filter(|v| *v < MAX_DROP_REASONS) {
+            filter
+                .set(value, &1, 0)
+                .map_err(map_err("DROP_REASON_FILTER"))?;
+        }
+
+        let tp: &mut TracePoint = ebpf
+            .program_mut("kfree_skb")
+            .expect("program in object")
+            .try_into()
+            .map_err(prog_err("kfree_skb"))?;
+        tp.load().map_err(prog_err("kfree_skb"))?;
+        tp.attach("skb", "kfree_skb")
+            .map_err(prog_err("kfree_skb"))?;
+        for (name, _) in FLOW_PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program in object")
+                .try_into()
+                .map_err(prog_err(name))?;
+            prog.load().map_err(prog_err(name))?;
+        }
+
+        let symbols = Kallsyms::load().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read /proc/kallsyms; drop locations will be raw addresses");
+            Kallsyms::parse(std::io::empty())
+        });
+        Ok(Datapath {
+            ebpf,
+            reasons,
+            symbols,
+            patterns,
+            attached: HashMap::new(),
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<Mutex<DatapathStats>> {
+        self.stats.clone()
+    }
+
+    pub fn reasons(&self) -> &DropReasons {
+        &self.reasons
+    }
+
+    fn wanted(&self, link: &Link) -> bool {
+        link.is_veth || self.patterns.iter().any(|p| p.matches(&link.name))
+    }
+
+    fn attach(&mut self, link: &Link) -> Result<(), DatapathError> {
+        if self
+            .attached
+            .get(&link.index)
+            .is_some_and(|a| a.name == link.name)
+        {
+            return Ok(());
+        }
+        // An index reused under a new name: drop the stale entry first.
+        self.detach(link.index);
+        let mut links = Vec::new();
+        for (name, hook) in FLOW_PROGRAMS {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .expect("program in object")
+                .try_into()
+                .map_err(prog_err(name))?;
+            let tcx = prog.attach(
+                link.index,
+                TcAttach::Tcx {
+                    attach_type: hook,
+                    order: LinkOrder::default(),
+                },
+            );
+            let id = match tcx {
+                Ok(id) => id,
+                // Kernels before 6.6 have no TCX: fall back to a clsact qdisc.
+                Err(ProgramError::SyscallError(_)) => {
+                    if let Err(e) = aya::programs::tc::qdisc_add_clsact(link.index) {
+                        tracing::debug!(interface = %link.name, error = %e, "clsact qdisc not added (it may exist already)");
+                    }
+                    prog.attach(link.index, TcAttach::Auto(hook))
+                        .map_err(prog_err(name))?
+                }
+                Err(e) => {
+                    for (name, id) in links {
+                        let prog: &mut SchedClassifier = self
+                            .ebpf
+                            .program_mut(name)
+                            .expect("program")
+                            .try_into()
+                            .map_err(prog_err(name))?;
+                        let _ = prog.detach(id);
+                    }
+                    return Err(prog_err(name)(e));
+                }
+            };
+            links.push((name, id));
+        }
+        tracing::info!(interface = %link.name, ifindex = link.index, "observing interface");
+        self.attached.insert(
+            link.index,
+            Attached {
+                name: link.name.clone(),
+                links,
+            },
+        );
+        self.stats.lock().expect("stats lock").interfaces_attached = self.attached.len() as u64;
+        Ok(())
+    }
+
+    fn detach(&mut self, index: u32) {
+        let Some(attached) = self.attached.remove(&index) else {
+            return;
+        };
+        for (name, id) in attached.links {
+            if let Some(prog) = self.ebpf.program_mut(name)
+                && let Ok(prog) = <&mut SchedClassifier>::try_from(prog)
+            {
+                // The kernel removes the links of a deleted interface by itself.
+                let _ = prog.detach(id);
+            }
+        }
+        tracing::info!(interface = %attached.name, ifindex = index, "interface gone; detached");
+        self.stats.lock().expect("stats lock").interfaces_attached = self.attached.len() as u64;
+    }
+
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.attached.values().map(|a| a.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// Runs until `shutdown` turns true: follows interfaces, reads the ring buffer and drains the
+    /// maps into `records`. Returns after a final drain; dropping `self` then detaches everything.
+    pub async fn run(
+        mut self,
+        records: mpsc::Sender<DatapathRecord>,
+        mut shutdown: watch::Receiver<bool>,
+        ready: Option<tokio::sync::oneshot::Sender<Vec<String>>>,
+    ) -> Result<(), DatapathError> {
+        let ring = RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("map in object"))
+            .map_err(map_err("EVENTS"))?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
+        // AsyncFd that owns the ring buffer is dropped.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| DatapathError::RingBuffer(std::io::Error::other(e.to_string())))?;
+        let drops: PerCpuHashMap<MapData, DropKey, Counters> =
+            PerCpuHashMap::try_from(self.ebpf.take_map("DROPS").expect("map in object"))
+                .map_err(map_err("DROPS"))?;
+        let flows: PerCpuHashMap<MapData, FlowKey, Counters> =
+            PerCpuHashMap::try_from(self.ebpf.take_map("FLOWS").expect("map in object"))
+                .map_err(map_err("FLOWS"))?;
+        let losses: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.take_map("LOSSES").expect("map in object"))
+                .map_err(map_err("LOSSES"))?;
+
+        let (link_tx, mut link_rx) = mpsc::channel(256);
+        let watcher = tokio::spawn(interfaces::watch(link_tx));
+        // The initial listing arrives first; attach it before announcing readiness.
+        let initial = interfaces::list().await.map_err(DatapathError::Netlink)?;
+        for link in &initial {
+            if self.wanted(link) {
+                self.attach(link)?;
+            }
+        }
+        if let Some(ready) = ready {
+            let _ = ready.send(self.attached_interfaces());
+        }
+
+        let mut drains = Drains::new(drops, flows);
+        let mut tick = tokio::time::interval(self.config.drain_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let soon = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(soon);
+        let mut soon_armed = false;
+        let mut reported_losses = [0u64; LOSS_COUNTERS as usize];
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                change = link_rx.recv() => match change {
+                    Some(LinkChange::Present(link)) if self.wanted(&link) => {
+                        if let Err(e) = self.attach(&link) {
+                            tracing::warn!(interface = %link.name, error = %e, "cannot observe interface");
+                        }
+                    }
+                    Some(LinkChange::Present(_)) => {}
+                    Some(LinkChange::Gone(index)) => self.detach(index),
+                    None => {
+                        tracing::error!("interface watcher stopped; new interfaces will not be observed");
+                        link_rx = mpsc::channel(1).1;
+                    }
+                },
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.map_err(DatapathError::RingBuffer)?;
+                    let ring = guard.get_inner_mut();
+                    let mut new_keys = false;
+                    while let Some(item) = ring.next() {
+                        let Some(event) = read_event(&item) else { continue };
+                        self.stats.lock().expect("stats lock").ring_events += 1;
+                        if event.flags & EVENT_FLAG_MAP_FULL != 0 {
+                            let record = self.overflow_record(&event);
+                            self.emit(&records, record).await;
+                        } else if event.flags & EVENT_FLAG_NEW_KEY != 0 {
+                            new_keys = true;
+                        }
+                    }
+                    guard.clear_ready();
+                    // Coalesce a burst of new keys into one early drain.
+                    if new_keys && !soon_armed {
+                        soon.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(50));
+                        soon_armed = true;
+                    }
+                },
+                _ = &mut soon, if soon_armed => {
+                    soon_armed = false;
+                    self.drain(&mut drains, &records).await;
+                },
+                _ = tick.tick() => {
+                    self.drain(&mut drains, &records).await;
+                    self.read_losses(&losses, &mut reported_losses);
+                },
+            }
+        }
+        self.drain(&mut drains, &records).await;
+        self.read_losses(&losses, &mut reported_losses);
+        watcher.abort();
+        Ok(())
+    }
+
+    async fn emit(&self, records: &mpsc::Sender<DatapathRecord>, record: DatapathRecord) {
+        self.stats.lock().expect("stats lock").records += 1;
+        // A closed receiver means shutdown is under way.
+        let _ = records.send(record).await;
+    }
+
+    fn interface_name(&self, ifindex: u32) -> Option<String> {
+        self.attached.get(&ifindex).map(|a| a.name.clone())
+    }
+
+    fn overflow_record(&self, event: &Event) -> DatapathRecord {
+        let kind = if event.kind == EVENT_DROP {
+            EventKind::Drop
+        } else {
+            EventKind::Flow
+        };
+        let counters = Counters {
+            packets: 1,
+            bytes: event.len as u64,
+            first_seen_ns: event.timestamp_ns,
+            last_seen_ns: event.timestamp_ns,
+            ifindex: event.ifindex,
+            tcp_flags: event.tcp_flags,
+            _pad: [0; 3],
+        };
+        let mut record = self.record(kind, &event.tuple, &counters);
+        if kind == EventKind::Drop {
+            self.add_drop_fields(&mut record, event.reason, event.location);
+        } else {
+            record.direction = Direction::from_raw(event.direction);
+        }
+        record.overflow = true;
+        record
+    }
+
+    fn record(&self, event: EventKind, tuple: &FlowTuple, c: &Counters) -> DatapathRecord {
+        let (src_ip, dst_ip) = tuple_addrs(tuple);
+        let icmp = matches!(
+            tuple.protocol,
+            netiso_common::IPPROTO_ICMP | netiso_common::IPPROTO_ICMPV6
+        );
+        DatapathRecord {
+            event,
+            time: wall_clock(c.first_seen_ns),
+            src_ip,
+            dst_ip,
+            src_port: tuple.src_port,
+            dst_port: tuple.dst_port,
+            protocol: protocol_name(tuple.protocol),
+            icmp_type: icmp.then_some(tuple.icmp_type),
+            icmp_code: icmp.then_some(tuple.icmp_code),
+            reason: None,
+            reason_class: None,
+            location: None,
+            direction: None,
+            ifindex: c.ifindex,
+            interface: self.interface_name(c.ifindex),
+            packets: c.packets,
+            bytes: c.bytes,
+            tcp_flags: (tuple.protocol == netiso_common::IPPROTO_TCP)
+                .then(|| tcp_flag_names(c.tcp_flags)),
+            overflow: false,
+        }
+    }
+
+    fn add_drop_fields(&self, record: &mut DatapathRecord, reason: u32, location: u64) {
+        let name = self.reasons.name(reason);
+        record.reason_class = Some(classify(&name));
+        record.reason = Some(name);
+        record.location = Some(self.symbols.symbolize(location));
+    }
+
+    async fn drain(&self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
+        let now = monotonic_ns();
+        let idle = self.config.idle_timeout.as_nanos() as u64;
+        for (key, counters) in drains.drops.drain(now, idle) {
+            let mut record = self.record(EventKind::Drop, &key.tuple, &counters);
+            self.add_drop_fields(&mut record, key.reason, key.location);
+            self.emit(records, record).await;
+        }
+        for (key, counters) in drains.flows.drain(now, idle) {
+            let mut record = self.record(EventKind::Flow, &key.tuple, &counters);
+            record.direction = Direction::from_raw(key.direction);
+            self.emit(records, record).await;
+        }
+    }
+
+    fn read_losses(
+        &self,
+        losses: &PerCpuArray<MapData, u64>,
+        reported: &mut [u64; LOSS_COUNTERS as usize],
+    ) {
+        let mut totals = [0u64; LOSS_COUNTERS as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            if let Ok(values) = losses.get(&(index as u32), 0) {
+                *total = values.iter().sum();
+            }
+        }
+        if totals != *reported {
+            let delta: Vec<u64> = totals
+                .iter()
+                .zip(reported.iter())
+                .map(|(t, r)| t - r)
+                .collect();
+            tracing::warn!(
+                ringbuf_full = delta[netiso_common::LOSS_RINGBUF_FULL as usize],
+                drop_map_full = delta[netiso_common::LOSS_DROP_MAP_FULL as usize],
+                flow_map_full = delta[netiso_common::LOSS_FLOW_MAP_FULL as usize],
+                unparsed = delta[netiso_common::LOSS_UNPARSED as usize],
+                "datapath could not record some packets in full"
+            );
+            *reported = totals;
+        }
+        let mut stats = self.stats.lock().expect("stats lock");
+        stats.ringbuf_full = totals[netiso_common::LOSS_RINGBUF_FULL as usize];
+        stats.drop_map_full = totals[netiso_common::LOSS_DROP_MAP_FULL as usize];
+        stats.flow_map_full = totals[netiso_common::LOSS_FLOW_MAP_FULL as usize];
+        stats.unparsed = totals[netiso_common::LOSS_UNPARSED as usize];
+    }
+}
+
+fn read_event(item: &[u8]) -> Option<Event> {
+    if item.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: `Event` is a plain-old-data #[repr(C)] type valid for any bit pattern, the buffer
+    // holds at least its size, and read_unaligned makes no alignment assumption.
+    Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) })
+}
+
+/// One kernel map and what user space already knows of its keys.
+struct Drain<K: aya::Pod> {
+    map: PerCpuHashMap<MapData, K, Counters>,
+    known: HashSet<K>,
+}
+
+impl<K: aya::Pod + Eq + Hash> Drain<K> {
+    /// Returns the keys not seen before with their counters so far, and removes keys idle for
+    /// longer than `idle_ns` from the map (a later packet makes them new again).
+    fn drain(&mut self, now_ns: u64, idle_ns: u64) -> Vec<(K, Counters)> {
+        let entries: Vec<(K, Counters)> = self
+            .map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| (key, sum(per_cpu.iter())))
+            .collect();
+        let mut fresh = Vec::new();
+        for (key, counters) in entries {
+            if now_ns.saturating_sub(counters.last_seen_ns) > idle_ns {
+                let _ = self.map.remove(&key);
+                self.known.remove(&key);
+            } else if self.known.insert(key) {
+                fresh.push((key, counters));
+            }
+        }
+        fresh
+    }
+}
+
+struct Drains {
+    drops: Drain<DropKey>,
+    flows: Drain<FlowKey>,
+}
+
+impl Drains {
+    fn new(
+        drops: PerCpuHashMap<MapData, DropKey, Counters>,
+        flows: PerCpuHashMap<MapData, FlowKey, Counters>,
+    ) -> Self {
+        Drains {
+            drops: Drain {
+                map: drops,
+                known: HashSet::new(),
+            },
+            flows: Drain {
+                map: flows,
+                known: HashSet::new(),
+            },
+        }
+    }
+}
+
+/// Sums per-CPU counters: totals add up, first/last seen span the CPUs that saw packets.
+fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counters>) -> Counters {
+    let mut total = Counters::default();
+    for c in per_cpu.filter(|c| c.packets > 0) {
+        if total.packets == 0 || c.first_seen_ns < total.first_seen_ns {
+            total.first_seen_ns = c.first_seen_ns;
+        }
+        if c.last_seen_ns >= total.last_seen_ns {
+            total.last_seen_ns = c.last_seen_ns;
+            total.ifindex = c.ifindex;
+        }
+        total.packets += c.packets;
+        total.bytes += c.bytes;
+        total.tcp_flags |= c.tcp_flags;
+    }
+    total
+}
+
+fn monotonic_ns() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Converts a `bpf_ktime_get_ns` timestamp (CLOCK_MONOTONIC) to wall-clock time.
+fn wall_clock(mono_ns: u64) -> SystemTime {
+    let now_mono = monotonic_ns();
+    let now = SystemTime::now();
+    if mono_ns <= now_mono {
+        now - Duration::from_nanos(now_mono - mono_ns)
+    } else {
+        now + Duration::from_nanos(mono_ns - now_mono)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_counters_sum_to_the_span_of_all_cpus() {
+        let a = Counters {
+            packets: 2,
+            bytes: 200,
+            first_seen_ns: 50,
+            last_seen_ns: 90,
+            ifindex: 3,
+            tcp_flags: 0x02,
+            _pad: [0; 3],
+        };
+        let b = Counters {
+            packets: 1,
+            bytes: 60,
+            first_seen_ns: 40,
+            last_seen_ns: 95,
+            ifindex: 4,
+            tcp_flags: 0x10,
+            _pad: [0; 3],
+        };
+        let idle = Counters::default();
+        let total = sum([a, idle, b].iter());
+        assert_eq!(total.packets, 3);
+        assert_eq!(total.bytes, 260);
+        assert_eq!(total.first_seen_ns, 40);
+        assert_eq!(total.last_seen_ns, 95);
+        assert_eq!(total.ifindex, 4);
+        assert_eq!(total.tcp_flags, 0x12);
+    }
+
+    #[test]
+    fn offsets_come_from_the_running_kernel() {
+        let btf = Btf::parse(&std::fs::read(BTF_PATH).unwrap()).unwrap();
+        let offsets = kernel_offsets(&btf).unwrap();
+        assert!(offsets.skb_head > offsets.skb_network_header);
+        assert_ne!(offsets.net_device_ifindex, 0);
+    }
+}

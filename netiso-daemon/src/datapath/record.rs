@@ -1,0 +1,157 @@
+//! The raw datapath stream: one record per newly seen drop key or flow key, before any identity
+//! is attached. Later stages build on this type; its JSON form is the `netiso run` log line.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use netiso_common::{
+    DIRECTION_FROM_POD, DIRECTION_TO_POD, FlowTuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde::{Serialize, Serializer};
+
+use super::reasons::ReasonClass;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Drop,
+    Flow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The packet left the pod (tc ingress of the host-side veth).
+    FromPod,
+    /// The packet entered the pod (tc egress of the host-side veth).
+    ToPod,
+}
+
+impl Direction {
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            DIRECTION_FROM_POD => Some(Direction::FromPod),
+            DIRECTION_TO_POD => Some(Direction::ToPod),
+            _ => None,
+        }
+    }
+}
+
+/// Transport protocol names as Kubernetes and Hubble spell them.
+pub fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        IPPROTO_TCP => "TCP".into(),
+        IPPROTO_UDP => "UDP".into(),
+        IPPROTO_SCTP => "SCTP".into(),
+        IPPROTO_ICMP => "ICMP".into(),
+        IPPROTO_ICMPV6 => "ICMPv6".into(),
+        other => format!("IP-{other}"),
+    }
+}
+
+pub fn tuple_addrs(tuple: &FlowTuple) -> (IpAddr, IpAddr) {
+    let addr = |raw: [u8; 16]| {
+        let v6 = std::net::Ipv6Addr::from(raw);
+        match (tuple.family, v6.to_ipv4_mapped()) {
+            (4, Some(v4)) => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        }
+    };
+    (addr(tuple.src_addr), addr(tuple.dst_addr))
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_nanos(*t).to_string())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DatapathRecord {
+    pub event: EventKind,
+    /// When the key's first packet was seen.
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    /// Drops: the kernel's `skb_drop_reason` name, e.g. `NETFILTER_DROP`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_class: Option<ReasonClass>,
+    /// Drops: `symbol+0xoffset` of the kernel code that freed the packet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Flows: which way the packet crossed the pod's interface.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    pub ifindex: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Counts so far for this key.
+    pub packets: u64,
+    pub bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    /// True when the kernel map was full: this record stands for packets that have no map entry.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overflow: bool,
+}
+
+/// TCP flags as tcpdump prints them (`SYN|ACK`).
+pub fn tcp_flag_names(flags: u8) -> String {
+    const NAMES: [(u8, &str); 8] = [
+        (0x01, "FIN"),
+        (0x02, "SYN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x10, "ACK"),
+        (0x20, "URG"),
+        (0x40, "ECE"),
+        (0x80, "CWR"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_addresses_come_back_as_ipv4() {
+        let mut t = FlowTuple {
+            family: 4,
+            ..Default::default()
+        };
+        t.src_addr[10..16].copy_from_slice(&[0xff, 0xff, 10, 1, 2, 3]);
+        t.dst_addr[10..16].copy_from_slice(&[0xff, 0xff, 10, 1, 2, 4]);
+        let (s, d) = tuple_addrs(&t);
+        assert_eq!(s.to_string(), "10.1.2.3");
+        assert_eq!(d.to_string(), "10.1.2.4");
+        let v6 = FlowTuple {
+            family: 6,
+            src_addr: std::net::Ipv6Addr::LOCALHOST.octets(),
+            ..Default::default()
+        };
+        assert_eq!(tuple_addrs(&v6).0.to_string(), "::1");
+    }
+
+    #[test]
+    fn flag_names() {
+        assert_eq!(tcp_flag_names(0x12), "SYN|ACK");
+        assert_eq!(tcp_flag_names(0), "");
+        assert_eq!(protocol_name(58), "ICMPv6");
+        assert_eq!(protocol_name(47), "IP-47");
+    }
+}

@@ -1,0 +1,3 @@
+//! Everything that leaves netiso: log lines (and, later, metrics and the query API).
+
+pub mod log;

@@ -1,0 +1,10 @@
+//! netiso: a per-node eBPF flow observer that names the NetworkPolicy behind every drop.
+//!
+//! The data path reads in module order: `datapath` (kernel events) → `inventory` (who is on each
+//! end) → `policy` (which NetworkPolicy decides) → `evidence` (records kept on the node) →
+//! `export` (logs, metrics, API).
+
+pub mod datapath;
+pub mod export;
+
+pub mod cli;
