@@ -6,5 +6,7 @@
 
 pub mod datapath;
 pub mod export;
+pub mod inventory;
+pub mod policy;
 
 pub mod cli;

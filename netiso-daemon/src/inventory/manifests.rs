@@ -1,0 +1,336 @@
+//! Reads Namespaces, Pods and NetworkPolicies from YAML or JSON manifests: a file or a directory
+//! of them, multi-document, `kind: List` accepted. Every problem names the file, the document
+//! and the object.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::policy::{ClusterState, ContainerPort, NamespaceInfo, PodInfo, Protocol};
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no .yaml, .yml or .json files")]
+    Empty { path: PathBuf },
+    #[error("{path}: document {document}: {message}")]
+    Parse {
+        path: PathBuf,
+        document: usize,
+        message: String,
+    },
+}
+
+/// Objects found, plus problems that did not stop the rest from loading.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub state: ClusterState,
+    pub warnings: Vec<String>,
+}
+
+fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read {
+        path: path.into(),
+        source,
+    })?;
+    if meta.is_file() {
+        return Ok(vec![path.into()]);
+    }
+    let mut found = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| ManifestError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| ManifestError::Read {
+                path: dir.clone(),
+                source,
+            })?;
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    if found.is_empty() {
+        return Err(ManifestError::Empty { path: path.into() });
+    }
+    Ok(found)
+}
+
+pub fn load(path: &Path) -> Result<Manifests, ManifestError> {
+    let mut manifests = Manifests::default();
+    for file in files(path)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        parse_into(&file, &text, &mut manifests)?;
+    }
+    Ok(manifests)
+}
+
+/// Parses one file's text (YAML; JSON is YAML too).
+pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) -> Result<(), ManifestError> {
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError::Parse {
+            path: file.into(),
+            document: i + 1,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        add_object(file, i + 1, value, out)?;
+    }
+    Ok(())
+}
+
+fn describe(value: &serde_yaml::Value) -> String {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("object");
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>");
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+    {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    document: usize,
+    value: serde_yaml::Value,
+) -> Result<T, ManifestError> {
+    let what = describe(&value);
+    serde_path_to_error::deserialize(value).map_err(|e| ManifestError::Parse {
+        path: file.into(),
+        document,
+        message: format!("{what}: field {}: {}", e.path(), e.inner()),
+    })
+}
+
+fn add_object(
+    file: &Path,
+    document: usize,
+    value: serde_yaml::Value,
+    out: &mut Manifests,
+) -> Result<(), ManifestError> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    match kind.as_str() {
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                add_object(file, document, item, out)?;
+            }
+        }
+        "Namespace" => {
+            let ns: Namespace = typed(file, document, value)?;
+            out.state.namespaces.push(NamespaceInfo {
+                name: ns.metadata.name.unwrap_or_default(),
+                labels: ns.metadata.labels.unwrap_or_default(),
+            });
+        }
+        "Pod" => {
+            let pod: Pod = typed(file, document, value)?;
+            match pod_info(&pod) {
+                Ok(info) => out.state.pods.push(info),
+                Err(e) => out
+                    .warnings
+                    .push(format!("{}: document {document}: {e}", file.display())),
+            }
+        }
+        "NetworkPolicy" => {
+            let policy: NetworkPolicy = typed(file, document, value)?;
+            out.state.policies.push(policy);
+        }
+        "" => {
+            return Err(ManifestError::Parse {
+                path: file.into(),
+                document,
+                message: format!("{}: no `kind`", describe(&value)),
+            });
+        }
+        // Deployments, Services and the like are not needed to decide a flow.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The engine's view of a Pod: labels, container ports and addresses.
+pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let key = format!("Pod {namespace}/{name}");
+    let mut ports = Vec::new();
+    if let Some(spec) = &pod.spec {
+        for container in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            for p in container.ports.iter().flatten() {
+                let protocol: Protocol = p
+                    .protocol
+                    .as_deref()
+                    .unwrap_or("TCP")
+                    .parse()
+                    .map_err(|e| format!("{key}: container {}: {e}", container.name))?;
+                let port = u16::try_from(p.container_port)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| {
+                        format!(
+                            "{key}: container {}: containerPort {} is out of range 1-65535",
+                            container.name, p.container_port
+                        )
+                    })?;
+                ports.push(ContainerPort {
+                    name: p.name.clone(),
+                    port,
+                    protocol,
+                });
+            }
+        }
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if let Some(status) = &pod.status {
+        let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+        for text in status.pod_ip.as_deref().into_iter().chain(listed) {
+            let ip: IpAddr = text
+                .parse()
+                .map_err(|_| format!("{key}: status.podIP `{text}` is not an IP address"))?;
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    Ok(PodInfo {
+        namespace,
+        name,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips,
+        ports,
+        host_network: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {env: production}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: api, namespace: production, labels: {app: api}}
+  spec:
+    containers:
+    - name: api
+      image: api
+      ports: [{name: http, containerPort: 8080}]
+  status: {podIP: 10.0.0.2, podIPs: [{ip: 10.0.0.2}, {ip: "fd00::2"}]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: deny, namespace: production}
+  spec: {podSelector: {}}
+---
+{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "ignored"}}
+"#;
+
+    #[test]
+    fn reads_multi_document_yaml_lists_and_json() {
+        let mut m = Manifests::default();
+        parse_into(Path::new("lab.yaml"), LAB, &mut m).unwrap();
+        assert_eq!(m.state.namespaces.len(), 1);
+        assert_eq!(m.state.policies.len(), 1);
+        let pod = &m.state.pods[0];
+        assert_eq!(pod.key(), "production/api");
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(
+            pod.ports,
+            vec![ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp
+            }]
+        );
+    }
+
+    #[test]
+    fn a_malformed_object_names_file_document_object_and_field() {
+        let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: n}\nspec: {ingress: {not: a-list}}\n";
+        let err = parse_into(Path::new("bad.yaml"), bad, &mut Manifests::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.yaml: document 1: NetworkPolicy n/p: field spec.ingress"),
+            "{err}"
+        );
+        let broken = "kind: Pod\nmetadata: [\n";
+        let err = parse_into(Path::new("broken.yaml"), broken, &mut Manifests::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("broken.yaml: document 1:"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_with_a_bad_ip_is_a_warning_not_a_failure() {
+        let text = "kind: Pod\nmetadata: {name: p, namespace: n}\nstatus: {podIP: not-an-ip}\n---\nkind: Namespace\nmetadata: {name: n}\n";
+        let mut m = Manifests::default();
+        parse_into(Path::new("x.yaml"), text, &mut m).unwrap();
+        assert!(m.state.pods.is_empty());
+        assert_eq!(m.state.namespaces.len(), 1);
+        assert!(
+            m.warnings[0].contains("Pod n/p: status.podIP `not-an-ip`"),
+            "{:?}",
+            m.warnings
+        );
+    }
+}
