@@ -1,1 +1,178 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use xtask::lab::{self, Lab};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "netiso build helpers and local lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The course scenario in network namespaces, policies enforced by nftables.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+        /// Lab instance name (network namespaces are named ni-ID-...).
+        #[arg(long, default_value = "lab", global = true)]
+        id: String,
+    },
+    /// One shot: lab up, netiso observing, traffic, what netiso saw and why, lab down.
+    Demo {
+        #[arg(long, default_value = "demo")]
+        id: String,
+    },
+    /// Internal: TCP/UDP echo server run inside a lab pod.
+    #[command(hide = true)]
+    LabServe { port: u16 },
+    #[command(hide = true, name = "probe-tcp")]
+    ProbeTcp { addr: String },
+    #[command(hide = true, name = "probe-udp")]
+    ProbeUdp { addr: String },
+    #[command(hide = true, name = "probe-dns-udp")]
+    ProbeDnsUdp { addr: String },
+    #[command(hide = true, name = "probe-dns-tcp")]
+    ProbeDnsTcp { addr: String },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build the scenario (replacing an earlier one with the same id).
+    Up {
+        /// NetworkPolicies to enforce instead of the course baseline (file or directory).
+        #[arg(long, value_name = "PATH", conflicts_with = "allow_all")]
+        policies: Option<PathBuf>,
+        /// Enforce no policy at all.
+        #[arg(long)]
+        allow_all: bool,
+    },
+    /// Replace the enforced policies.
+    Apply {
+        #[arg(long, value_name = "PATH")]
+        policies: Option<PathBuf>,
+        /// The course baseline plus the policies in PATH.
+        #[arg(long)]
+        with_baseline: bool,
+    },
+    /// Drive the scenario's traffic and check each flow against the policies.
+    Traffic,
+    /// Remove every namespace, link, nft table and process of the lab.
+    Down,
+}
+
+fn out_dir(id: &str) -> PathBuf {
+    lab::repo_root().join("lab-out").join(id)
+}
+
+fn lab_for(id: &str) -> anyhow::Result<Lab> {
+    let helper = std::env::current_exe().context("locating the xtask binary")?;
+    Ok(Lab::new(id, &out_dir(id), &helper))
+}
+
+fn probe(kind: &str, addr: &str) -> anyhow::Result<ExitCode> {
+    Ok(if lab::run_probe(kind, addr)? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn policies(
+    path: Option<&PathBuf>,
+    with_baseline: bool,
+) -> anyhow::Result<Vec<k8s_openapi::api::networking::v1::NetworkPolicy>> {
+    let mut out = if with_baseline || path.is_none() {
+        lab::baseline_policies()?
+    } else {
+        Vec::new()
+    };
+    if let Some(path) = path {
+        out.extend(lab::policies_from(path)?);
+    }
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Lab { action, id } => lab_action(action, &id),
+        Cmd::Demo { id } => lab_for(&id).and_then(|lab| xtask::demo::run(&lab)),
+        Cmd::LabServe { port } => xtask::probe::serve(port).map(|_| ExitCode::SUCCESS),
+        Cmd::ProbeTcp { addr } => probe("probe-tcp", &addr),
+        Cmd::ProbeUdp { addr } => probe("probe-udp", &addr),
+        Cmd::ProbeDnsUdp { addr } => probe("probe-dns-udp", &addr),
+        Cmd::ProbeDnsTcp { addr } => probe("probe-dns-tcp", &addr),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {
+    let lab = lab_for(id)?;
+    match action {
+        LabAction::Up {
+            policies: path,
+            allow_all,
+        } => {
+            let set = if allow_all {
+                Vec::new()
+            } else {
+                policies(path.as_ref(), false)?
+            };
+            lab.up(&set)?;
+            println!(
+                "lab `{id}` is up: node namespace {}, manifests {}",
+                lab.node_ns(),
+                lab.manifests_path().display()
+            );
+            println!(
+                "observe it with: ip netns exec {} netiso run --log-format text",
+                lab.node_ns()
+            );
+        }
+        LabAction::Apply {
+            policies: path,
+            with_baseline,
+        } => {
+            lab.apply_policies(&policies(path.as_ref(), with_baseline)?)?;
+            println!(
+                "lab `{id}` now enforces the policies in {}",
+                lab.manifests_path().display()
+            );
+        }
+        LabAction::Traffic => {
+            let results = lab.traffic()?;
+            let mut mismatches = 0;
+            for r in &results {
+                let verdict = if r.observed { "ALLOWED" } else { "BLOCKED" };
+                let check = if r.observed == r.expected {
+                    "as the policies say"
+                } else {
+                    "CONTRARY TO THE POLICIES"
+                };
+                if r.observed != r.expected {
+                    mismatches += 1;
+                }
+                println!("{verdict:8} {}  ({check})", r.probe);
+            }
+            if mismatches > 0 {
+                anyhow::bail!("{mismatches} flows behaved contrary to the policies");
+            }
+        }
+        LabAction::Down => {
+            lab.down()?;
+            println!("lab `{id}` is down");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,5 +1,6 @@
 //! The `netiso` command line: the daemon (`run`) and the responder commands.
 
+mod explain;
 mod run;
 
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Load the eBPF programs, observe drops and flows, and report them.
     Run(run::RunArgs),
+    /// Decide a flow against NetworkPolicy manifests and explain the verdict.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,5 +35,6 @@ pub enum LogFormat {
 pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Explain(args) => explain::explain(args),
     }
 }

@@ -1,0 +1,557 @@
+//! The local lab: the course scenario as network namespaces on one bridge, with its
+//! NetworkPolicies enforced by nftables in the forward path of a "node" namespace. netiso runs in
+//! that node namespace and sees pod traffic exactly as on a Kubernetes node.
+
+pub mod scenario;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use netiso::inventory::manifests;
+use netiso::policy::{EndpointRef, Flow, PolicyEngine, Protocol, Verdict};
+
+use crate::{nft, probe, sh};
+use scenario::{LabPod, PODS, Server};
+
+const NFT_TABLE: &str = "netiso_lab";
+
+/// The repository root (for deploy/network-policies).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the repository")
+        .to_path_buf()
+}
+
+/// The course baseline from deploy/network-policies/base, instantiated for each app namespace as
+/// the per-namespace kustomize overlays do.
+pub fn baseline_policies() -> anyhow::Result<Vec<NetworkPolicy>> {
+    let base = repo_root().join("deploy/network-policies/base");
+    let loaded = manifests::load(&base)?;
+    let mut out = Vec::new();
+    for ns in scenario::APP_NAMESPACES {
+        for p in &loaded.state.policies {
+            let mut p = p.clone();
+            p.metadata.namespace = Some(ns.into());
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads NetworkPolicies from a file or directory of manifests.
+pub fn policies_from(path: &Path) -> anyhow::Result<Vec<NetworkPolicy>> {
+    Ok(manifests::load(path)?.state.policies)
+}
+
+pub struct Lab {
+    pub id: String,
+    pub out_dir: PathBuf,
+    /// An executable with the `lab-serve` subcommand (the xtask binary).
+    helper: PathBuf,
+}
+
+impl Lab {
+    pub fn new(id: &str, out_dir: &Path, helper: &Path) -> Self {
+        Lab {
+            id: id.into(),
+            out_dir: out_dir.into(),
+            helper: helper.into(),
+        }
+    }
+
+    fn prefix(&self) -> String {
+        format!("ni-{}-", self.id)
+    }
+
+    /// The network namespace that plays the Kubernetes node: bridge, nftables, netiso.
+    pub fn node_ns(&self) -> String {
+        format!("{}node", self.prefix())
+    }
+
+    pub fn pod_ns(&self, pod: &LabPod) -> String {
+        format!("{}{}-{}", self.prefix(), pod.namespace, pod.name)
+    }
+
+    pub fn manifests_path(&self) -> PathBuf {
+        self.out_dir.join("cluster.yaml")
+    }
+
+    /// Builds the scenario from scratch (removing any earlier instance with the same id).
+    pub fn up(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
+        self.down()?;
+        std::fs::create_dir_all(&self.out_dir)
+            .with_context(|| format!("creating {}", self.out_dir.display()))?;
+        let result = self.build(policies);
+        if result.is_err() {
+            let _ = self.down();
+        }
+        result
+    }
+
+    fn build(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
+        let node = self.node_ns();
+        sh::ip(&["netns", "add", &node])?;
+        sh::ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        sh::ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+        sh::ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{}/24", scenario::GATEWAY_V4),
+            "dev",
+            "br0",
+        ])?;
+        sh::ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{}/64", scenario::GATEWAY_V6),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        sh::ip(&["-n", &node, "link", "set", "br0", "up"])?;
+        // Bridged traffic must traverse the IP forward hook, where the policies are enforced.
+        for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+            sh::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node,
+                    "sysctl",
+                    "-qw",
+                    &format!("net.bridge.{knob}=1"),
+                ],
+            )?;
+        }
+        for pod in PODS {
+            let ns = self.pod_ns(pod);
+            sh::ip(&["netns", "add", &ns])?;
+            sh::ip(&[
+                "-n",
+                &node,
+                "link",
+                "add",
+                &pod.veth(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ])?;
+            sh::ip(&[
+                "-n",
+                &node,
+                "link",
+                "set",
+                &pod.veth(),
+                "master",
+                "br0",
+                "up",
+            ])?;
+            sh::ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            sh::ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", pod.ipv4()),
+                "dev",
+                "eth0",
+            ])?;
+            sh::ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/64", pod.ipv6()),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            sh::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            sh::ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                scenario::GATEWAY_V4,
+            ])?;
+        }
+        self.apply_policies(policies)?;
+        for pod in PODS {
+            self.start_server(pod)?;
+        }
+        self.wait_for_servers()
+    }
+
+    /// Writes the scenario's manifests with these policies and enforces them in the node.
+    pub fn apply_policies(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
+        let mut docs = Vec::new();
+        for ns in scenario::namespaces() {
+            docs.push(serde_yaml::to_string(&ns)?);
+        }
+        for pod in scenario::pods() {
+            docs.push(serde_yaml::to_string(&pod)?);
+        }
+        for policy in policies {
+            docs.push(serde_yaml::to_string(policy)?);
+        }
+        let manifests = self.manifests_path();
+        std::fs::write(&manifests, docs.join("---\n"))
+            .with_context(|| format!("writing {}", manifests.display()))?;
+        let engine = self.engine()?;
+        if let Some(error) = engine.errors().first() {
+            bail!("the lab's policies are invalid: {error}");
+        }
+        let ruleset = nft::ruleset(NFT_TABLE, &engine);
+        let path = self.out_dir.join("nftables.nft");
+        // Replace the table atomically: delete (if present) and add in one transaction.
+        let script = format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{ruleset}");
+        std::fs::write(&path, &script).with_context(|| format!("writing {}", path.display()))?;
+        sh::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.node_ns(),
+                "nft",
+                "-f",
+                &path.to_string_lossy(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The engine over the lab's current manifests.
+    pub fn engine(&self) -> anyhow::Result<PolicyEngine> {
+        let loaded = manifests::load(&self.manifests_path())?;
+        Ok(PolicyEngine::new(loaded.state))
+    }
+
+    fn start_server(&self, pod: &LabPod) -> anyhow::Result<()> {
+        let ns = self.pod_ns(pod);
+        let log = std::fs::File::create(
+            self.out_dir
+                .join(format!("{}-{}.log", pod.namespace, pod.name)),
+        )?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns]);
+        match pod.server {
+            Server::None => return Ok(()),
+            Server::Echo(port) => {
+                cmd.arg(&self.helper).args(["lab-serve", &port.to_string()]);
+            }
+            Server::Dns => {
+                let api = scenario::pod("production/api");
+                cmd.args([
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--user=root",
+                    "--pid-file",
+                ])
+                .arg(format!("--listen-address={},{}", pod.ipv4(), pod.ipv6()))
+                .arg(format!("--address=/{}/{}", scenario::API_NAME, api.ipv4()))
+                .arg("--log-facility=-");
+            }
+        }
+        use std::os::unix::process::CommandExt;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        cmd.spawn()
+            .with_context(|| format!("starting the server of {}", pod.key()))?;
+        Ok(())
+    }
+
+    /// Servers answer from the node (node → pod traffic is not forwarded, so no policy applies).
+    fn wait_for_servers(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for pod in PODS {
+            let ready = || match pod.server {
+                Server::None => true,
+                Server::Echo(port) => {
+                    self.in_node(&["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()])
+                }
+                Server::Dns => self.in_node(&[
+                    "probe-dns-udp",
+                    &SocketAddr::new(pod.ipv4(), 53).to_string(),
+                ]),
+            };
+            while !ready() {
+                if Instant::now() > deadline {
+                    bail!(
+                        "the server of {} did not come up; see {}",
+                        pod.key(),
+                        self.out_dir.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    fn in_node(&self, args: &[&str]) -> bool {
+        self.in_netns(&self.node_ns(), args)
+    }
+
+    fn in_netns(&self, ns: &str, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&self.helper)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Drives the scenario's traffic and checks every flow against the engine's verdict under
+    /// the lab's current policies.
+    pub fn traffic(&self) -> anyhow::Result<Vec<ProbeResult>> {
+        let engine = self.engine()?;
+        let results: Vec<ProbeResult> = std::thread::scope(|scope| {
+            let handles: Vec<_> = probes()
+                .into_iter()
+                .map(|p| {
+                    let engine = &engine;
+                    scope.spawn(move || {
+                        let flow = Flow {
+                            from: EndpointRef::Ip(p.from.ipv4()),
+                            to: EndpointRef::Ip(p.target()),
+                            port: p.port,
+                            protocol: p.protocol(),
+                        };
+                        let expected = engine
+                            .verdict(&flow)
+                            .map(|v| v == Verdict::Allowed)
+                            .unwrap_or(false);
+                        let addr = SocketAddr::new(p.target(), p.port).to_string();
+                        let observed =
+                            self.in_netns(&self.pod_ns(p.from), &[p.kind.command(), &addr]);
+                        ProbeResult {
+                            probe: p,
+                            expected,
+                            observed,
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("probe thread"))
+                .collect()
+        });
+        Ok(results)
+    }
+
+    /// Builds the scenario and returns a guard that tears it down when dropped, also when the
+    /// caller fails or panics midway.
+    pub fn up_guarded(&self, policies: &[NetworkPolicy]) -> anyhow::Result<LabGuard<'_>> {
+        self.up(policies)?;
+        Ok(LabGuard { lab: self })
+    }
+
+    /// Removes every namespace (and with them every link, nft table and server) of this lab id.
+    /// Safe to run at any time, also after a failed `up`.
+    pub fn down(&self) -> anyhow::Result<()> {
+        let prefix = self.prefix();
+        let mine: Vec<String> = sh::netns_list()?
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        for ns in &mine {
+            for pid in sh::netns_pids(ns) {
+                // A pid that exited meanwhile gets ESRCH, which is fine.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for ns in &mine {
+            // A process still exiting can hold the namespace briefly; retry.
+            let mut last = Ok(());
+            for _ in 0..20 {
+                last = sh::ip(&["netns", "delete", ns]);
+                if last.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            last?;
+        }
+        Ok(())
+    }
+}
+
+/// Tears the lab down when dropped.
+pub struct LabGuard<'a> {
+    lab: &'a Lab,
+}
+
+impl LabGuard<'_> {
+    /// Tears down now and reports failure (dropping the guard only logs it).
+    pub fn down(self) -> anyhow::Result<()> {
+        let result = self.lab.down();
+        std::mem::forget(self);
+        result
+    }
+}
+
+impl Drop for LabGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.lab.down() {
+            eprintln!("tearing down lab {}: {e:#}", self.lab.id);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    Tcp,
+    Udp,
+    DnsUdp,
+    DnsTcp,
+}
+
+impl ProbeKind {
+    fn command(self) -> &'static str {
+        match self {
+            ProbeKind::Tcp => "probe-tcp",
+            ProbeKind::Udp => "probe-udp",
+            ProbeKind::DnsUdp => "probe-dns-udp",
+            ProbeKind::DnsTcp => "probe-dns-tcp",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Probe {
+    pub from: &'static LabPod,
+    pub to: &'static LabPod,
+    pub ipv6: bool,
+    pub port: u16,
+    pub kind: ProbeKind,
+}
+
+impl Probe {
+    pub fn target(&self) -> IpAddr {
+        if self.ipv6 {
+            self.to.ipv6()
+        } else {
+            self.to.ipv4()
+        }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        match self.kind {
+            ProbeKind::Tcp | ProbeKind::DnsTcp => Protocol::Tcp,
+            ProbeKind::Udp | ProbeKind::DnsUdp => Protocol::Udp,
+        }
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.kind {
+            ProbeKind::DnsUdp | ProbeKind::DnsTcp => "DNS ",
+            _ => "",
+        };
+        write!(
+            f,
+            "{} -> {}:{} {what}{}{}",
+            self.from.key(),
+            self.to.key(),
+            self.port,
+            self.protocol(),
+            if self.ipv6 { " (IPv6)" } else { "" }
+        )
+    }
+}
+
+pub struct ProbeResult {
+    pub probe: Probe,
+    /// The engine's verdict under the lab's policies.
+    pub expected: bool,
+    /// Whether the traffic got through.
+    pub observed: bool,
+}
+
+/// The scenario's traffic: DNS from every app pod, ingress to the apps, and cross-namespace
+/// attempts the baseline blocks.
+pub fn probes() -> Vec<Probe> {
+    let p = scenario::pod;
+    let mut list = Vec::new();
+    for from in ["develop/debug", "staging/web", "production/api"] {
+        for kind in [ProbeKind::DnsUdp, ProbeKind::DnsTcp] {
+            list.push(Probe {
+                from: p(from),
+                to: p("kube-system/coredns"),
+                ipv6: false,
+                port: 53,
+                kind,
+            });
+        }
+    }
+    let tcp = |from, to, ipv6| Probe {
+        from: p(from),
+        to: p(to),
+        ipv6,
+        port: 8080,
+        kind: ProbeKind::Tcp,
+    };
+    list.push(tcp("ingress-nginx/controller", "production/api", false));
+    list.push(tcp("ingress-nginx/controller", "production/api", true));
+    list.push(tcp("ingress-nginx/controller", "staging/web", false));
+    list.push(tcp("develop/debug", "production/api", false));
+    list.push(tcp("develop/debug", "production/api", true));
+    list.push(Probe {
+        from: p("develop/debug"),
+        to: p("production/api"),
+        ipv6: false,
+        port: 8080,
+        kind: ProbeKind::Udp,
+    });
+    list.push(tcp("staging/web", "production/api", false));
+    list.push(tcp("develop/debug", "staging/web", false));
+    list
+}
+
+/// Runs a probe subcommand of the helper (inside a pod's namespace): exit status 0 = got through.
+pub fn run_probe(kind: &str, addr: &str) -> anyhow::Result<bool> {
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("`{addr}` is not ip:port"))?;
+    let timeout = Duration::from_millis(1000);
+    Ok(match kind {
+        "probe-tcp" => probe::tcp(addr, timeout),
+        "probe-udp" => probe::udp(addr, timeout),
+        "probe-dns-udp" => {
+            probe::dns(addr, scenario::API_NAME, false, timeout).is_ok_and(|ips| !ips.is_empty())
+        }
+        "probe-dns-tcp" => {
+            probe::dns(addr, scenario::API_NAME, true, timeout).is_ok_and(|ips| !ips.is_empty())
+        }
+        other => bail!("unknown probe {other}"),
+    })
+}

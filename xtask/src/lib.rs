@@ -1,0 +1,10 @@
+//! netiso's developer tooling: the local lab (the course scenario in network namespaces, with
+//! NetworkPolicies enforced by nftables), its traffic probes, and the benchmark driver.
+
+pub mod build;
+pub mod demo;
+pub mod lab;
+pub mod nft;
+pub mod observer;
+pub mod probe;
+pub mod sh;
