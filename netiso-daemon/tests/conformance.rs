@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netiso::policy::{
-    ClusterState, ContainerPort, EndpointRef, Flow, NamespaceInfo, PodInfo, PolicyEngine, Protocol,
-    Verdict,
+    ClusterState, ContainerPort, EndpointRef, Flow, NamespaceInfo, PodInfo, PolicyEngine, Protocol, Verdict,
 };
 use serde::Deserialize;
 
@@ -64,20 +63,14 @@ fn endpoint(e: &CaseEndpoint) -> EndpointRef {
 fn cases_path() -> PathBuf {
     std::env::var_os("NETISO_CONFORMANCE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../shared/conformance/netpol-cases.json")
-        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/netpol-cases.json"))
 }
 
 #[test]
 fn upstream_conformance_cases_all_hold() {
     let path = cases_path();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (the conformance cases live in ../shared/conformance beside the project)",
-            path.display()
-        )
+        panic!("{}: {e} (the conformance cases live in ../shared/conformance beside the project)", path.display())
     });
     let cases: Vec<Case> = serde_json::from_str(&text).expect("conformance file parses");
     let mut checked = 0;
@@ -87,10 +80,7 @@ fn upstream_conformance_cases_all_hold() {
             namespaces: case
                 .namespaces
                 .iter()
-                .map(|(name, labels)| NamespaceInfo {
-                    name: name.clone(),
-                    labels: labels.clone(),
-                })
+                .map(|(name, labels)| NamespaceInfo { name: name.clone(), labels: labels.clone() })
                 .collect(),
             pods: case
                 .pods
@@ -103,11 +93,7 @@ fn upstream_conformance_cases_all_hold() {
                     ports: p
                         .ports
                         .iter()
-                        .map(|cp| ContainerPort {
-                            name: cp.name.clone(),
-                            port: cp.port,
-                            protocol: cp.protocol,
-                        })
+                        .map(|cp| ContainerPort { name: cp.name.clone(), port: cp.port, protocol: cp.protocol })
                         .collect(),
                     host_network: false,
                 })
@@ -116,22 +102,11 @@ fn upstream_conformance_cases_all_hold() {
         };
         let engine = PolicyEngine::new(state);
         for e in &case.expect {
-            let flow = Flow {
-                from: endpoint(&e.from),
-                to: endpoint(&e.to),
-                port: e.port,
-                protocol: e.protocol,
-            };
-            let verdict = engine
-                .verdict(&flow)
-                .unwrap_or_else(|err| panic!("{}: {err}", case.id));
+            let flow = Flow { from: endpoint(&e.from), to: endpoint(&e.to), port: e.port, protocol: e.protocol };
+            let verdict = engine.verdict(&flow).unwrap_or_else(|err| panic!("{}: {err}", case.id));
             // The explanation must agree with the fast path.
             let explained = engine.explain(&flow).unwrap().verdict;
-            assert_eq!(
-                verdict, explained,
-                "{} {}: explain disagrees with verdict for {flow:?}",
-                case.id, case.name
-            );
+            assert_eq!(verdict, explained, "{} {}: explain disagrees with verdict for {flow:?}", case.id, case.name);
             checked += 1;
             if (verdict == Verdict::Allowed) != e.allowed {
                 failures.push(format!(
@@ -147,19 +122,7 @@ fn upstream_conformance_cases_all_hold() {
             }
         }
     }
-    println!(
-        "conformance: checked {checked} expectations in {} cases, {} failed",
-        cases.len(),
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    assert!(
-        checked > 3000,
-        "expected the whole suite, checked only {checked}"
-    );
+    println!("conformance: checked {checked} expectations in {} cases, {} failed", cases.len(), failures.len());
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(checked > 3000, "expected the whole suite, checked only {checked}");
 }

@@ -1,9 +1,7 @@
 //! Packet header parsing shared by the tracepoint (which reads kernel memory) and the tc programs
 //! (which read the packet). Both go through `HeaderSource`, so the parser is written once.
 
-use netiso_common::{
-    FlowTuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-};
+use netiso_common::{FlowTuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;

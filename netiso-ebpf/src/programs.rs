@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::{TcContext, TracePointContext},
 };
 use netiso_common::{
-    Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL,
-    EVENT_FLAG_NEW_KEY, EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS,
-    LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL, LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS,
+    Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY,
+    EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS, LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL,
+    LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS,
 };
 
 use crate::headers::{ETH_P_IP, ETH_P_IPV6, HeaderSource, Parsed, parse_ip};
@@ -143,13 +143,8 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     // SAFETY: as above.
-    let (skb, location, protocol): (u64, u64, u16) = unsafe {
-        (
-            ctx.read_at(TP_SKBADDR).ok()?,
-            ctx.read_at(TP_LOCATION).ok()?,
-            ctx.read_at(TP_PROTOCOL).ok()?,
-        )
-    };
+    let (skb, location, protocol): (u64, u64, u16) =
+        unsafe { (ctx.read_at(TP_SKBADDR).ok()?, ctx.read_at(TP_LOCATION).ok()?, ctx.read_at(TP_PROTOCOL).ok()?) };
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
         return None;
     }
@@ -160,9 +155,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Option<()> {
         count_loss(LOSS_UNPARSED);
         return None;
     }
-    let Some(Parsed { tuple, tcp_flags }) =
-        parse_ip(&KernelMemory(head), protocol, network_header as usize)
-    else {
+    let Some(Parsed { tuple, tcp_flags }) = parse_ip(&KernelMemory(head), protocol, network_header as usize) else {
         count_loss(LOSS_UNPARSED);
         return None;
     };
@@ -173,12 +166,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Option<()> {
     } else {
         read_kernel(skb + off.skb_iif as u64).unwrap_or(0)
     };
-    let key = DropKey {
-        tuple,
-        reason,
-        _pad: 0,
-        location,
-    };
+    let key = DropKey { tuple, reason, _pad: 0, location };
     let event = Event {
         kind: EVENT_DROP,
         flags: 0,
@@ -239,11 +227,7 @@ fn observe(ctx: &TcContext, direction: u8) {
         count_loss(LOSS_UNPARSED);
         return;
     };
-    let key = FlowKey {
-        tuple,
-        direction,
-        _pad: [0; 7],
-    };
+    let key = FlowKey { tuple, direction, _pad: [0; 7] };
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: `skb` is the valid `__sk_buff` the program was called with.
     let (len, ifindex) = unsafe { ((*skb).len, (*skb).ifindex) };

@@ -31,13 +31,29 @@ enum Cmd {
     #[command(hide = true)]
     LabServe { port: u16 },
     #[command(hide = true, name = "probe-tcp")]
-    ProbeTcp { addr: String },
+    ProbeTcp {
+        addr: String,
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
+    },
     #[command(hide = true, name = "probe-udp")]
-    ProbeUdp { addr: String },
+    ProbeUdp {
+        addr: String,
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
+    },
     #[command(hide = true, name = "probe-dns-udp")]
-    ProbeDnsUdp { addr: String },
+    ProbeDnsUdp {
+        addr: String,
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
+    },
     #[command(hide = true, name = "probe-dns-tcp")]
-    ProbeDnsTcp { addr: String },
+    ProbeDnsTcp {
+        addr: String,
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,23 +90,15 @@ fn lab_for(id: &str) -> anyhow::Result<Lab> {
     Ok(Lab::new(id, &out_dir(id), &helper))
 }
 
-fn probe(kind: &str, addr: &str) -> anyhow::Result<ExitCode> {
-    Ok(if lab::run_probe(kind, addr)? {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+fn probe(kind: &str, addr: &str, source_port: u16) -> anyhow::Result<ExitCode> {
+    Ok(if lab::run_probe(kind, addr, source_port)? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn policies(
     path: Option<&PathBuf>,
     with_baseline: bool,
 ) -> anyhow::Result<Vec<k8s_openapi::api::networking::v1::NetworkPolicy>> {
-    let mut out = if with_baseline || path.is_none() {
-        lab::baseline_policies()?
-    } else {
-        Vec::new()
-    };
+    let mut out = if with_baseline || path.is_none() { lab::baseline_policies()? } else { Vec::new() };
     if let Some(path) = path {
         out.extend(lab::policies_from(path)?);
     }
@@ -103,10 +111,10 @@ fn main() -> ExitCode {
         Cmd::Lab { action, id } => lab_action(action, &id),
         Cmd::Demo { id } => lab_for(&id).and_then(|lab| xtask::demo::run(&lab)),
         Cmd::LabServe { port } => xtask::probe::serve(port).map(|_| ExitCode::SUCCESS),
-        Cmd::ProbeTcp { addr } => probe("probe-tcp", &addr),
-        Cmd::ProbeUdp { addr } => probe("probe-udp", &addr),
-        Cmd::ProbeDnsUdp { addr } => probe("probe-dns-udp", &addr),
-        Cmd::ProbeDnsTcp { addr } => probe("probe-dns-tcp", &addr),
+        Cmd::ProbeTcp { addr, source_port } => probe("probe-tcp", &addr, source_port),
+        Cmd::ProbeUdp { addr, source_port } => probe("probe-udp", &addr, source_port),
+        Cmd::ProbeDnsUdp { addr, source_port } => probe("probe-dns-udp", &addr, source_port),
+        Cmd::ProbeDnsTcp { addr, source_port } => probe("probe-dns-tcp", &addr, source_port),
     };
     match result {
         Ok(code) => code,
@@ -120,46 +128,26 @@ fn main() -> ExitCode {
 fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {
     let lab = lab_for(id)?;
     match action {
-        LabAction::Up {
-            policies: path,
-            allow_all,
-        } => {
-            let set = if allow_all {
-                Vec::new()
-            } else {
-                policies(path.as_ref(), false)?
-            };
+        LabAction::Up { policies: path, allow_all } => {
+            let set = if allow_all { Vec::new() } else { policies(path.as_ref(), false)? };
             lab.up(&set)?;
             println!(
                 "lab `{id}` is up: node namespace {}, manifests {}",
                 lab.node_ns(),
                 lab.manifests_path().display()
             );
-            println!(
-                "observe it with: ip netns exec {} netiso run --log-format text",
-                lab.node_ns()
-            );
+            println!("observe it with: ip netns exec {} netiso run --log-format text", lab.node_ns());
         }
-        LabAction::Apply {
-            policies: path,
-            with_baseline,
-        } => {
+        LabAction::Apply { policies: path, with_baseline } => {
             lab.apply_policies(&policies(path.as_ref(), with_baseline)?)?;
-            println!(
-                "lab `{id}` now enforces the policies in {}",
-                lab.manifests_path().display()
-            );
+            println!("lab `{id}` now enforces the policies in {}", lab.manifests_path().display());
         }
         LabAction::Traffic => {
             let results = lab.traffic()?;
             let mut mismatches = 0;
             for r in &results {
                 let verdict = if r.observed { "ALLOWED" } else { "BLOCKED" };
-                let check = if r.observed == r.expected {
-                    "as the policies say"
-                } else {
-                    "CONTRARY TO THE POLICIES"
-                };
+                let check = if r.observed == r.expected { "as the policies say" } else { "CONTRARY TO THE POLICIES" };
                 if r.observed != r.expected {
                     mismatches += 1;
                 }

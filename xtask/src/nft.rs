@@ -39,11 +39,9 @@ fn port_match(port: &Option<ClausePort>) -> String {
 fn peer_matches(engine: &PolicyEngine, peer: &ClausePeer, field: &str) -> Vec<String> {
     match peer {
         ClausePeer::Any => vec![String::new()],
-        ClausePeer::Pod(index) => engine.pods()[*index as usize]
-            .ips
-            .iter()
-            .map(|ip| format!(" {} {field} {ip}", family(ip)))
-            .collect(),
+        ClausePeer::Pod(index) => {
+            engine.pods()[*index as usize].ips.iter().map(|ip| format!(" {} {field} {ip}", family(ip))).collect()
+        }
         ClausePeer::Block { cidr, except } => {
             let fam = net_family(cidr);
             let mut m = format!(" {fam} {field} {cidr}");
@@ -66,18 +64,14 @@ fn chain_name(direction: Direction, index: usize) -> String {
 pub fn ruleset(table: &str, engine: &PolicyEngine) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "table inet {table} {{");
-    let mut dispatch: Vec<(Direction, Vec<String>)> =
-        vec![(Direction::Egress, vec![]), (Direction::Ingress, vec![])];
+    let mut dispatch: Vec<(Direction, Vec<String>)> = vec![(Direction::Egress, vec![]), (Direction::Ingress, vec![])];
     let mut chains = String::new();
     for (index, pod) in engine.pods().iter().enumerate() {
         if pod.host_network {
             continue;
         }
         for (direction, lines) in dispatch.iter_mut() {
-            let subject = Endpoint::Pod {
-                index: index as u32,
-                ip: None,
-            };
+            let subject = Endpoint::Pod { index: index as u32, ip: None };
             let Some(clauses) = engine.clauses(*direction, subject) else {
                 continue;
             };
@@ -89,12 +83,7 @@ pub fn ruleset(table: &str, engine: &PolicyEngine) -> String {
             for ip in &pod.ips {
                 lines.push(format!("\t\t{} {own} {ip} goto {chain}", family(ip)));
             }
-            let _ = writeln!(
-                chains,
-                "\tchain {chain} {{\n\t\t# {} of {}",
-                direction.as_str(),
-                pod.key()
-            );
+            let _ = writeln!(chains, "\tchain {chain} {{\n\t\t# {} of {}", direction.as_str(), pod.key());
             for Clause { peer, port } in &clauses {
                 for peer in peer_matches(engine, peer, peer_field) {
                     // A clause that admits everything has no match at all: a bare `return`.

@@ -50,36 +50,21 @@ impl Observer {
                 }
             }),
         ];
-        let mut observer = Observer {
-            child,
-            records,
-            diagnostics,
-            readers,
-        };
+        let mut observer = Observer { child, records, diagnostics, readers };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if observer
-                .diagnostics()
-                .iter()
-                .any(|l| l.contains("datapath ready"))
-            {
+            if observer.diagnostics().iter().any(|l| l.contains("datapath ready")) {
                 return Ok(observer);
             }
             if let Some(status) = observer.child.try_wait()? {
                 observer.join_readers();
-                bail!(
-                    "netiso run exited ({status}) before it was ready:\n{}",
-                    observer.diagnostics().join("\n")
-                );
+                bail!("netiso run exited ({status}) before it was ready:\n{}", observer.diagnostics().join("\n"));
             }
             if Instant::now() > deadline {
                 let _ = observer.child.kill();
                 let _ = observer.child.wait();
                 observer.join_readers();
-                bail!(
-                    "netiso run was not ready after 20 s:\n{}",
-                    observer.diagnostics().join("\n")
-                );
+                bail!("netiso run was not ready after 20 s:\n{}", observer.diagnostics().join("\n"));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -94,11 +79,7 @@ impl Observer {
     }
 
     /// Waits until `predicate` holds for the records so far, or the timeout passes.
-    pub fn wait_for(
-        &self,
-        timeout: Duration,
-        predicate: impl Fn(&[serde_json::Value]) -> bool,
-    ) -> bool {
+    pub fn wait_for(&self, timeout: Duration, predicate: impl Fn(&[serde_json::Value]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if predicate(&self.records()) {
@@ -118,8 +99,7 @@ impl Observer {
     /// SIGTERM, then wait for a clean exit; returns the exit status. Records and diagnostics
     /// stay readable afterwards.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)
-            .context("signalling netiso")?;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).context("signalling netiso")?;
         let deadline = Instant::now() + Duration::from_secs(15);
         let status = loop {
             if let Some(status) = self.child.try_wait()? {

@@ -21,36 +21,38 @@ pub fn serve(port: u16) -> anyhow::Result<()> {
     for stream in tcp.incoming() {
         let Ok(mut stream) = stream else { continue };
         std::thread::spawn(move || {
-            let peer = stream
-                .peer_addr()
-                .map(|p| p.to_string())
-                .unwrap_or_default();
+            let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
             let _ = writeln!(stream, "ok {peer}");
         });
     }
     Ok(())
 }
 
-/// Connects and reads the server's line.
-pub fn tcp(addr: SocketAddr, timeout: Duration) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
-        return false;
-    };
+fn any_addr(remote: &SocketAddr, port: u16) -> SocketAddr {
+    let ip = if remote.is_ipv4() { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+    SocketAddr::new(ip, port)
+}
+
+/// Connects from `source_port` (0: any) so the flow's 5-tuple is known in advance.
+fn connect(addr: SocketAddr, source_port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&any_addr(&addr, source_port).into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// Connects from `source_port` (0: any) and reads the server's line.
+pub fn tcp(addr: SocketAddr, source_port: u16, timeout: Duration) -> bool {
+    let Ok(mut stream) = connect(addr, source_port, timeout) else { return false };
     let _ = stream.set_read_timeout(Some(timeout));
     let mut line = [0u8; 64];
     matches!(stream.read(&mut line), Ok(n) if n > 0)
 }
 
-/// Sends a datagram and waits for its echo.
-pub fn udp(addr: SocketAddr, timeout: Duration) -> bool {
-    let local = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let Ok(socket) = UdpSocket::bind(local) else {
-        return false;
-    };
+/// Sends a datagram from `source_port` (0: any) and waits for its echo.
+pub fn udp(addr: SocketAddr, source_port: u16, timeout: Duration) -> bool {
+    let Ok(socket) = UdpSocket::bind(any_addr(&addr, source_port)) else { return false };
     let _ = socket.set_read_timeout(Some(timeout));
     if socket.send_to(b"netiso-lab", addr).is_err() {
         return false;
@@ -112,12 +114,7 @@ fn dns_answers(response: &[u8], id: u16) -> anyhow::Result<Vec<IpAddr>> {
 }
 
 /// Resolves `name` (A record) at `server` over UDP or TCP.
-pub fn dns(
-    server: SocketAddr,
-    name: &str,
-    over_tcp: bool,
-    timeout: Duration,
-) -> anyhow::Result<Vec<IpAddr>> {
+pub fn dns(server: SocketAddr, name: &str, over_tcp: bool, timeout: Duration) -> anyhow::Result<Vec<IpAddr>> {
     let id = std::process::id() as u16;
     let query = dns_query(name, id);
     let response = if over_tcp {
@@ -131,11 +128,7 @@ pub fn dns(
         stream.read_exact(&mut body)?;
         body
     } else {
-        let socket = UdpSocket::bind(if server.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        })?;
+        let socket = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
         socket.set_read_timeout(Some(timeout))?;
         socket.send_to(&query, server)?;
         let mut buf = [0u8; 512];
@@ -157,10 +150,7 @@ mod tests {
         response[3] = 0x80;
         response[7] = 1; // one answer
         response.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 244, 0, 30]);
-        assert_eq!(
-            dns_answers(&response, id).unwrap(),
-            vec![IpAddr::from([10, 244, 0, 30])]
-        );
+        assert_eq!(dns_answers(&response, id).unwrap(), vec![IpAddr::from([10, 244, 0, 30])]);
         response[3] = 0x83;
         assert!(dns_answers(&response, id).is_err(), "NXDOMAIN is an error");
     }
@@ -175,22 +165,16 @@ mod tests {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut up = false;
         for _ in 0..50 {
-            if tcp(addr, Duration::from_millis(200)) {
+            if tcp(addr, 0, Duration::from_millis(200)) {
                 up = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(up, "server answers TCP over IPv4");
-        assert!(udp(addr, Duration::from_millis(500)));
-        assert!(tcp(
-            format!("[::1]:{port}").parse().unwrap(),
-            Duration::from_millis(500)
-        ));
-        let closed = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        assert!(!tcp(closed, Duration::from_millis(200)));
+        assert!(udp(addr, 0, Duration::from_millis(500)));
+        assert!(tcp(format!("[::1]:{port}").parse().unwrap(), 0, Duration::from_millis(500)));
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(!tcp(closed, 0, Duration::from_millis(200)));
     }
 }

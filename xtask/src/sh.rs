@@ -39,11 +39,6 @@ pub fn netns_list() -> anyhow::Result<Vec<String>> {
 /// PIDs of the processes running in a network namespace.
 pub fn netns_pids(name: &str) -> Vec<i32> {
     run("ip", &["netns", "pids", name])
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect()
-        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
 }

@@ -85,12 +85,7 @@ fn relevant<'a>(engine: &'a PolicyEngine, x: &Explanation) -> Vec<&'a PolicyErro
     engine
         .errors()
         .iter()
-        .filter(|e| {
-            namespaces.iter().any(|ns| {
-                ns.as_deref()
-                    .is_some_and(|ns| e.policy.starts_with(&format!("{ns}/")))
-            })
-        })
+        .filter(|e| namespaces.iter().any(|ns| ns.as_deref().is_some_and(|ns| e.policy.starts_with(&format!("{ns}/")))))
         .collect()
 }
 
@@ -126,10 +121,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 Output::Json => {
                     serde_json::to_writer_pretty(
                         &mut out,
-                        &Answer {
-                            policy_errors: relevant(&engine, &x),
-                            explanation: &x,
-                        },
+                        &Answer { policy_errors: relevant(&engine, &x), explanation: &x },
                     )?;
                     writeln!(out)?;
                 }
@@ -144,8 +136,7 @@ fn batch(engine: &PolicyEngine, source: &str, out: &mut impl Write) -> anyhow::R
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
         Box::new(std::io::BufReader::new(
-            std::fs::File::open(source)
-                .with_context(|| format!("opening traffic file {source}"))?,
+            std::fs::File::open(source).with_context(|| format!("opening traffic file {source}"))?,
         ))
     };
     for (index, line) in reader.lines().enumerate() {
@@ -155,27 +146,13 @@ fn batch(engine: &PolicyEngine, source: &str, out: &mut impl Write) -> anyhow::R
         }
         let result = serde_json::from_str::<TrafficLine>(&line)
             .map_err(|e| format!("not a traffic line: {e}"))
-            .and_then(|t| {
-                Ok(Flow {
-                    from: t.from.resolve()?,
-                    to: t.to.resolve()?,
-                    port: t.port,
-                    protocol: t.protocol,
-                })
-            })
+            .and_then(|t| Ok(Flow { from: t.from.resolve()?, to: t.to.resolve()?, port: t.port, protocol: t.protocol }))
             .and_then(|flow| engine.explain(&flow).map_err(|e| e.to_string()));
         match result {
-            Ok(x) => serde_json::to_writer(
-                &mut *out,
-                &Answer {
-                    policy_errors: relevant(engine, &x),
-                    explanation: &x,
-                },
-            )?,
-            Err(error) => serde_json::to_writer(
-                &mut *out,
-                &serde_json::json!({"line": index + 1, "error": error}),
-            )?,
+            Ok(x) => {
+                serde_json::to_writer(&mut *out, &Answer { policy_errors: relevant(engine, &x), explanation: &x })?
+            }
+            Err(error) => serde_json::to_writer(&mut *out, &serde_json::json!({"line": index + 1, "error": error}))?,
         }
         writeln!(out)?;
     }

@@ -70,9 +70,7 @@ pub struct Btf {
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
-    data.get(at..at + 4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or(BtfError::Malformed("truncated"))
+    data.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(BtfError::Malformed("truncated"))
 }
 
 impl Btf {
@@ -87,9 +85,8 @@ impl Btf {
         let str_off = u32_at(data, 16)? as usize;
         let str_len = u32_at(data, 20)? as usize;
         let types_start = hdr_len + type_off;
-        let type_data = data
-            .get(types_start..types_start + type_len)
-            .ok_or(BtfError::Malformed("type section out of bounds"))?;
+        let type_data =
+            data.get(types_start..types_start + type_len).ok_or(BtfError::Malformed("type section out of bounds"))?;
         let strings = data
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or(BtfError::Malformed("string section out of bounds"))?
@@ -112,11 +109,8 @@ impl Btf {
                     for i in 0..vlen {
                         let m = at + i * 12;
                         let offset = u32_at(type_data, m + 8)?;
-                        let (bit_offset, bitfield) = if kind_flag {
-                            (offset & 0xff_ffff, offset >> 24 != 0)
-                        } else {
-                            (offset, false)
-                        };
+                        let (bit_offset, bitfield) =
+                            if kind_flag { (offset & 0xff_ffff, offset >> 24 != 0) } else { (offset, false) };
                         members.push(Member {
                             name: u32_at(type_data, m)?,
                             type_id: u32_at(type_data, m + 4)?,
@@ -132,11 +126,7 @@ impl Btf {
                     for i in 0..vlen {
                         let v = at + i * 8;
                         let raw = u32_at(type_data, v + 4)?;
-                        let value = if kind_flag {
-                            raw as i32 as i64
-                        } else {
-                            raw as i64
-                        };
+                        let value = if kind_flag { raw as i32 as i64 } else { raw as i64 };
                         values.push((u32_at(type_data, v)?, value));
                     }
                     at += vlen * 8;
@@ -154,9 +144,7 @@ impl Btf {
                     Type::Enum { name, values }
                 }
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias {
-                        target: size_or_type,
-                    }
+                    Type::Alias { target: size_or_type }
                 }
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => {
                     at += 4;
@@ -179,11 +167,7 @@ impl Btf {
             };
             types.push(ty);
         }
-        let mut btf = Btf {
-            types,
-            strings,
-            by_name: HashMap::new(),
-        };
+        let mut btf = Btf { types, strings, by_name: HashMap::new() };
         for (id, ty) in btf.types.iter().enumerate() {
             let (kind, name) = match ty {
                 Type::Composite { name, .. } => (KIND_STRUCT, *name),
@@ -221,30 +205,15 @@ impl Btf {
         let id = self
             .by_name
             .get(&(KIND_STRUCT, strukt.to_owned()))
-            .ok_or_else(|| BtfError::MissingType {
-                kind: "struct",
-                name: strukt.to_owned(),
-            })?;
+            .ok_or_else(|| BtfError::MissingType { kind: "struct", name: strukt.to_owned() })?;
         let Some(Type::Composite { members, .. }) = self.types.get(*id as usize) else {
-            return Err(BtfError::MissingType {
-                kind: "struct",
-                name: strukt.to_owned(),
-            });
+            return Err(BtfError::MissingType { kind: "struct", name: strukt.to_owned() });
         };
         match self.find_member(members, member, 0) {
-            Some((_, true)) => Err(BtfError::Bitfield {
-                strukt: strukt.into(),
-                member: member.into(),
-            }),
+            Some((_, true)) => Err(BtfError::Bitfield { strukt: strukt.into(), member: member.into() }),
             Some((bits, false)) if bits % 8 == 0 => Ok(bits / 8),
-            Some(_) => Err(BtfError::Bitfield {
-                strukt: strukt.into(),
-                member: member.into(),
-            }),
-            None => Err(BtfError::MissingMember {
-                strukt: strukt.into(),
-                member: member.into(),
-            }),
+            Some(_) => Err(BtfError::Bitfield { strukt: strukt.into(), member: member.into() }),
+            None => Err(BtfError::MissingMember { strukt: strukt.into(), member: member.into() }),
         }
     }
 
@@ -269,20 +238,11 @@ impl Btf {
         let id = self
             .by_name
             .get(&(KIND_ENUM, name.to_owned()))
-            .ok_or_else(|| BtfError::MissingType {
-                kind: "enum",
-                name: name.to_owned(),
-            })?;
+            .ok_or_else(|| BtfError::MissingType { kind: "enum", name: name.to_owned() })?;
         let Some(Type::Enum { values, .. }) = self.types.get(*id as usize) else {
-            return Err(BtfError::MissingType {
-                kind: "enum",
-                name: name.to_owned(),
-            });
+            return Err(BtfError::MissingType { kind: "enum", name: name.to_owned() });
         };
-        Ok(values
-            .iter()
-            .map(|(n, v)| (self.string(*n).to_owned(), *v))
-            .collect())
+        Ok(values.iter().map(|(n, v)| (self.string(*n).to_owned(), *v)).collect())
     }
 }
 
@@ -299,11 +259,7 @@ mod tests {
             hay.find(&format!("\0{name}\0")).unwrap() as u32 + 1
         };
         let mut types = Vec::new();
-        let mut push = |words: &[u32]| {
-            words
-                .iter()
-                .for_each(|w| types.extend_from_slice(&w.to_le_bytes()))
-        };
+        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend_from_slice(&w.to_le_bytes()));
         // 1: int
         push(&[s("int"), KIND_INT << 24, 4, 32]);
         // 2: anonymous struct { int c @ 32 bits }
@@ -311,29 +267,13 @@ mod tests {
         // 3: anonymous union { int b @ 0; struct(2) @ 0 }
         push(&[0, KIND_UNION << 24 | 2, 8, s("b"), 1, 0, 0, 2, 0]);
         // 4: struct outer { int a @ 0; union(3) @ 64 }
-        push(&[
-            s("outer"),
-            KIND_STRUCT << 24 | 2,
-            16,
-            s("a"),
-            1,
-            0,
-            0,
-            3,
-            64,
-        ]);
+        push(&[s("outer"), KIND_STRUCT << 24 | 2, 16, s("a"), 1, 0, 0, 3, 64]);
         // 5: enum e { X = 3 }
         push(&[s("e"), KIND_ENUM << 24 | 1, 4, s("X"), 3]);
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
-        for w in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
+        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&w.to_le_bytes());
         }
         blob.extend_from_slice(&types);
@@ -347,14 +287,8 @@ mod tests {
         assert_eq!(btf.member_offset("outer", "a").unwrap(), 0);
         assert_eq!(btf.member_offset("outer", "b").unwrap(), 8);
         assert_eq!(btf.member_offset("outer", "c").unwrap(), 12);
-        assert!(matches!(
-            btf.member_offset("outer", "d"),
-            Err(BtfError::MissingMember { .. })
-        ));
-        assert!(matches!(
-            btf.member_offset("inner", "a"),
-            Err(BtfError::MissingType { .. })
-        ));
+        assert!(matches!(btf.member_offset("outer", "d"), Err(BtfError::MissingMember { .. })));
+        assert!(matches!(btf.member_offset("inner", "a"), Err(BtfError::MissingType { .. })));
         assert_eq!(btf.enum_values("e").unwrap(), vec![("X".to_owned(), 3)]);
     }
 
@@ -369,19 +303,13 @@ mod tests {
     #[test]
     fn reads_the_running_kernels_sk_buff() {
         let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
-            panic!(
-                "/sys/kernel/btf/vmlinux is required (a kernel built with CONFIG_DEBUG_INFO_BTF)"
-            );
+            panic!("/sys/kernel/btf/vmlinux is required (a kernel built with CONFIG_DEBUG_INFO_BTF)");
         };
         let btf = Btf::parse(&data).unwrap();
         let head = btf.member_offset("sk_buff", "head").unwrap();
         let network = btf.member_offset("sk_buff", "network_header").unwrap();
         assert!(head > 0 && network > 0 && head != network);
         let reasons = btf.enum_values("skb_drop_reason").unwrap();
-        assert!(
-            reasons
-                .iter()
-                .any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP")
-        );
+        assert!(reasons.iter().any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));
     }
 }

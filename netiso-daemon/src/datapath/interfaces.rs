@@ -28,31 +28,19 @@ fn link_of(msg: &LinkMessage) -> Option<Link> {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::LinkInfo(infos) => {
-                is_veth |= infos
-                    .iter()
-                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                is_veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
             }
             _ => {}
         }
     }
-    Some(Link {
-        index: msg.header.index,
-        name: name?,
-        is_veth,
-    })
+    Some(Link { index: msg.header.index, name: name?, is_veth })
 }
 
 /// Current links of this network namespace.
 pub async fn list() -> std::io::Result<Vec<Link>> {
     let (conn, handle, _) = new_connection()?;
     let task = tokio::spawn(conn);
-    let links: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(std::io::Error::other)?;
+    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(std::io::Error::other)?;
     task.abort();
     Ok(links.iter().filter_map(link_of).collect())
 }
@@ -71,9 +59,7 @@ pub async fn watch(changes: mpsc::Sender<LinkChange>) -> std::io::Result<()> {
     }
     while let Some((message, _)) = messages.next().await {
         let change = match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                link_of(&link).map(LinkChange::Present)
-            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link_of(&link).map(LinkChange::Present),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 Some(LinkChange::Gone(link.header.index))
             }

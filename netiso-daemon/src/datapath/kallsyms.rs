@@ -16,9 +16,7 @@ impl Kallsyms {
         let mut symbols = Vec::new();
         for line in BufReader::new(source).lines().map_while(Result::ok) {
             let mut fields = line.split_whitespace();
-            let (Some(addr), Some(kind), Some(name)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
+            let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
                 continue;
             };
             if !matches!(kind, "t" | "T" | "w" | "W") {

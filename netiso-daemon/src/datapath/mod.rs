@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod interfaces;
 pub mod kallsyms;
+pub mod privileges;
 pub mod reasons;
 pub mod record;
 pub mod tracefs;
@@ -19,8 +20,8 @@ use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use netiso_common::{
-    Counters, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, Event, FlowKey,
-    FlowTuple, KernelOffsets, LOSS_COUNTERS, MAX_DROP_REASONS,
+    Counters, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets,
+    LOSS_COUNTERS, MAX_DROP_REASONS,
 };
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
@@ -51,31 +52,23 @@ pub enum DatapathError {
     Reasons(#[from] ReasonError),
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
-    #[error(
-        "loading the eBPF programs was refused ({0}); run as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
-    )]
+    #[error("loading the eBPF programs was refused ({0}); run as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")]
     Privilege(String),
+    #[error(
+        "netiso run lacks {}: run it as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (in Kubernetes: securityContext.capabilities.add)",
+        .0.join(", ")
+    )]
+    MissingCapabilities(Vec<&'static str>),
     #[error("loading the eBPF programs failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("eBPF program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
+    Program { name: &'static str, source: ProgramError },
     #[error("eBPF map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
-    #[error(
-        "no interface named `{0}` in this network namespace; check the name with `ip link` or use a glob pattern"
-    )]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("no interface named `{0}` in this network namespace; check the name with `ip link` or use a glob pattern")]
     UnknownInterface(String),
     #[error("invalid interface pattern `{pattern}`: {source}")]
-    Pattern {
-        pattern: String,
-        source: glob::PatternError,
-    },
+    Pattern { pattern: String, source: glob::PatternError },
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
     #[error("ring buffer: {0}")]
@@ -146,10 +139,8 @@ struct Attached {
     links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
-const FLOW_PROGRAMS: [(&str, TcAttachType); 2] = [
-    ("flows_from_pod", TcAttachType::Ingress),
-    ("flows_to_pod", TcAttachType::Egress),
-];
+const FLOW_PROGRAMS: [(&str, TcAttachType); 2] =
+    [("flows_from_pod", TcAttachType::Ingress), ("flows_to_pod", TcAttachType::Egress)];
 
 /// Loaded and attached programs. Dropping it detaches everything and frees the maps.
 pub struct Datapath {
@@ -172,23 +163,20 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
 
 fn is_permission_error(e: &aya::EbpfError) -> bool {
     let text = format!("{e:?}");
-    text.contains("PermissionDenied")
-        || text.contains("EPERM")
-        || text.contains("Operation not permitted")
+    text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("Operation not permitted")
 }
 
 impl Datapath {
     /// Loads the programs and attaches the drop tracepoint. Interfaces are attached by [`run`].
     pub async fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let missing = privileges::missing();
+        if !missing.is_empty() {
+            return Err(DatapathError::MissingCapabilities(missing));
+        }
         let patterns = config
             .interface_patterns
             .iter()
-            .map(|p| {
-                glob::Pattern::new(p).map_err(|source| DatapathError::Pattern {
-                    pattern: p.clone(),
-                    source,
-                })
-            })
+            .map(|p| glob::Pattern::new(p).map_err(|source| DatapathError::Pattern { pattern: p.clone(), source }))
             .collect::<Result<Vec<_>, _>>()?;
         // A literal name that does not exist is a typo, not a pattern waiting for a match.
         let links = interfaces::list().await.map_err(DatapathError::Netlink)?;
@@ -214,36 +202,22 @@ impl Datapath {
             .map_max_entries("FLOWS", config.flow_map_entries)
             .load(PROBES)
             .map_err(|e| {
-                if is_permission_error(&e) {
-                    DatapathError::Privilege(e.to_string())
-                } else {
-                    DatapathError::Load(e)
-                }
+                if is_permission_error(&e) { DatapathError::Privilege(e.to_string()) } else { DatapathError::Load(e) }
             })?;
 
-        let mut filter: Array<_, u8> =
-            Array::try_from(ebpf.map_mut("DROP_REASON_FILTER").expect("map in object"))
-                .map_err(map_err("DROP_REASON_FILTER"))?;
+        let mut filter: Array<_, u8> = Array::try_from(ebpf.map_mut("DROP_REASON_FILTER").expect("map in object"))
+            .map_err(map_err("DROP_REASON_FILTER"))?;
         for value in keep.into_iter().filter(|v| *v < MAX_DROP_REASONS) {
-            filter
-                .set(value, &1, 0)
-                .map_err(map_err("DROP_REASON_FILTER"))?;
+            filter.set(value, &1, 0).map_err(map_err("DROP_REASON_FILTER"))?;
         }
 
-        let tp: &mut TracePoint = ebpf
-            .program_mut("kfree_skb")
-            .expect("program in object")
-            .try_into()
-            .map_err(prog_err("kfree_skb"))?;
+        let tp: &mut TracePoint =
+            ebpf.program_mut("kfree_skb").expect("program in object").try_into().map_err(prog_err("kfree_skb"))?;
         tp.load().map_err(prog_err("kfree_skb"))?;
-        tp.attach("skb", "kfree_skb")
-            .map_err(prog_err("kfree_skb"))?;
+        tp.attach("skb", "kfree_skb").map_err(prog_err("kfree_skb"))?;
         for (name, _) in FLOW_PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("program in object")
-                .try_into()
-                .map_err(prog_err(name))?;
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).expect("program in object").try_into().map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
         }
 
@@ -251,15 +225,7 @@ impl Datapath {
             tracing::warn!(error = %e, "cannot read /proc/kallsyms; drop locations will be raw addresses");
             Kallsyms::parse(std::io::empty())
         });
-        Ok(Datapath {
-            ebpf,
-            reasons,
-            symbols,
-            patterns,
-            attached: HashMap::new(),
-            config,
-            stats: Arc::default(),
-        })
+        Ok(Datapath { ebpf, reasons, symbols, patterns, attached: HashMap::new(), config, stats: Arc::default() })
     }
 
     pub fn stats(&self) -> Arc<Mutex<DatapathStats>> {
@@ -275,30 +241,16 @@ impl Datapath {
     }
 
     fn attach(&mut self, link: &Link) -> Result<(), DatapathError> {
-        if self
-            .attached
-            .get(&link.index)
-            .is_some_and(|a| a.name == link.name)
-        {
+        if self.attached.get(&link.index).is_some_and(|a| a.name == link.name) {
             return Ok(());
         }
         // An index reused under a new name: drop the stale entry first.
         self.detach(link.index);
         let mut links = Vec::new();
         for (name, hook) in FLOW_PROGRAMS {
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .expect("program in object")
-                .try_into()
-                .map_err(prog_err(name))?;
-            let tcx = prog.attach(
-                link.index,
-                TcAttach::Tcx {
-                    attach_type: hook,
-                    order: LinkOrder::default(),
-                },
-            );
+            let prog: &mut SchedClassifier =
+                self.ebpf.program_mut(name).expect("program in object").try_into().map_err(prog_err(name))?;
+            let tcx = prog.attach(link.index, TcAttach::Tcx { attach_type: hook, order: LinkOrder::default() });
             let id = match tcx {
                 Ok(id) => id,
                 // Kernels before 6.6 have no TCX: fall back to a clsact qdisc.
@@ -306,17 +258,12 @@ impl Datapath {
                     if let Err(e) = aya::programs::tc::qdisc_add_clsact(link.index) {
                         tracing::debug!(interface = %link.name, error = %e, "clsact qdisc not added (it may exist already)");
                     }
-                    prog.attach(link.index, TcAttach::Auto(hook))
-                        .map_err(prog_err(name))?
+                    prog.attach(link.index, TcAttach::Auto(hook)).map_err(prog_err(name))?
                 }
                 Err(e) => {
                     for (name, id) in links {
-                        let prog: &mut SchedClassifier = self
-                            .ebpf
-                            .program_mut(name)
-                            .expect("program")
-                            .try_into()
-                            .map_err(prog_err(name))?;
+                        let prog: &mut SchedClassifier =
+                            self.ebpf.program_mut(name).expect("program").try_into().map_err(prog_err(name))?;
                         let _ = prog.detach(id);
                     }
                     return Err(prog_err(name)(e));
@@ -325,13 +272,7 @@ impl Datapath {
             links.push((name, id));
         }
         tracing::info!(interface = %link.name, ifindex = link.index, "observing interface");
-        self.attached.insert(
-            link.index,
-            Attached {
-                name: link.name.clone(),
-                links,
-            },
-        );
+        self.attached.insert(link.index, Attached { name: link.name.clone(), links });
         self.stats.lock().expect("stats lock").interfaces_attached = self.attached.len() as u64;
         Ok(())
     }
@@ -366,22 +307,18 @@ impl Datapath {
         mut shutdown: watch::Receiver<bool>,
         ready: Option<tokio::sync::oneshot::Sender<Vec<String>>>,
     ) -> Result<(), DatapathError> {
-        let ring = RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("map in object"))
-            .map_err(map_err("EVENTS"))?;
+        let ring =
+            RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("map in object")).map_err(map_err("EVENTS"))?;
         // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
         // AsyncFd that owns the ring buffer is dropped.
-        let mut ring =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| DatapathError::RingBuffer(std::io::Error::other(e.to_string())))?;
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| DatapathError::RingBuffer(std::io::Error::other(e.to_string())))?;
         let drops: PerCpuHashMap<MapData, DropKey, Counters> =
-            PerCpuHashMap::try_from(self.ebpf.take_map("DROPS").expect("map in object"))
-                .map_err(map_err("DROPS"))?;
+            PerCpuHashMap::try_from(self.ebpf.take_map("DROPS").expect("map in object")).map_err(map_err("DROPS"))?;
         let flows: PerCpuHashMap<MapData, FlowKey, Counters> =
-            PerCpuHashMap::try_from(self.ebpf.take_map("FLOWS").expect("map in object"))
-                .map_err(map_err("FLOWS"))?;
+            PerCpuHashMap::try_from(self.ebpf.take_map("FLOWS").expect("map in object")).map_err(map_err("FLOWS"))?;
         let losses: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.take_map("LOSSES").expect("map in object"))
-                .map_err(map_err("LOSSES"))?;
+            PerCpuArray::try_from(self.ebpf.take_map("LOSSES").expect("map in object")).map_err(map_err("LOSSES"))?;
 
         let (link_tx, mut link_rx) = mpsc::channel(256);
         let watcher = tokio::spawn(interfaces::watch(link_tx));
@@ -469,11 +406,7 @@ impl Datapath {
     }
 
     fn overflow_record(&self, event: &Event) -> DatapathRecord {
-        let kind = if event.kind == EVENT_DROP {
-            EventKind::Drop
-        } else {
-            EventKind::Flow
-        };
+        let kind = if event.kind == EVENT_DROP { EventKind::Drop } else { EventKind::Flow };
         let counters = Counters {
             packets: 1,
             bytes: event.len as u64,
@@ -495,10 +428,7 @@ impl Datapath {
 
     fn record(&self, event: EventKind, tuple: &FlowTuple, c: &Counters) -> DatapathRecord {
         let (src_ip, dst_ip) = tuple_addrs(tuple);
-        let icmp = matches!(
-            tuple.protocol,
-            netiso_common::IPPROTO_ICMP | netiso_common::IPPROTO_ICMPV6
-        );
+        let icmp = matches!(tuple.protocol, netiso_common::IPPROTO_ICMP | netiso_common::IPPROTO_ICMPV6);
         DatapathRecord {
             event,
             time: wall_clock(c.first_seen_ns),
@@ -517,8 +447,7 @@ impl Datapath {
             interface: self.interface_name(c.ifindex),
             packets: c.packets,
             bytes: c.bytes,
-            tcp_flags: (tuple.protocol == netiso_common::IPPROTO_TCP)
-                .then(|| tcp_flag_names(c.tcp_flags)),
+            tcp_flags: (tuple.protocol == netiso_common::IPPROTO_TCP).then(|| tcp_flag_names(c.tcp_flags)),
             overflow: false,
         }
     }
@@ -545,11 +474,7 @@ impl Datapath {
         }
     }
 
-    fn read_losses(
-        &self,
-        losses: &PerCpuArray<MapData, u64>,
-        reported: &mut [u64; LOSS_COUNTERS as usize],
-    ) {
+    fn read_losses(&self, losses: &PerCpuArray<MapData, u64>, reported: &mut [u64; LOSS_COUNTERS as usize]) {
         let mut totals = [0u64; LOSS_COUNTERS as usize];
         for (index, total) in totals.iter_mut().enumerate() {
             if let Ok(values) = losses.get(&(index as u32), 0) {
@@ -557,11 +482,7 @@ impl Datapath {
             }
         }
         if totals != *reported {
-            let delta: Vec<u64> = totals
-                .iter()
-                .zip(reported.iter())
-                .map(|(t, r)| t - r)
-                .collect();
+            let delta: Vec<u64> = totals.iter().zip(reported.iter()).map(|(t, r)| t - r).collect();
             tracing::warn!(
                 ringbuf_full = delta[netiso_common::LOSS_RINGBUF_FULL as usize],
                 drop_map_full = delta[netiso_common::LOSS_DROP_MAP_FULL as usize],
@@ -598,12 +519,8 @@ impl<K: aya::Pod + Eq + Hash> Drain<K> {
     /// Returns the keys not seen before with their counters so far, and removes keys idle for
     /// longer than `idle_ns` from the map (a later packet makes them new again).
     fn drain(&mut self, now_ns: u64, idle_ns: u64) -> Vec<(K, Counters)> {
-        let entries: Vec<(K, Counters)> = self
-            .map
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, per_cpu)| (key, sum(per_cpu.iter())))
-            .collect();
+        let entries: Vec<(K, Counters)> =
+            self.map.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect();
         let mut fresh = Vec::new();
         for (key, counters) in entries {
             if now_ns.saturating_sub(counters.last_seen_ns) > idle_ns {
@@ -623,19 +540,10 @@ struct Drains {
 }
 
 impl Drains {
-    fn new(
-        drops: PerCpuHashMap<MapData, DropKey, Counters>,
-        flows: PerCpuHashMap<MapData, FlowKey, Counters>,
-    ) -> Self {
+    fn new(drops: PerCpuHashMap<MapData, DropKey, Counters>, flows: PerCpuHashMap<MapData, FlowKey, Counters>) -> Self {
         Drains {
-            drops: Drain {
-                map: drops,
-                known: HashSet::new(),
-            },
-            flows: Drain {
-                map: flows,
-                known: HashSet::new(),
-            },
+            drops: Drain { map: drops, known: HashSet::new() },
+            flows: Drain { map: flows, known: HashSet::new() },
         }
     }
 }
@@ -659,9 +567,7 @@ fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counters>) -> Counters {
 }
 
 fn monotonic_ns() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64).unwrap_or(0)
 }
 
 /// Converts a `bpf_ktime_get_ns` timestamp (CLOCK_MONOTONIC) to wall-clock time.

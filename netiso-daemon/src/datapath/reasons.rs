@@ -49,15 +49,7 @@ impl ReasonClass {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Policy,
-            Self::Socket,
-            Self::Routing,
-            Self::Routine,
-            Self::Other,
-        ]
-        .into_iter()
-        .find(|c| c.as_str() == s)
+        [Self::Policy, Self::Socket, Self::Routing, Self::Routine, Self::Other].into_iter().find(|c| c.as_str() == s)
     }
 }
 
@@ -155,18 +147,13 @@ impl DropReasons {
         let format = std::fs::read_to_string(format_path).unwrap_or_default();
         let names = parse_print_symbolic(&format);
         if names.is_empty() {
-            return Err(ReasonError::Unavailable {
-                format: format_path.to_owned(),
-            });
+            return Err(ReasonError::Unavailable { format: format_path.to_owned() });
         }
         Ok(DropReasons { names })
     }
 
     pub fn name(&self, value: u32) -> String {
-        self.names
-            .get(&value)
-            .cloned()
-            .unwrap_or_else(|| format!("REASON_{value}"))
+        self.names.get(&value).cloned().unwrap_or_else(|| format!("REASON_{value}"))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
@@ -177,31 +164,15 @@ impl DropReasons {
     /// routine frees) and `all`.
     pub fn select(&self, selection: &str) -> Result<Vec<u32>, ReasonError> {
         let mut keep = std::collections::BTreeSet::new();
-        for item in selection
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
+        for item in selection.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let matched: Vec<u32> = match item {
                 "all" => self.names.keys().copied().collect(),
-                "default" => self
-                    .iter()
-                    .filter(|(_, n)| classify(n) != ReasonClass::Routine)
-                    .map(|(v, _)| v)
-                    .collect(),
+                "default" => self.iter().filter(|(_, n)| classify(n) != ReasonClass::Routine).map(|(v, _)| v).collect(),
                 _ => match ReasonClass::parse(item) {
-                    Some(class) => self
-                        .iter()
-                        .filter(|(_, n)| classify(n) == class)
-                        .map(|(v, _)| v)
-                        .collect(),
+                    Some(class) => self.iter().filter(|(_, n)| classify(n) == class).map(|(v, _)| v).collect(),
                     None => {
                         let name = item.strip_prefix(PREFIX).unwrap_or(item);
-                        let found: Vec<u32> = self
-                            .iter()
-                            .filter(|(_, n)| *n == name)
-                            .map(|(v, _)| v)
-                            .collect();
+                        let found: Vec<u32> = self.iter().filter(|(_, n)| *n == name).map(|(v, _)| v).collect();
                         if found.is_empty() {
                             return Err(ReasonError::UnknownSelector(item.to_owned()));
                         }
@@ -242,9 +213,7 @@ mod tests {
 
     fn sample() -> DropReasons {
         let format = r#"print fmt: "reason: %s", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 12, "NETFILTER_DROP" }, { 47, "TCP_CLOSE" }, { 54, "IP_OUTNOROUTES" })"#;
-        DropReasons {
-            names: parse_print_symbolic(format),
-        }
+        DropReasons { names: parse_print_symbolic(format) }
     }
 
     #[test]
@@ -261,10 +230,7 @@ mod tests {
         assert_eq!(r.select("default").unwrap(), vec![3, 12, 54]);
         assert_eq!(r.select("all").unwrap(), vec![2, 3, 12, 47, 54]);
         assert_eq!(r.select("policy,TCP_CLOSE").unwrap(), vec![12, 47]);
-        assert!(matches!(
-            r.select("NETFLITER_DROP"),
-            Err(ReasonError::UnknownSelector(_))
-        ));
+        assert!(matches!(r.select("NETFLITER_DROP"), Err(ReasonError::UnknownSelector(_))));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use netiso_common::{
-    DIRECTION_FROM_POD, DIRECTION_TO_POD, FlowTuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP,
+    DIRECTION_FROM_POD, DIRECTION_TO_POD, FlowTuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use serde::{Serialize, Serializer};
 
@@ -116,12 +116,7 @@ pub fn tcp_flag_names(flags: u8) -> String {
         (0x40, "ECE"),
         (0x80, "CWR"),
     ];
-    NAMES
-        .iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join("|")
+    NAMES.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, n)| *n).collect::<Vec<_>>().join("|")
 }
 
 #[cfg(test)]
@@ -130,20 +125,13 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_addresses_come_back_as_ipv4() {
-        let mut t = FlowTuple {
-            family: 4,
-            ..Default::default()
-        };
+        let mut t = FlowTuple { family: 4, ..Default::default() };
         t.src_addr[10..16].copy_from_slice(&[0xff, 0xff, 10, 1, 2, 3]);
         t.dst_addr[10..16].copy_from_slice(&[0xff, 0xff, 10, 1, 2, 4]);
         let (s, d) = tuple_addrs(&t);
         assert_eq!(s.to_string(), "10.1.2.3");
         assert_eq!(d.to_string(), "10.1.2.4");
-        let v6 = FlowTuple {
-            family: 6,
-            src_addr: std::net::Ipv6Addr::LOCALHOST.octets(),
-            ..Default::default()
-        };
+        let v6 = FlowTuple { family: 6, src_addr: std::net::Ipv6Addr::LOCALHOST.octets(), ..Default::default() };
         assert_eq!(tuple_addrs(&v6).0.to_string(), "::1");
     }
 

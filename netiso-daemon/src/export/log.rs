@@ -8,9 +8,7 @@ use crate::datapath::{DatapathRecord, EventKind};
 pub fn init_diagnostics(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETISO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -47,16 +45,8 @@ fn endpoint(ip: std::net::IpAddr, port: u16) -> String {
 /// One human-readable line, in the spirit of `hubble observe -o compact`.
 pub fn text_line(r: &DatapathRecord) -> String {
     let time = humantime::format_rfc3339_millis(r.time);
-    let flow = format!(
-        "{} -> {} {}",
-        endpoint(r.src_ip, r.src_port),
-        endpoint(r.dst_ip, r.dst_port),
-        r.protocol
-    );
-    let iface = r
-        .interface
-        .clone()
-        .unwrap_or_else(|| format!("if{}", r.ifindex));
+    let flow = format!("{} -> {} {}", endpoint(r.src_ip, r.src_port), endpoint(r.dst_ip, r.dst_port), r.protocol);
+    let iface = r.interface.clone().unwrap_or_else(|| format!("if{}", r.ifindex));
     match r.event {
         EventKind::Drop => format!(
             "{time} DROPPED {flow} reason={} at {} on {iface} ({} pkts)",
@@ -64,9 +54,6 @@ pub fn text_line(r: &DatapathRecord) -> String {
             r.location.as_deref().unwrap_or("?"),
             r.packets
         ),
-        EventKind::Flow => format!(
-            "{time} FORWARDED {flow} on {iface} ({} pkts, {} bytes)",
-            r.packets, r.bytes
-        ),
+        EventKind::Flow => format!("{time} FORWARDED {flow} on {iface} ({} pkts, {} bytes)", r.packets, r.bytes),
     }
 }

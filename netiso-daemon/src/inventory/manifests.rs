@@ -15,18 +15,11 @@ use crate::policy::{ClusterState, ContainerPort, NamespaceInfo, PodInfo, Protoco
 #[derive(Debug, Error)]
 pub enum ManifestError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: no .yaml, .yml or .json files")]
     Empty { path: PathBuf },
     #[error("{path}: document {document}: {message}")]
-    Parse {
-        path: PathBuf,
-        document: usize,
-        message: String,
-    },
+    Parse { path: PathBuf, document: usize, message: String },
 }
 
 /// Objects found, plus problems that did not stop the rest from loading.
@@ -37,32 +30,20 @@ pub struct Manifests {
 }
 
 fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
     if meta.is_file() {
         return Ok(vec![path.into()]);
     }
     let mut found = Vec::new();
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|source| ManifestError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(&dir).map_err(|source| ManifestError::Read { path: dir.clone(), source })?;
         for entry in entries {
-            let entry = entry.map_err(|source| ManifestError::Read {
-                path: dir.clone(),
-                source,
-            })?;
+            let entry = entry.map_err(|source| ManifestError::Read { path: dir.clone(), source })?;
             let p = entry.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
                 found.push(p);
             }
         }
@@ -77,10 +58,8 @@ fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 pub fn load(path: &Path) -> Result<Manifests, ManifestError> {
     let mut manifests = Manifests::default();
     for file in files(path)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
-            path: file.clone(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(&file).map_err(|source| ManifestError::Read { path: file.clone(), source })?;
         parse_into(&file, &text, &mut manifests)?;
     }
     Ok(manifests)
@@ -103,19 +82,10 @@ pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) -> Result<(), Ma
 }
 
 fn describe(value: &serde_yaml::Value) -> String {
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("object");
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("object");
     let meta = value.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("<unnamed>");
-    match meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(|n| n.as_str())
-    {
+    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+    match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} {name}"),
     }
@@ -140,18 +110,10 @@ fn add_object(
     value: serde_yaml::Value,
     out: &mut Manifests,
 ) -> Result<(), ManifestError> {
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .cloned()
-                .unwrap_or_default();
+            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
             for item in items {
                 add_object(file, document, item, out)?;
             }
@@ -167,9 +129,7 @@ fn add_object(
             let pod: Pod = typed(file, document, value)?;
             match pod_info(&pod) {
                 Ok(info) => out.state.pods.push(info),
-                Err(e) => out
-                    .warnings
-                    .push(format!("{}: document {document}: {e}", file.display())),
+                Err(e) => out.warnings.push(format!("{}: document {document}: {e}", file.display())),
             }
         }
         "NetworkPolicy" => {
@@ -191,20 +151,12 @@ fn add_object(
 
 /// The engine's view of a Pod: labels, container ports and addresses.
 pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.clone().unwrap_or_default();
     let key = format!("Pod {namespace}/{name}");
     let mut ports = Vec::new();
     if let Some(spec) = &pod.spec {
-        for container in spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-        {
+        for container in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
             for p in container.ports.iter().flatten() {
                 let protocol: Protocol = p
                     .protocol
@@ -212,20 +164,13 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
                     .unwrap_or("TCP")
                     .parse()
                     .map_err(|e| format!("{key}: container {}: {e}", container.name))?;
-                let port = u16::try_from(p.container_port)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| {
-                        format!(
-                            "{key}: container {}: containerPort {} is out of range 1-65535",
-                            container.name, p.container_port
-                        )
-                    })?;
-                ports.push(ContainerPort {
-                    name: p.name.clone(),
-                    port,
-                    protocol,
-                });
+                let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0).ok_or_else(|| {
+                    format!(
+                        "{key}: container {}: containerPort {} is out of range 1-65535",
+                        container.name, p.container_port
+                    )
+                })?;
+                ports.push(ContainerPort { name: p.name.clone(), port, protocol });
             }
         }
     }
@@ -233,9 +178,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
     if let Some(status) = &pod.status {
         let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
         for text in status.pod_ip.as_deref().into_iter().chain(listed) {
-            let ip: IpAddr = text
-                .parse()
-                .map_err(|_| format!("{key}: status.podIP `{text}` is not an IP address"))?;
+            let ip: IpAddr = text.parse().map_err(|_| format!("{key}: status.podIP `{text}` is not an IP address"))?;
             if !ips.contains(&ip) {
                 ips.push(ip);
             }
@@ -247,11 +190,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ips,
         ports,
-        host_network: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false),
+        host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
     })
 }
 
@@ -293,30 +232,16 @@ items:
         let pod = &m.state.pods[0];
         assert_eq!(pod.key(), "production/api");
         assert_eq!(pod.ips.len(), 2);
-        assert_eq!(
-            pod.ports,
-            vec![ContainerPort {
-                name: Some("http".into()),
-                port: 8080,
-                protocol: Protocol::Tcp
-            }]
-        );
+        assert_eq!(pod.ports, vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }]);
     }
 
     #[test]
     fn a_malformed_object_names_file_document_object_and_field() {
         let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: n}\nspec: {ingress: {not: a-list}}\n";
-        let err = parse_into(Path::new("bad.yaml"), bad, &mut Manifests::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("bad.yaml: document 1: NetworkPolicy n/p: field spec.ingress"),
-            "{err}"
-        );
+        let err = parse_into(Path::new("bad.yaml"), bad, &mut Manifests::default()).unwrap_err().to_string();
+        assert!(err.contains("bad.yaml: document 1: NetworkPolicy n/p: field spec.ingress"), "{err}");
         let broken = "kind: Pod\nmetadata: [\n";
-        let err = parse_into(Path::new("broken.yaml"), broken, &mut Manifests::default())
-            .unwrap_err()
-            .to_string();
+        let err = parse_into(Path::new("broken.yaml"), broken, &mut Manifests::default()).unwrap_err().to_string();
         assert!(err.starts_with("broken.yaml: document 1:"), "{err}");
     }
 
@@ -327,10 +252,6 @@ items:
         parse_into(Path::new("x.yaml"), text, &mut m).unwrap();
         assert!(m.state.pods.is_empty());
         assert_eq!(m.state.namespaces.len(), 1);
-        assert!(
-            m.warnings[0].contains("Pod n/p: status.podIP `not-an-ip`"),
-            "{:?}",
-            m.warnings
-        );
+        assert!(m.warnings[0].contains("Pod n/p: status.podIP `not-an-ip`"), "{:?}", m.warnings);
     }
 }

@@ -4,9 +4,7 @@
 use std::fmt;
 
 use ipnet::IpNet;
-use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
-};
+use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
@@ -26,11 +24,7 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "NetworkPolicy {}: {}: {}",
-            self.policy, self.field, self.message
-        )
+        write!(f, "NetworkPolicy {}: {}: {}", self.policy, self.field, self.message)
     }
 }
 
@@ -116,11 +110,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(PolicyError {
-            policy: self.policy.to_owned(),
-            field: field.into(),
-            message: message.into(),
-        });
+        self.errors.push(PolicyError { policy: self.policy.to_owned(), field: field.into(), message: message.into() });
     }
 
     fn selector(
@@ -142,34 +132,26 @@ impl Ctx<'_> {
 
 /// Parses a CIDR the way the API server historically accepted it: host bits may be set.
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
-        format!("`{text}` is not a valid CIDR (expected e.g. 10.0.0.0/8 or fd00::/64)")
-    })
+    text.parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("`{text}` is not a valid CIDR (expected e.g. 10.0.0.0/8 or fd00::/64)"))
 }
 
 fn compile_peer(ctx: &mut Ctx, field: &str, peer: &NetworkPolicyPeer) -> Peer {
     match (&peer.ip_block, &peer.namespace_selector, &peer.pod_selector) {
         (Some(block), None, None) => compile_ip_block(ctx, &format!("{field}.ipBlock"), block),
         (Some(_), _, _) => {
-            ctx.error(
-                field,
-                "ipBlock cannot be combined with podSelector or namespaceSelector",
-            );
+            ctx.error(field, "ipBlock cannot be combined with podSelector or namespaceSelector");
             Peer::Invalid
         }
         (None, None, None) => {
-            ctx.error(
-                field,
-                "a peer must set podSelector, namespaceSelector or ipBlock",
-            );
+            ctx.error(field, "a peer must set podSelector, namespaceSelector or ipBlock");
             Peer::Invalid
         }
         (None, ns, pods) => {
             let namespaces = match ns {
                 None => Some(NamespaceScope::PolicyNamespace),
-                Some(s) => ctx
-                    .selector(&format!("{field}.namespaceSelector"), s)
-                    .map(NamespaceScope::Selector),
+                Some(s) => ctx.selector(&format!("{field}.namespaceSelector"), s).map(NamespaceScope::Selector),
             };
             let pods = match pods {
                 None => Some(Selector::everything()),
@@ -213,8 +195,7 @@ fn is_port_name(name: &str) -> bool {
     let b = name.as_bytes();
     !name.is_empty()
         && name.len() <= 15
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b.iter().any(u8::is_ascii_lowercase)
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
@@ -228,10 +209,7 @@ fn compile_port(ctx: &mut Ctx, field: &str, port: &NetworkPolicyPort) -> PortSpe
             Ok(p) => p,
             Err(e) => {
                 ctx.error(format!("{field}.protocol"), e);
-                return PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: PortMatch::Invalid,
-                };
+                return PortSpec { protocol: Protocol::Tcp, port: PortMatch::Invalid };
             }
         },
     };
@@ -243,10 +221,7 @@ fn compile_port(ctx: &mut Ctx, field: &str, port: &NetworkPolicyPort) -> PortSpe
         }
         (Some(IntOrString::String(name)), end) => {
             if end.is_some() {
-                ctx.error(
-                    format!("{field}.endPort"),
-                    "endPort cannot be used with a named port",
-                );
+                ctx.error(format!("{field}.endPort"), "endPort cannot be used with a named port");
                 PortMatch::Invalid
             } else if !is_port_name(name) {
                 ctx.error(format!("{field}.port"), format!("`{name}` is not a valid port name (IANA_SVC_NAME: up to 15 lowercase letters, digits and '-', with a letter)"));
@@ -257,20 +232,14 @@ fn compile_port(ctx: &mut Ctx, field: &str, port: &NetworkPolicyPort) -> PortSpe
         }
         (Some(IntOrString::Int(n)), end) => {
             if !(1..=65535).contains(n) {
-                ctx.error(
-                    format!("{field}.port"),
-                    format!("port {n} is out of range 1-65535"),
-                );
+                ctx.error(format!("{field}.port"), format!("port {n} is out of range 1-65535"));
                 PortMatch::Invalid
             } else {
                 let start = *n as u16;
                 match end {
                     None => PortMatch::Range(start, start),
                     Some(e) if e < *n => {
-                        ctx.error(
-                            format!("{field}.endPort"),
-                            format!("endPort {e} is below port {n}"),
-                        );
+                        ctx.error(format!("{field}.endPort"), format!("endPort {e} is below port {n}"));
                         PortMatch::Invalid
                     }
                     // The API server rejects it; an engine that stored it anyway reads the
@@ -298,35 +267,20 @@ fn compile_rule(
     ports: Option<&Vec<NetworkPolicyPort>>,
 ) -> Rule {
     let peers = peers.filter(|p| !p.is_empty()).map(|peers| {
-        peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| compile_peer(ctx, &format!("{field}.{peers_name}[{i}]"), p))
-            .collect()
+        peers.iter().enumerate().map(|(i, p)| compile_peer(ctx, &format!("{field}.{peers_name}[{i}]"), p)).collect()
     });
     let ports = ports.filter(|p| !p.is_empty()).map(|ports| {
-        ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| compile_port(ctx, &format!("{field}.ports[{i}]"), p))
-            .collect()
+        ports.iter().enumerate().map(|(i, p)| compile_port(ctx, &format!("{field}.ports[{i}]"), p)).collect()
     });
     Rule { peers, ports }
 }
 
 /// Compiles one policy. Returns `None` (with errors) when it cannot be evaluated at all.
 pub fn compile(policy: &NetworkPolicy, errors: &mut Vec<PolicyError>) -> Option<CompiledPolicy> {
-    let namespace = policy
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = policy.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = policy.metadata.name.clone().unwrap_or_default();
     let key = format!("{namespace}/{name}");
-    let mut ctx = Ctx {
-        policy: &key,
-        errors,
-    };
+    let mut ctx = Ctx { policy: &key, errors };
     if name.is_empty() {
         ctx.error("metadata.name", "a NetworkPolicy needs a name");
         return None;
@@ -365,13 +319,7 @@ pub fn compile(policy: &NetworkPolicy, errors: &mut Vec<PolicyError>) -> Option<
             .flatten()
             .enumerate()
             .map(|(i, r)| {
-                compile_rule(
-                    &mut ctx,
-                    &format!("spec.ingress[{i}]"),
-                    "from",
-                    r.from.as_ref(),
-                    r.ports.as_ref(),
-                )
+                compile_rule(&mut ctx, &format!("spec.ingress[{i}]"), "from", r.from.as_ref(), r.ports.as_ref())
             })
             .collect()
     });
@@ -380,23 +328,11 @@ pub fn compile(policy: &NetworkPolicy, errors: &mut Vec<PolicyError>) -> Option<
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| {
-                compile_rule(
-                    &mut ctx,
-                    &format!("spec.egress[{i}]"),
-                    "to",
-                    r.to.as_ref(),
-                    r.ports.as_ref(),
-                )
-            })
+            .map(|(i, r)| compile_rule(&mut ctx, &format!("spec.egress[{i}]"), "to", r.to.as_ref(), r.ports.as_ref()))
             .collect()
     });
     Some(CompiledPolicy {
-        reference: PolicyRef {
-            namespace,
-            name,
-            resource_version: policy.metadata.resource_version.clone(),
-        },
+        reference: PolicyRef { namespace, name, resource_version: policy.metadata.resource_version.clone() },
         pod_selector,
         ingress,
         egress,

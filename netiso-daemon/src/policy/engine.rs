@@ -9,8 +9,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::compile::{
-    CompiledPolicy, NamespaceScope, Peer, PolicyError, PolicyRef, PortMatch, PortSpec, Rule,
-    compile,
+    CompiledPolicy, NamespaceScope, Peer, PolicyError, PolicyRef, PortMatch, PortSpec, Rule, compile,
 };
 use super::model::{EndpointRef, Flow, Labels, NamespaceInfo, PodInfo, Protocol};
 use super::selector::LabelMiss;
@@ -108,16 +107,14 @@ impl PolicyEngine {
         let mut namespaces: HashMap<String, Labels> = HashMap::new();
         for ns in state.namespaces {
             let mut labels = ns.labels;
-            labels
-                .entry(NAMESPACE_NAME_LABEL.into())
-                .or_insert_with(|| ns.name.clone());
+            labels.entry(NAMESPACE_NAME_LABEL.into()).or_insert_with(|| ns.name.clone());
             namespaces.insert(ns.name, labels);
         }
         // A pod in a namespace with no object still has the name label the API server would set.
         for pod in &state.pods {
-            namespaces.entry(pod.namespace.clone()).or_insert_with(|| {
-                Labels::from([(NAMESPACE_NAME_LABEL.into(), pod.namespace.clone())])
-            });
+            namespaces
+                .entry(pod.namespace.clone())
+                .or_insert_with(|| Labels::from([(NAMESPACE_NAME_LABEL.into(), pod.namespace.clone())]));
         }
         let mut pod_by_name = HashMap::new();
         let mut pod_by_ip = HashMap::new();
@@ -148,24 +145,14 @@ impl PolicyEngine {
         let mut pods_by_namespace: HashMap<&str, Vec<u32>> = HashMap::new();
         for (i, pod) in state.pods.iter().enumerate() {
             if !pod.host_network {
-                pods_by_namespace
-                    .entry(pod.namespace.as_str())
-                    .or_default()
-                    .push(i as u32);
+                pods_by_namespace.entry(pod.namespace.as_str()).or_default().push(i as u32);
             }
         }
         let mut ingress_of = vec![Vec::new(); state.pods.len()];
         let mut egress_of = vec![Vec::new(); state.pods.len()];
         for (pi, policy) in policies.iter().enumerate() {
-            for &pod in pods_by_namespace
-                .get(policy.namespace())
-                .into_iter()
-                .flatten()
-            {
-                if policy
-                    .pod_selector
-                    .matches(&state.pods[pod as usize].labels)
-                {
+            for &pod in pods_by_namespace.get(policy.namespace()).into_iter().flatten() {
+                if policy.pod_selector.matches(&state.pods[pod as usize].labels) {
                     if policy.ingress.is_some() {
                         ingress_of[pod as usize].push(pi as u32);
                     }
@@ -175,16 +162,7 @@ impl PolicyEngine {
                 }
             }
         }
-        PolicyEngine {
-            namespaces,
-            pods: state.pods,
-            pod_by_name,
-            pod_by_ip,
-            policies,
-            ingress_of,
-            egress_of,
-            errors,
-        }
+        PolicyEngine { namespaces, pods: state.pods, pod_by_name, pod_by_ip, policies, ingress_of, egress_of, errors }
     }
 
     /// Validation problems found while compiling the policies.
@@ -216,17 +194,10 @@ impl PolicyEngine {
     pub fn resolve(&self, endpoint: &EndpointRef) -> Result<Endpoint, EngineError> {
         match endpoint {
             EndpointRef::Ip(ip) => Ok(match self.pod_by_ip.get(ip) {
-                Some(&index) => Endpoint::Pod {
-                    index,
-                    ip: Some(*ip),
-                },
+                Some(&index) => Endpoint::Pod { index, ip: Some(*ip) },
                 None => Endpoint::Ip(*ip),
             }),
-            EndpointRef::Pod {
-                namespace,
-                name,
-                ip,
-            } => {
+            EndpointRef::Pod { namespace, name, ip } => {
                 let &index = self
                     .pod_by_name
                     .get(&(namespace.clone(), name.clone()))
@@ -234,9 +205,9 @@ impl PolicyEngine {
                 let pod = &self.pods[index as usize];
                 let ip = ip.or_else(|| pod.ips.first().copied());
                 if pod.host_network {
-                    return ip.map(Endpoint::Ip).ok_or_else(|| {
-                        EngineError::UnknownPod(format!("{namespace}/{name} (host network, no IP)"))
-                    });
+                    return ip
+                        .map(Endpoint::Ip)
+                        .ok_or_else(|| EngineError::UnknownPod(format!("{namespace}/{name} (host network, no IP)")));
                 }
                 Ok(Endpoint::Pod { index, ip })
             }
@@ -251,11 +222,7 @@ impl PolicyEngine {
 
     pub fn verdict(&self, flow: &Flow) -> Result<Verdict, EngineError> {
         let (from, to) = (self.resolve(&flow.from)?, self.resolve(&flow.to)?);
-        Ok(if self.allows(from, to, flow.port, flow.protocol) {
-            Verdict::Allowed
-        } else {
-            Verdict::Denied
-        })
+        Ok(if self.allows(from, to, flow.port, flow.protocol) { Verdict::Allowed } else { Verdict::Denied })
     }
 
     fn governing(&self, direction: Direction, subject: usize) -> &[u32] {
@@ -280,10 +247,9 @@ impl PolicyEngine {
         governing.is_empty()
             || governing.iter().any(|&p| {
                 let policy = &self.policies[p as usize];
-                rules(policy, direction).iter().any(|rule| {
-                    self.rule_outcome(policy, rule, direction, subject, peer, port, protocol)
-                        .matched()
-                })
+                rules(policy, direction)
+                    .iter()
+                    .any(|rule| self.rule_outcome(policy, rule, direction, subject, peer, port, protocol).matched())
             })
     }
 
@@ -300,9 +266,7 @@ impl PolicyEngine {
     ) -> RuleOutcome {
         let peer_match = match &rule.peers {
             None => Some(usize::MAX),
-            Some(peers) => peers
-                .iter()
-                .position(|p| self.peer_matches(policy, p, peer)),
+            Some(peers) => peers.iter().position(|p| self.peer_matches(policy, p, peer)),
         };
         // Named ports resolve against the destination pod: the subject for ingress, the peer for egress.
         let destination = match direction {
@@ -311,14 +275,9 @@ impl PolicyEngine {
         };
         let port_match = match &rule.ports {
             None => Some(usize::MAX),
-            Some(ports) => ports
-                .iter()
-                .position(|p| port_matches(p, port, protocol, destination)),
+            Some(ports) => ports.iter().position(|p| port_matches(p, port, protocol, destination)),
         };
-        RuleOutcome {
-            peer: peer_match,
-            port: port_match,
-        }
+        RuleOutcome { peer: peer_match, port: port_match }
     }
 
     fn peer_matches(&self, policy: &CompiledPolicy, peer: &Peer, endpoint: Endpoint) -> bool {
@@ -330,16 +289,13 @@ impl PolicyEngine {
                 let pod = &self.pods[index];
                 let namespace_ok = match namespaces {
                     NamespaceScope::PolicyNamespace => pod.namespace == policy.namespace(),
-                    NamespaceScope::Selector(s) => self
-                        .namespaces
-                        .get(&pod.namespace)
-                        .is_some_and(|l| s.matches(l)),
+                    NamespaceScope::Selector(s) => self.namespaces.get(&pod.namespace).is_some_and(|l| s.matches(l)),
                 };
                 namespace_ok && pods.matches(&pod.labels)
             }
-            Peer::IpBlock { cidr, except } => endpoint
-                .ip()
-                .is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip))),
+            Peer::IpBlock { cidr, except } => {
+                endpoint.ip().is_some_and(|ip| cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip)))
+            }
             Peer::Invalid => false,
         }
     }
@@ -364,10 +320,9 @@ impl PolicyEngine {
         let pod = &self.pods[index];
         compiled.namespace() == pod.namespace
             && compiled.pod_selector.matches(&pod.labels)
-            && rules(&compiled, direction).iter().any(|rule| {
-                self.rule_outcome(&compiled, rule, direction, index, peer, port, protocol)
-                    .matched()
-            })
+            && rules(&compiled, direction)
+                .iter()
+                .any(|rule| self.rule_outcome(&compiled, rule, direction, index, peer, port, protocol).matched())
     }
 
     /// What the policies governing `subject` in `direction` admit, with selectors resolved to
@@ -391,56 +346,40 @@ impl PolicyEngine {
                             Peer::Pods { .. } => (0..self.pods.len() as u32)
                                 .filter(|&q| {
                                     !self.pods[q as usize].host_network
-                                        && self.peer_matches(
-                                            policy,
-                                            peer,
-                                            Endpoint::Pod { index: q, ip: None },
-                                        )
+                                        && self.peer_matches(policy, peer, Endpoint::Pod { index: q, ip: None })
                                 })
                                 .map(ClausePeer::Pod)
                                 .collect::<Vec<_>>(),
-                            Peer::IpBlock { cidr, except } => vec![ClausePeer::Block {
-                                cidr: *cidr,
-                                except: except.clone(),
-                            }],
+                            Peer::IpBlock { cidr, except } => {
+                                vec![ClausePeer::Block { cidr: *cidr, except: except.clone() }]
+                            }
                             Peer::Invalid => vec![],
                         })
                         .collect(),
                 };
                 for peer in peers {
                     let Some(specs) = &rule.ports else {
-                        clauses.push(Clause {
-                            peer: peer.clone(),
-                            port: None,
-                        });
+                        clauses.push(Clause { peer: peer.clone(), port: None });
                         continue;
                     };
                     for spec in specs {
                         match &spec.port {
                             PortMatch::Any => clauses.push(Clause {
                                 peer: peer.clone(),
-                                port: Some(ClausePort {
-                                    protocol: spec.protocol,
-                                    range: None,
-                                }),
+                                port: Some(ClausePort { protocol: spec.protocol, range: None }),
                             }),
                             PortMatch::Range(lo, hi) => clauses.push(Clause {
                                 peer: peer.clone(),
-                                port: Some(ClausePort {
-                                    protocol: spec.protocol,
-                                    range: Some((*lo, *hi)),
-                                }),
+                                port: Some(ClausePort { protocol: spec.protocol, range: Some((*lo, *hi)) }),
                             }),
                             PortMatch::Named(name) => {
                                 // The destination pod decides what the name means.
-                                let destinations: Vec<(ClausePeer, u32)> = match (direction, &peer)
-                                {
+                                let destinations: Vec<(ClausePeer, u32)> = match (direction, &peer) {
                                     (Direction::Ingress, _) => vec![(peer.clone(), subject as u32)],
                                     (Direction::Egress, ClausePeer::Pod(q)) => {
                                         vec![(peer.clone(), *q)]
                                     }
-                                    (Direction::Egress, ClausePeer::Any) => (0..self.pods.len()
-                                        as u32)
+                                    (Direction::Egress, ClausePeer::Any) => (0..self.pods.len() as u32)
                                         .filter(|&q| !self.pods[q as usize].host_network)
                                         .map(|q| (ClausePeer::Pod(q), q))
                                         .collect(),
@@ -448,9 +387,7 @@ impl PolicyEngine {
                                 };
                                 for (peer, destination) in destinations {
                                     for cp in &self.pods[destination as usize].ports {
-                                        if cp.name.as_deref() == Some(name)
-                                            && cp.protocol == spec.protocol
-                                        {
+                                        if cp.name.as_deref() == Some(name) && cp.protocol == spec.protocol {
                                             clauses.push(Clause {
                                                 peer: peer.clone(),
                                                 port: Some(ClausePort {
@@ -484,12 +421,7 @@ impl PolicyEngine {
         };
         let mut explanation = Explanation {
             verdict,
-            flow: FlowView {
-                from: self.view(from),
-                to: self.view(to),
-                port: flow.port,
-                protocol: flow.protocol,
-            },
+            flow: FlowView { from: self.view(from), to: self.view(to), port: flow.port, protocol: flow.protocol },
             egress,
             ingress,
             suggestion: None,
@@ -512,13 +444,9 @@ impl PolicyEngine {
                     namespace_labels: self.namespaces.get(&pod.namespace).cloned(),
                 }
             }
-            Endpoint::Ip(ip) => EndpointView {
-                namespace: None,
-                pod: None,
-                ip: Some(ip),
-                labels: None,
-                namespace_labels: None,
-            },
+            Endpoint::Ip(ip) => {
+                EndpointView { namespace: None, pod: None, ip: Some(ip), labels: None, namespace_labels: None }
+            }
         }
     }
 
@@ -546,10 +474,8 @@ impl PolicyEngine {
         };
         let subject_pod = &self.pods[subject_index];
         let governing = self.governing(direction, subject_index);
-        let isolating_policies: Vec<PolicyRef> = governing
-            .iter()
-            .map(|&p| self.policies[p as usize].reference.clone())
-            .collect();
+        let isolating_policies: Vec<PolicyRef> =
+            governing.iter().map(|&p| self.policies[p as usize].reference.clone()).collect();
         if governing.is_empty() {
             return DirectionReport {
                 direction,
@@ -559,10 +485,7 @@ impl PolicyEngine {
                 verdict: Verdict::Allowed,
                 allowed_by: vec![],
                 nearest_misses: vec![],
-                summary: format!(
-                    "no NetworkPolicy selects {} for {dir}: {dir} is not isolated",
-                    subject_pod.key()
-                ),
+                summary: format!("no NetworkPolicy selects {} for {dir}: {dir} is not isolated", subject_pod.key()),
             };
         }
         let mut allowed_by = Vec::new();
@@ -571,8 +494,7 @@ impl PolicyEngine {
             let policy = &self.policies[p as usize];
             let mut best: Option<(u8, usize, RuleOutcome)> = None;
             for (ri, rule) in rules(policy, direction).iter().enumerate() {
-                let outcome =
-                    self.rule_outcome(policy, rule, direction, subject_index, peer, port, protocol);
+                let outcome = self.rule_outcome(policy, rule, direction, subject_index, peer, port, protocol);
                 if outcome.matched() {
                     allowed_by.push(RuleRef {
                         policy: policy.reference.clone(),
@@ -603,42 +525,21 @@ impl PolicyEngine {
                         subject_pod.key()
                     ),
                 },
-                Some((_, ri, outcome)) => {
-                    self.nearest_miss(policy, ri, outcome, direction, peer, port, protocol)
-                }
+                Some((_, ri, outcome)) => self.nearest_miss(policy, ri, outcome, direction, peer, port, protocol),
             });
         }
-        let verdict = if allowed_by.is_empty() {
-            Verdict::Denied
-        } else {
-            Verdict::Allowed
-        };
+        let verdict = if allowed_by.is_empty() { Verdict::Denied } else { Verdict::Allowed };
         let summary = match verdict {
             Verdict::Allowed => {
-                let names: Vec<String> = allowed_by
-                    .iter()
-                    .map(|r| format!("{} rule {}", r.policy, r.rule))
-                    .collect();
-                format!(
-                    "{dir} of {} allowed by {}",
-                    subject_pod.key(),
-                    names.join(", ")
-                )
+                let names: Vec<String> = allowed_by.iter().map(|r| format!("{} rule {}", r.policy, r.rule)).collect();
+                format!("{dir} of {} allowed by {}", subject_pod.key(), names.join(", "))
             }
             Verdict::Denied => format!(
                 "{dir} of {} denied: {} isolating {} and none of {} rules admits this flow",
                 subject_pod.key(),
                 isolating_policies.len(),
-                if isolating_policies.len() == 1 {
-                    "policy"
-                } else {
-                    "policies"
-                },
-                if isolating_policies.len() == 1 {
-                    "its"
-                } else {
-                    "their"
-                },
+                if isolating_policies.len() == 1 { "policy" } else { "policies" },
+                if isolating_policies.len() == 1 { "its" } else { "their" },
             ),
         };
         DirectionReport {
@@ -668,29 +569,15 @@ impl PolicyEngine {
         let peer_name = self.endpoint_name(peer);
         let flow_port = format!("{protocol}/{port}");
         let peer_misses = if outcome.peer.is_none() {
-            rule.peers
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, p)| self.peer_miss(policy, i, p, peer))
-                .collect()
+            rule.peers.iter().flatten().enumerate().map(|(i, p)| self.peer_miss(policy, i, p, peer)).collect()
         } else {
             vec![]
         };
-        let allowed_ports = || {
-            rule.ports
-                .iter()
-                .flatten()
-                .map(describe_port)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let port_miss = outcome.port.is_none().then(|| {
-            format!(
-                "the rule allows {} only; the flow is {flow_port}",
-                allowed_ports()
-            )
-        });
+        let allowed_ports = || rule.ports.iter().flatten().map(describe_port).collect::<Vec<_>>().join(", ");
+        let port_miss = outcome
+            .port
+            .is_none()
+            .then(|| format!("the rule allows {} only; the flow is {flow_port}", allowed_ports()));
         let peer_side = match direction {
             Direction::Ingress => "from",
             Direction::Egress => "to",
@@ -709,11 +596,7 @@ impl PolicyEngine {
                 format!(
                     "{} rule {rule_index} allows {flow_port} but not {peer_side} {peer_name}: {}",
                     policy.reference,
-                    peer_misses
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    peer_misses.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
                 ),
             ),
             _ => (
@@ -721,23 +604,12 @@ impl PolicyEngine {
                 format!(
                     "{} rule {rule_index} matches neither the peer nor the port: {}; it allows {} only",
                     policy.reference,
-                    peer_misses
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    peer_misses.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
                     allowed_ports()
                 ),
             ),
         };
-        NearestMiss {
-            policy: policy.reference.clone(),
-            rule: Some(rule_index),
-            kind,
-            peer_misses,
-            port_miss,
-            summary,
-        }
+        NearestMiss { policy: policy.reference.clone(), rule: Some(rule_index), kind, peer_misses, port_miss, summary }
     }
 
     fn endpoint_name(&self, endpoint: Endpoint) -> String {
@@ -747,20 +619,11 @@ impl PolicyEngine {
         }
     }
 
-    fn peer_miss(
-        &self,
-        policy: &CompiledPolicy,
-        index: usize,
-        peer: &Peer,
-        endpoint: Endpoint,
-    ) -> PeerMiss {
+    fn peer_miss(&self, policy: &CompiledPolicy, index: usize, peer: &Peer, endpoint: Endpoint) -> PeerMiss {
         match peer {
             Peer::Pods { namespaces, pods } => {
                 let Some(pod_index) = endpoint.pod_index() else {
-                    return PeerMiss::NotAPod {
-                        peer: index,
-                        ip: endpoint.ip(),
-                    };
+                    return PeerMiss::NotAPod { peer: index, ip: endpoint.ip() };
                 };
                 let pod = &self.pods[pod_index];
                 match namespaces {
@@ -772,43 +635,23 @@ impl PolicyEngine {
                         };
                     }
                     NamespaceScope::Selector(s) => {
-                        let labels = self
-                            .namespaces
-                            .get(&pod.namespace)
-                            .cloned()
-                            .unwrap_or_default();
+                        let labels = self.namespaces.get(&pod.namespace).cloned().unwrap_or_default();
                         let misses = s.misses(&labels);
                         if !misses.is_empty() {
-                            return PeerMiss::NamespaceLabels {
-                                peer: index,
-                                namespace: pod.namespace.clone(),
-                                misses,
-                            };
+                            return PeerMiss::NamespaceLabels { peer: index, namespace: pod.namespace.clone(), misses };
                         }
                     }
                     NamespaceScope::PolicyNamespace => {}
                 }
-                PeerMiss::PodLabels {
-                    peer: index,
-                    pod: pod.key(),
-                    misses: pods.misses(&pod.labels),
-                }
+                PeerMiss::PodLabels { peer: index, pod: pod.key(), misses: pods.misses(&pod.labels) }
             }
             Peer::IpBlock { cidr, except } => match endpoint.ip() {
                 None => PeerMiss::NoAddress { peer: index },
-                Some(ip) if !cidr.contains(&ip) => PeerMiss::OutsideCidr {
-                    peer: index,
-                    ip,
-                    cidr: cidr.to_string(),
-                },
+                Some(ip) if !cidr.contains(&ip) => PeerMiss::OutsideCidr { peer: index, ip, cidr: cidr.to_string() },
                 Some(ip) => PeerMiss::Excepted {
                     peer: index,
                     ip,
-                    except: except
-                        .iter()
-                        .find(|e| e.contains(&ip))
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
+                    except: except.iter().find(|e| e.contains(&ip)).map(ToString::to_string).unwrap_or_default(),
                 },
             },
             Peer::Invalid => PeerMiss::Invalid { peer: index },
@@ -823,12 +666,7 @@ fn rules(policy: &CompiledPolicy, direction: Direction) -> &[Rule] {
     }
 }
 
-fn port_matches(
-    spec: &PortSpec,
-    port: u16,
-    protocol: Protocol,
-    destination: Option<&PodInfo>,
-) -> bool {
+fn port_matches(spec: &PortSpec, port: u16, protocol: Protocol, destination: Option<&PodInfo>) -> bool {
     if spec.protocol != protocol {
         return false;
     }
@@ -836,9 +674,7 @@ fn port_matches(
         PortMatch::Any => true,
         PortMatch::Range(lo, hi) => (*lo..=*hi).contains(&port),
         PortMatch::Named(name) => destination.is_some_and(|pod| {
-            pod.ports.iter().any(|cp| {
-                cp.name.as_deref() == Some(name) && cp.protocol == protocol && cp.port == port
-            })
+            pod.ports.iter().any(|cp| cp.name.as_deref() == Some(name) && cp.protocol == protocol && cp.port == port)
         }),
         PortMatch::Invalid => false,
     }
@@ -937,71 +773,30 @@ pub struct NearestMiss {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerMiss {
-    NotAPod {
-        peer: usize,
-        ip: Option<IpAddr>,
-    },
-    OtherNamespace {
-        peer: usize,
-        expected: String,
-        actual: String,
-    },
-    NamespaceLabels {
-        peer: usize,
-        namespace: String,
-        misses: Vec<LabelMiss>,
-    },
-    PodLabels {
-        peer: usize,
-        pod: String,
-        misses: Vec<LabelMiss>,
-    },
-    OutsideCidr {
-        peer: usize,
-        ip: IpAddr,
-        cidr: String,
-    },
-    Excepted {
-        peer: usize,
-        ip: IpAddr,
-        except: String,
-    },
-    NoAddress {
-        peer: usize,
-    },
-    Invalid {
-        peer: usize,
-    },
+    NotAPod { peer: usize, ip: Option<IpAddr> },
+    OtherNamespace { peer: usize, expected: String, actual: String },
+    NamespaceLabels { peer: usize, namespace: String, misses: Vec<LabelMiss> },
+    PodLabels { peer: usize, pod: String, misses: Vec<LabelMiss> },
+    OutsideCidr { peer: usize, ip: IpAddr, cidr: String },
+    Excepted { peer: usize, ip: IpAddr, except: String },
+    NoAddress { peer: usize },
+    Invalid { peer: usize },
 }
 
 impl std::fmt::Display for PeerMiss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let join = |m: &[LabelMiss]| {
-            m.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let join = |m: &[LabelMiss]| m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         match self {
             PeerMiss::NotAPod { peer, ip } => write!(
                 f,
                 "peer {peer} selects pods and {} is not a pod",
-                ip.map(|i| i.to_string())
-                    .unwrap_or_else(|| "the endpoint".into())
+                ip.map(|i| i.to_string()).unwrap_or_else(|| "the endpoint".into())
             ),
-            PeerMiss::OtherNamespace {
-                peer,
-                expected,
-                actual,
-            } => write!(
+            PeerMiss::OtherNamespace { peer, expected, actual } => write!(
                 f,
                 "peer {peer} has no namespaceSelector, so it selects pods in {expected} only; the pod is in {actual}"
             ),
-            PeerMiss::NamespaceLabels {
-                peer,
-                namespace,
-                misses,
-            } => {
+            PeerMiss::NamespaceLabels { peer, namespace, misses } => {
                 write!(f, "peer {peer}: namespace {namespace} {}", join(misses))
             }
             PeerMiss::PodLabels { peer, pod, misses } => {
@@ -1026,10 +821,7 @@ impl std::fmt::Display for PeerMiss {
 pub enum ClausePeer {
     Any,
     Pod(u32),
-    Block {
-        cidr: ipnet::IpNet,
-        except: Vec<ipnet::IpNet>,
-    },
+    Block { cidr: ipnet::IpNet, except: Vec<ipnet::IpNet> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1062,9 +854,6 @@ impl VerdictCache {
         port: u16,
         protocol: Protocol,
     ) -> bool {
-        *self
-            .verdicts
-            .entry((from, to, port, protocol))
-            .or_insert_with(|| engine.allows(from, to, port, protocol))
+        *self.verdicts.entry((from, to, port, protocol)).or_insert_with(|| engine.allows(from, to, port, protocol))
     }
 }

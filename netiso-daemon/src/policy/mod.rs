@@ -10,8 +10,8 @@ pub mod suggest;
 
 pub use compile::{PolicyError, PolicyRef};
 pub use engine::{
-    Clause, ClausePeer, ClausePort, ClusterState, Direction, Endpoint, EngineError, Explanation,
-    PolicyEngine, Verdict, VerdictCache,
+    Clause, ClausePeer, ClausePort, ClusterState, Direction, Endpoint, EngineError, Explanation, PolicyEngine, Verdict,
+    VerdictCache,
 };
 pub use model::{ContainerPort, EndpointRef, Flow, Labels, NamespaceInfo, PodInfo, Protocol};
 #[cfg(test)]

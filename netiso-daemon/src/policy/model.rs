@@ -40,9 +40,7 @@ impl FromStr for Protocol {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!(
-                "unknown protocol `{s}`; NetworkPolicy knows TCP, UDP and SCTP"
-            )),
+            _ => Err(format!("unknown protocol `{s}`; NetworkPolicy knows TCP, UDP and SCTP")),
         }
     }
 }
@@ -100,11 +98,7 @@ impl FromStr for EndpointRef {
         }
         match s.split_once('/') {
             Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok(EndpointRef::Pod {
-                    namespace: ns.into(),
-                    name: name.into(),
-                    ip: None,
-                })
+                Ok(EndpointRef::Pod { namespace: ns.into(), name: name.into(), ip: None })
             }
             _ => Err(format!("`{s}` is neither namespace/pod nor an IP address")),
         }
@@ -114,9 +108,7 @@ impl FromStr for EndpointRef {
 impl fmt::Display for EndpointRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EndpointRef::Pod {
-                namespace, name, ..
-            } => write!(f, "{namespace}/{name}"),
+            EndpointRef::Pod { namespace, name, .. } => write!(f, "{namespace}/{name}"),
             EndpointRef::Ip(ip) => write!(f, "{ip}"),
         }
     }

@@ -73,11 +73,7 @@ pub fn text(explanation: &Explanation) -> String {
         let _ = writeln!(
             out,
             "\nsuggested minimal policy ({}):",
-            if s.verified {
-                "checked: it allows exactly this flow"
-            } else {
-                "NOT confirmed by the engine"
-            }
+            if s.verified { "checked: it allows exactly this flow" } else { "NOT confirmed by the engine" }
         );
         for note in &s.notes {
             let _ = writeln!(out, "  note: {note}");

@@ -71,11 +71,7 @@ impl fmt::Display for LabelMiss {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.actual {
             Some(v) => write!(f, "needs {} but has {}={}", self.requirement, self.key, v),
-            None => write!(
-                f,
-                "needs {} but has no {} label",
-                self.requirement, self.key
-            ),
+            None => write!(f, "needs {} but has no {} label", self.requirement, self.key),
         }
     }
 }
@@ -97,11 +93,7 @@ impl Selector {
         self.requirements
             .iter()
             .filter(|r| !r.matches(labels))
-            .map(|r| LabelMiss {
-                requirement: r.to_string(),
-                key: r.key.clone(),
-                actual: labels.get(&r.key).cloned(),
-            })
+            .map(|r| LabelMiss { requirement: r.to_string(), key: r.key.clone(), actual: labels.get(&r.key).cloned() })
             .collect()
     }
 
@@ -137,22 +129,17 @@ impl Selector {
                 other => {
                     errors.push((
                         format!("{field}.operator"),
-                        format!(
-                            "unknown operator `{other}`; use In, NotIn, Exists or DoesNotExist"
-                        ),
+                        format!("unknown operator `{other}`; use In, NotIn, Exists or DoesNotExist"),
                     ));
                     continue;
                 }
             };
             match operator {
-                Operator::In | Operator::NotIn if values.is_empty() => errors.push((
-                    format!("{field}.values"),
-                    format!("operator {} needs at least one value", expr.operator),
-                )),
-                Operator::Exists | Operator::DoesNotExist if !values.is_empty() => errors.push((
-                    format!("{field}.values"),
-                    format!("operator {} takes no values", expr.operator),
-                )),
+                Operator::In | Operator::NotIn if values.is_empty() => errors
+                    .push((format!("{field}.values"), format!("operator {} needs at least one value", expr.operator))),
+                Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
+                    errors.push((format!("{field}.values"), format!("operator {} takes no values", expr.operator)))
+                }
                 _ => {}
             }
             for v in &values {
@@ -160,17 +147,9 @@ impl Selector {
                     errors.push((format!("{field}.values"), e));
                 }
             }
-            requirements.push(Requirement {
-                key: expr.key.clone(),
-                operator,
-                values,
-            });
+            requirements.push(Requirement { key: expr.key.clone(), operator, values });
         }
-        if errors.is_empty() {
-            Ok(Selector { requirements })
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(Selector { requirements }) } else { Err(errors) }
     }
 }
 
@@ -190,9 +169,7 @@ fn is_name_part(s: &str) -> bool {
         && s.len() <= 63
         && bytes[0].is_ascii_alphanumeric()
         && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -203,8 +180,7 @@ fn is_dns_subdomain(s: &str) -> bool {
             !part.is_empty()
                 && b[0].is_ascii_alphanumeric()
                 && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         })
 }
 
@@ -221,11 +197,7 @@ pub fn validate_key(key: &str) -> Result<(), String> {
 }
 
 pub fn validate_value(value: &str) -> Result<(), String> {
-    if value.is_empty() || is_name_part(value) {
-        Ok(())
-    } else {
-        Err(format!("`{value}` is not a valid label value"))
-    }
+    if value.is_empty() || is_name_part(value) { Ok(()) } else { Err(format!("`{value}` is not a valid label value")) }
 }
 
 #[cfg(test)]
@@ -234,10 +206,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -249,11 +218,7 @@ mod tests {
     }
 
     fn selector(exprs: Vec<LabelSelectorRequirement>) -> Selector {
-        Selector::compile(&LabelSelector {
-            match_expressions: Some(exprs),
-            match_labels: None,
-        })
-        .unwrap()
+        Selector::compile(&LabelSelector { match_expressions: Some(exprs), match_labels: None }).unwrap()
     }
 
     #[test]
@@ -261,15 +226,9 @@ mod tests {
         let l = labels(&[("x", "foo"), ("y", "")]);
         assert!(selector(vec![expr("x", "In", &["foo", "bar"])]).matches(&l));
         assert!(!selector(vec![expr("z", "In", &["foo"])]).matches(&l));
-        assert!(
-            selector(vec![expr("z", "NotIn", &["foo"])]).matches(&l),
-            "absent key satisfies NotIn"
-        );
+        assert!(selector(vec![expr("z", "NotIn", &["foo"])]).matches(&l), "absent key satisfies NotIn");
         assert!(!selector(vec![expr("x", "NotIn", &["foo"])]).matches(&l));
-        assert!(
-            selector(vec![expr("y", "Exists", &[])]).matches(&l),
-            "an empty value still exists"
-        );
+        assert!(selector(vec![expr("y", "Exists", &[])]).matches(&l), "an empty value still exists");
         assert!(selector(vec![expr("z", "DoesNotExist", &[])]).matches(&l));
         assert!(!selector(vec![expr("x", "DoesNotExist", &[])]).matches(&l));
         assert!(Selector::everything().matches(&l));
@@ -286,10 +245,7 @@ mod tests {
         let misses = s.misses(&labels(&[("app", "db")]));
         assert_eq!(misses.len(), 2);
         assert_eq!(misses[0].to_string(), "needs app=web but has app=db");
-        assert_eq!(
-            misses[1].to_string(),
-            "needs tier=front but has no tier label"
-        );
+        assert_eq!(misses[1].to_string(), "needs tier=front but has no tier label");
     }
 
     #[test]

@@ -4,16 +4,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
-    NetworkPolicyPort, NetworkPolicySpec,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use super::engine::{
-    Direction, Endpoint, Explanation, NAMESPACE_NAME_LABEL, PolicyEngine, Verdict,
-};
+use super::engine::{Direction, Endpoint, Explanation, NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
 use super::model::{Labels, PodInfo, Protocol};
 
 /// Labels that differ between replicas or revisions of one workload: selecting on them would
@@ -30,11 +28,7 @@ const UNSTABLE_LABELS: &[&str] = &[
 ];
 
 pub fn stable_labels(labels: &Labels) -> Labels {
-    labels
-        .iter()
-        .filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    labels.iter().filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// A short name for the workload a pod belongs to, from its well-known labels.
@@ -71,10 +65,7 @@ pub struct Suggestion {
 }
 
 fn selector(labels: Labels) -> LabelSelector {
-    LabelSelector {
-        match_labels: (!labels.is_empty()).then_some(labels),
-        match_expressions: None,
-    }
+    LabelSelector { match_labels: (!labels.is_empty()).then_some(labels), match_expressions: None }
 }
 
 fn port_of(port: u16, protocol: Protocol) -> NetworkPolicyPort {
@@ -102,17 +93,9 @@ fn peer_for(
                     pod.namespace
                 ));
             }
-            let namespace_selector = (pod.namespace != policy_namespace).then(|| {
-                selector(BTreeMap::from([(
-                    NAMESPACE_NAME_LABEL.to_owned(),
-                    pod.namespace.clone(),
-                )]))
-            });
-            NetworkPolicyPeer {
-                pod_selector: Some(selector(labels)),
-                namespace_selector,
-                ip_block: None,
-            }
+            let namespace_selector = (pod.namespace != policy_namespace)
+                .then(|| selector(BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())])));
+            NetworkPolicyPeer { pod_selector: Some(selector(labels)), namespace_selector, ip_block: None }
         }
         None => {
             let ip = match endpoint {
@@ -121,10 +104,7 @@ fn peer_for(
             };
             let prefix = if ip.is_ipv4() { 32 } else { 128 };
             NetworkPolicyPeer {
-                ip_block: Some(IPBlock {
-                    cidr: format!("{ip}/{prefix}"),
-                    except: None,
-                }),
+                ip_block: Some(IPBlock { cidr: format!("{ip}/{prefix}"), except: None }),
                 ..Default::default()
             }
         }
@@ -139,30 +119,19 @@ fn end_name(engine: &PolicyEngine, endpoint: Endpoint) -> String {
     }
 }
 
-pub fn suggest(
-    engine: &PolicyEngine,
-    explanation: &Explanation,
-    from: Endpoint,
-    to: Endpoint,
-) -> Suggestion {
+pub fn suggest(engine: &PolicyEngine, explanation: &Explanation, from: Endpoint, to: Endpoint) -> Suggestion {
     let port = explanation.flow.port;
     let protocol = explanation.flow.protocol;
     let mut notes = Vec::new();
     let mut policies = Vec::new();
     let mut verified = true;
     let base_name = dns_label(
-        &format!(
-            "allow-{}-to-{}-{}-{port}",
-            end_name(engine, from),
-            end_name(engine, to),
-            protocol.as_str()
-        ),
+        &format!("allow-{}-to-{}-{}-{port}", end_name(engine, from), end_name(engine, to), protocol.as_str()),
         63,
     );
-    for (report, subject, peer, direction) in [
-        (&explanation.egress, from, to, Direction::Egress),
-        (&explanation.ingress, to, from, Direction::Ingress),
-    ] {
+    for (report, subject, peer, direction) in
+        [(&explanation.egress, from, to, Direction::Egress), (&explanation.ingress, to, from, Direction::Ingress)]
+    {
         if report.verdict != Verdict::Denied {
             continue;
         }
@@ -180,20 +149,8 @@ pub fn suggest(
         let peer = peer_for(engine, peer, &namespace, &mut notes);
         let ports = Some(vec![port_of(port, protocol)]);
         let (ingress, egress) = match direction {
-            Direction::Ingress => (
-                Some(vec![NetworkPolicyIngressRule {
-                    from: Some(vec![peer]),
-                    ports,
-                }]),
-                None,
-            ),
-            Direction::Egress => (
-                None,
-                Some(vec![NetworkPolicyEgressRule {
-                    to: Some(vec![peer]),
-                    ports,
-                }]),
-            ),
+            Direction::Ingress => (Some(vec![NetworkPolicyIngressRule { from: Some(vec![peer]), ports }]), None),
+            Direction::Egress => (None, Some(vec![NetworkPolicyEgressRule { to: Some(vec![peer]), ports }])),
         };
         let suffix = match direction {
             Direction::Ingress => "ingress",
@@ -201,48 +158,23 @@ pub fn suggest(
         };
         let policy = NetworkPolicy {
             metadata: ObjectMeta {
-                name: Some(format!(
-                    "{}-{suffix}",
-                    dns_label(&base_name, 63 - suffix.len() - 1)
-                )),
+                name: Some(format!("{}-{suffix}", dns_label(&base_name, 63 - suffix.len() - 1))),
                 namespace: Some(namespace),
                 ..Default::default()
             },
             spec: Some(NetworkPolicySpec {
                 pod_selector: Some(selector(subject_labels)),
-                policy_types: Some(vec![
-                    if direction == Direction::Ingress {
-                        "Ingress"
-                    } else {
-                        "Egress"
-                    }
-                    .into(),
-                ]),
+                policy_types: Some(vec![if direction == Direction::Ingress { "Ingress" } else { "Egress" }.into()]),
                 ingress,
                 egress,
             }),
         };
-        verified &= engine.policy_admits(
-            &policy,
-            direction,
-            subject,
-            peer_endpoint(direction, from, to),
-            port,
-            protocol,
-        );
+        verified &=
+            engine.policy_admits(&policy, direction, subject, peer_endpoint(direction, from, to), port, protocol);
         policies.push(policy);
     }
-    let yaml = policies
-        .iter()
-        .map(|p| serde_yaml::to_string(p).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("---\n");
-    Suggestion {
-        policies,
-        yaml,
-        verified,
-        notes,
-    }
+    let yaml = policies.iter().map(|p| serde_yaml::to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("---\n");
+    Suggestion { policies, yaml, verified, notes }
 }
 
 fn peer_endpoint(direction: Direction, from: Endpoint, to: Endpoint) -> Endpoint {

@@ -42,12 +42,7 @@ status: {podIP: 192.168.0.10}
 }
 
 fn flow(from: &str, to: &str, port: u16, protocol: Protocol) -> Flow {
-    Flow {
-        from: from.parse().unwrap(),
-        to: to.parse().unwrap(),
-        port,
-        protocol,
-    }
+    Flow { from: from.parse().unwrap(), to: to.parse().unwrap(), port, protocol }
 }
 
 fn allowed(e: &PolicyEngine, from: &str, to: &str, port: u16) -> bool {
@@ -58,7 +53,8 @@ fn allowed_proto(e: &PolicyEngine, from: &str, to: &str, port: u16, protocol: Pr
     e.verdict(&flow(from, to, port, protocol)).unwrap() == Verdict::Allowed
 }
 
-const DENY_INGRESS_A: &str = "kind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+const DENY_INGRESS_A: &str =
+    "kind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
 
 #[test]
 fn no_policy_allows_everything() {
@@ -72,14 +68,8 @@ fn an_empty_pod_selector_isolates_every_pod_of_its_namespace_only() {
     let e = engine(DENY_INGRESS_A);
     assert!(!allowed(&e, "b/client", "a/web", 8080));
     assert!(!allowed(&e, "a/db", "a/web", 8080));
-    assert!(
-        allowed(&e, "a/web", "b/client", 8080),
-        "namespace b is not isolated"
-    );
-    assert!(
-        allowed(&e, "a/web", "a/db", 8080) == false,
-        "a/db is isolated too"
-    );
+    assert!(allowed(&e, "a/web", "b/client", 8080), "namespace b is not isolated");
+    assert!(allowed(&e, "a/web", "a/db", 8080) == false, "a/db is isolated too");
 }
 
 #[test]
@@ -87,10 +77,7 @@ fn isolation_is_per_direction() {
     let e = engine(
         "kind: NetworkPolicy\nmetadata: {name: eg, namespace: a}\nspec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Egress]}\n",
     );
-    assert!(
-        !allowed(&e, "a/web", "b/client", 80),
-        "web's egress is isolated with no rules"
-    );
+    assert!(!allowed(&e, "a/web", "b/client", 80), "web's egress is isolated with no rules");
     assert!(allowed(&e, "b/client", "a/web", 80), "web's ingress is not");
 }
 
@@ -99,22 +86,13 @@ fn policy_types_default_from_the_presence_of_egress_rules() {
     let with_egress = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n",
     );
-    assert!(
-        !allowed(&with_egress, "b/client", "a/web", 80),
-        "defaults include Ingress: no ingress rules"
-    );
-    assert!(
-        !allowed(&with_egress, "a/web", "b/client", 80),
-        "egress rules present: Egress isolated"
-    );
+    assert!(!allowed(&with_egress, "b/client", "a/web", 80), "defaults include Ingress: no ingress rules");
+    assert!(!allowed(&with_egress, "a/web", "b/client", 80), "egress rules present: Egress isolated");
     assert!(allowed(&with_egress, "a/web", "a/db", 80));
     let empty_egress = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {matchLabels: {app: web}}, egress: []}\n",
     );
-    assert!(
-        allowed(&empty_egress, "a/web", "b/client", 80),
-        "egress: [] without policyTypes does not isolate egress"
-    );
+    assert!(allowed(&empty_egress, "a/web", "b/client", 80), "egress: [] without policyTypes does not isolate egress");
 }
 
 #[test]
@@ -123,18 +101,14 @@ fn empty_rule_list_denies_but_a_rule_without_from_or_ports_admits_all() {
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, policyTypes: [Ingress], ingress: []}\n",
     );
     assert!(!allowed(&deny, "b/client", "a/web", 80));
-    let allow_all = engine(
-        "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{}]}\n",
-    );
+    let allow_all =
+        engine("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{}]}\n");
     assert!(allowed(&allow_all, "b/client", "a/web", 80));
     assert!(allowed(&allow_all, "203.0.113.9", "a/web", 5000));
     let empty_lists = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [], ports: []}]}\n",
     );
-    assert!(
-        allowed(&empty_lists, "b/client", "a/web", 80),
-        "from: [] and ports: [] mean all"
-    );
+    assert!(allowed(&empty_lists, "b/client", "a/web", 80), "from: [] and ports: [] mean all");
 }
 
 #[test]
@@ -142,14 +116,8 @@ fn pod_and_namespace_selector_in_one_peer_are_anded_in_two_peers_ored() {
     let and = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: web}}}]}]\n",
     );
-    assert!(
-        !allowed(&and, "b/client", "a/db", 80),
-        "client is in team y but is not app=web"
-    );
-    assert!(
-        !allowed(&and, "a/web", "a/db", 80),
-        "web is app=web but not in team y"
-    );
+    assert!(!allowed(&and, "b/client", "a/db", 80), "client is in team y but is not app=web");
+    assert!(!allowed(&and, "a/web", "a/db", 80), "web is app=web but not in team y");
     let or = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: y}}}, {podSelector: {matchLabels: {app: web}}}]}]\n",
     );
@@ -158,8 +126,7 @@ fn pod_and_namespace_selector_in_one_peer_are_anded_in_two_peers_ored() {
 }
 
 #[test]
-fn a_pod_selector_alone_selects_in_the_policy_namespace_and_an_empty_namespace_selector_everywhere()
-{
+fn a_pod_selector_alone_selects_in_the_policy_namespace_and_an_empty_namespace_selector_everywhere() {
     let same_ns = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{podSelector: {}}]}]}\n",
     );
@@ -169,10 +136,7 @@ fn a_pod_selector_alone_selects_in_the_policy_namespace_and_an_empty_namespace_s
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{namespaceSelector: {}}]}]}\n",
     );
     assert!(allowed(&all_ns, "b/client", "a/db", 80));
-    assert!(
-        !allowed(&all_ns, "203.0.113.9", "a/db", 80),
-        "selectors never match a non-pod address"
-    );
+    assert!(!allowed(&all_ns, "203.0.113.9", "a/db", 80), "selectors never match a non-pod address");
 }
 
 #[test]
@@ -197,10 +161,7 @@ fn ip_blocks_with_except_in_both_families_and_for_non_pod_ends() {
     assert!(!allowed(&e, "a/web", "203.0.113.200", 443), "in except");
     assert!(allowed(&e, "a/web", "fd00:dead::5", 443));
     assert!(!allowed(&e, "a/web", "fd00:beef::5", 443));
-    assert!(
-        !allowed(&e, "a/web", "b/client", 443),
-        "client's IP 10.2.0.1 is outside the blocks"
-    );
+    assert!(!allowed(&e, "a/web", "b/client", 443), "client's IP 10.2.0.1 is outside the blocks");
 }
 
 #[test]
@@ -208,16 +169,10 @@ fn ip_blocks_match_pod_addresses_and_non_pod_sources_are_judged_by_them() {
     let e = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.2.0.0/16}}]}]}\n",
     );
-    assert!(
-        allowed(&e, "b/client", "a/web", 80),
-        "client's pod IP is in the block"
-    );
+    assert!(allowed(&e, "b/client", "a/web", 80), "client's pod IP is in the block");
     assert!(allowed(&e, "10.2.9.9", "a/web", 80));
     assert!(!allowed(&e, "10.3.0.1", "a/web", 80));
-    assert!(
-        allowed(&e, "10.3.0.1", "203.0.113.1", 80),
-        "two non-pod ends: no policy applies"
-    );
+    assert!(allowed(&e, "10.3.0.1", "203.0.113.1", 80), "two non-pod ends: no policy applies");
 }
 
 #[test]
@@ -232,14 +187,8 @@ fn named_ports_resolve_per_destination_pod() {
     let egress = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: b}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: http}]}]}\n",
     );
-    assert!(
-        allowed(&egress, "b/client", "a/db", 9090),
-        "egress named port resolves on the destination pod"
-    );
-    assert!(
-        !allowed(&egress, "b/client", "203.0.113.1", 9090),
-        "a non-pod destination has no named ports"
-    );
+    assert!(allowed(&egress, "b/client", "a/db", 9090), "egress named port resolves on the destination pod");
+    assert!(!allowed(&egress, "b/client", "203.0.113.1", 9090), "a non-pod destination has no named ports");
 }
 
 #[test]
@@ -252,37 +201,13 @@ fn protocol_defaults_to_tcp_and_must_match() {
     let named_udp = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: dns, protocol: UDP}]}]}\n",
     );
-    assert!(allowed_proto(
-        &named_udp,
-        "b/client",
-        "a/web",
-        53,
-        Protocol::Udp
-    ));
-    assert!(!allowed_proto(
-        &named_udp,
-        "b/client",
-        "a/web",
-        53,
-        Protocol::Tcp
-    ));
+    assert!(allowed_proto(&named_udp, "b/client", "a/web", 53, Protocol::Udp));
+    assert!(!allowed_proto(&named_udp, "b/client", "a/web", 53, Protocol::Tcp));
     let sctp_all = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{protocol: SCTP}]}]}\n",
     );
-    assert!(allowed_proto(
-        &sctp_all,
-        "b/client",
-        "a/web",
-        9999,
-        Protocol::Sctp
-    ));
-    assert!(!allowed_proto(
-        &sctp_all,
-        "b/client",
-        "a/web",
-        9999,
-        Protocol::Tcp
-    ));
+    assert!(allowed_proto(&sctp_all, "b/client", "a/web", 9999, Protocol::Sctp));
+    assert!(!allowed_proto(&sctp_all, "b/client", "a/web", 9999, Protocol::Tcp));
 }
 
 #[test]
@@ -302,10 +227,7 @@ fn several_policies_are_a_union() {
         "{DENY_INGRESS_A}---\nkind: NetworkPolicy\nmetadata: {{name: allow-b, namespace: a}}\nspec: {{podSelector: {{matchLabels: {{app: web}}}}, ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{team: y}}}}}}]}}]}}\n"
     ));
     assert!(allowed(&e, "b/client", "a/web", 80), "allow-b adds to deny");
-    assert!(
-        !allowed(&e, "b/client", "a/db", 80),
-        "db is selected only by deny"
-    );
+    assert!(!allowed(&e, "b/client", "a/db", 80), "db is selected only by deny");
 }
 
 #[test]
@@ -313,13 +235,8 @@ fn a_flow_needs_both_source_egress_and_destination_ingress() {
     let e = engine(
         "kind: NetworkPolicy\nmetadata: {name: in, namespace: a}\nspec: {podSelector: {}, ingress: [{}]}\n---\nkind: NetworkPolicy\nmetadata: {name: out, namespace: b}\nspec: {podSelector: {}, policyTypes: [Egress]}\n",
     );
-    assert!(
-        !allowed(&e, "b/client", "a/web", 80),
-        "ingress allows, egress denies"
-    );
-    let x = e
-        .explain(&flow("b/client", "a/web", 80, Protocol::Tcp))
-        .unwrap();
+    assert!(!allowed(&e, "b/client", "a/web", 80), "ingress allows, egress denies");
+    let x = e.explain(&flow("b/client", "a/web", 80, Protocol::Tcp)).unwrap();
     assert_eq!(x.egress.verdict, Verdict::Denied);
     assert_eq!(x.ingress.verdict, Verdict::Allowed);
 }
@@ -329,19 +246,14 @@ fn host_network_pods_are_not_selected_and_are_judged_as_addresses() {
     let e = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: b}\nspec: {podSelector: {}, policyTypes: [Egress]}\n---\nkind: NetworkPolicy\nmetadata: {name: q, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 192.168.0.0/24}}]}]}\n",
     );
-    assert!(
-        allowed(&e, "b/agent", "a/web", 80),
-        "agent's egress is not isolated; its node IP is in the block"
-    );
+    assert!(allowed(&e, "b/agent", "a/web", 80), "agent's egress is not isolated; its node IP is in the block");
     assert!(!allowed(&e, "b/client", "a/web", 80));
 }
 
 #[test]
 fn an_address_held_by_a_pod_is_that_pod() {
     let e = engine(DENY_INGRESS_A);
-    let x = e
-        .explain(&flow("10.2.0.1", "fd00::1", 80, Protocol::Tcp))
-        .unwrap();
+    let x = e.explain(&flow("10.2.0.1", "fd00::1", 80, Protocol::Tcp)).unwrap();
     assert_eq!(x.flow.from.pod.as_deref(), Some("client"));
     assert_eq!(x.flow.to.pod.as_deref(), Some("web"));
     assert_eq!(x.verdict, Verdict::Denied);
@@ -392,33 +304,20 @@ spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{namespaceSelect
         assert!(got.starts_with(want), "{got} should start with {want}");
     }
     assert_eq!(fields.len(), expect.len(), "{fields:#?}");
-    assert!(
-        !allowed(&e, "b/client", "a/web", 80),
-        "broken still isolates web; its bad parts match nothing"
-    );
+    assert!(!allowed(&e, "b/client", "a/web", 80), "broken still isolates web; its bad parts match nothing");
     assert!(allowed(&e, "b/client", "a/db", 80), "fine is evaluated");
-    assert_eq!(
-        e.policies().len(),
-        2,
-        "bad-selector cannot say whom it selects and is dropped"
-    );
+    assert_eq!(e.policies().len(), 2, "bad-selector cannot say whom it selects and is dropped");
 }
 
 #[test]
 fn default_deny_is_attributed_with_no_rules() {
     let e = engine(DENY_INGRESS_A);
-    let x = e
-        .explain(&flow("b/client", "a/web", 8080, Protocol::Tcp))
-        .unwrap();
+    let x = e.explain(&flow("b/client", "a/web", 8080, Protocol::Tcp)).unwrap();
     assert_eq!(x.verdict, Verdict::Denied);
     assert!(x.ingress.isolated);
     assert_eq!(x.ingress.isolating_policies[0].name, "deny");
     assert_eq!(x.ingress.nearest_misses[0].kind, MissKind::NoRules);
-    assert!(
-        x.ingress.nearest_misses[0].summary.contains("default deny"),
-        "{}",
-        x.ingress.nearest_misses[0].summary
-    );
+    assert!(x.ingress.nearest_misses[0].summary.contains("default deny"), "{}", x.ingress.nearest_misses[0].summary);
     assert!(!x.egress.isolated);
 }
 
@@ -427,30 +326,20 @@ fn nearest_miss_says_which_namespace_label_failed() {
     let e = engine(
         "kind: NetworkPolicy\nmetadata: {name: from-y, namespace: a, resourceVersion: '42'}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: y}}}], ports: [{port: 8080}]}]\n",
     );
-    let x = e
-        .explain(&flow("a/db", "a/web", 8080, Protocol::Tcp))
-        .unwrap();
+    let x = e.explain(&flow("a/db", "a/web", 8080, Protocol::Tcp)).unwrap();
     let miss = &x.ingress.nearest_misses[0];
     assert_eq!(miss.kind, MissKind::PeerOnly);
     assert_eq!(miss.policy.resource_version.as_deref(), Some("42"));
     match &miss.peer_misses[0] {
-        PeerMiss::NamespaceLabels {
-            namespace, misses, ..
-        } => {
+        PeerMiss::NamespaceLabels { namespace, misses, .. } => {
             assert_eq!(namespace, "a");
             assert_eq!(misses[0].to_string(), "needs team=y but has team=x");
         }
         other => panic!("unexpected {other:?}"),
     }
-    let port_miss = e
-        .explain(&flow("b/client", "a/web", 9000, Protocol::Tcp))
-        .unwrap();
+    let port_miss = e.explain(&flow("b/client", "a/web", 9000, Protocol::Tcp)).unwrap();
     assert_eq!(port_miss.ingress.nearest_misses[0].kind, MissKind::PortOnly);
-    assert!(
-        port_miss.ingress.nearest_misses[0]
-            .summary
-            .contains("TCP/8080")
-    );
+    assert!(port_miss.ingress.nearest_misses[0].summary.contains("TCP/8080"));
 }
 
 #[test]
@@ -458,14 +347,9 @@ fn allowed_flows_name_the_policy_rule_peer_and_port() {
     let e = engine(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{ipBlock: {cidr: 1.0.0.0/8}}, {namespaceSelector: {matchLabels: {team: y}}}]\n    ports: [{port: 1}, {port: 8080}]\n",
     );
-    let x = e
-        .explain(&flow("b/client", "a/web", 8080, Protocol::Tcp))
-        .unwrap();
+    let x = e.explain(&flow("b/client", "a/web", 8080, Protocol::Tcp)).unwrap();
     let by = &x.ingress.allowed_by[0];
-    assert_eq!(
-        (by.policy.name.as_str(), by.rule, by.peer, by.port),
-        ("p", 0, Some(1), Some(1))
-    );
+    assert_eq!((by.policy.name.as_str(), by.rule, by.peer, by.port), ("p", 0, Some(1), Some(1)));
 }
 
 fn with_suggestion(policies: &str, f: &Flow) -> PolicyEngine {
@@ -483,18 +367,9 @@ fn the_suggested_policy_allows_exactly_the_flow() {
     let f = flow("b/client", "a/web", 8080, Protocol::Tcp);
     let after = with_suggestion(deny_all, &f);
     assert_eq!(after.verdict(&f).unwrap(), Verdict::Allowed);
-    assert!(
-        !allowed(&after, "b/client", "a/web", 8081),
-        "other ports stay denied"
-    );
-    assert!(
-        !allowed(&after, "b/client", "a/db", 8080),
-        "other pods stay denied"
-    );
-    assert!(
-        !allowed(&after, "a/db", "a/web", 8080),
-        "other sources stay denied"
-    );
+    assert!(!allowed(&after, "b/client", "a/web", 8081), "other ports stay denied");
+    assert!(!allowed(&after, "b/client", "a/db", 8080), "other pods stay denied");
+    assert!(!allowed(&after, "a/db", "a/web", 8080), "other sources stay denied");
 
     let to_world = flow("a/web", "203.0.113.7", 443, Protocol::Tcp);
     let after = with_suggestion(deny_all, &to_world);
@@ -517,8 +392,5 @@ fn a_verdict_cache_agrees_with_the_engine() {
 #[test]
 fn unknown_pods_are_an_error_not_a_panic() {
     let e = engine("");
-    assert_eq!(
-        e.verdict(&flow("a/nope", "a/web", 1, Protocol::Tcp)),
-        Err(EngineError::UnknownPod("a/nope".into()))
-    );
+    assert_eq!(e.verdict(&flow("a/nope", "a/web", 1, Protocol::Tcp)), Err(EngineError::UnknownPod("a/nope".into())));
 }

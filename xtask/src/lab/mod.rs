@@ -21,10 +21,7 @@ const NFT_TABLE: &str = "netiso_lab";
 
 /// The repository root (for deploy/network-policies).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the repository")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the repository").to_path_buf()
 }
 
 /// The course baseline from deploy/network-policies/base, instantiated for each app namespace as
@@ -57,11 +54,7 @@ pub struct Lab {
 
 impl Lab {
     pub fn new(id: &str, out_dir: &Path, helper: &Path) -> Self {
-        Lab {
-            id: id.into(),
-            out_dir: out_dir.into(),
-            helper: helper.into(),
-        }
+        Lab { id: id.into(), out_dir: out_dir.into(), helper: helper.into() }
     }
 
     fn prefix(&self) -> String {
@@ -84,8 +77,7 @@ impl Lab {
     /// Builds the scenario from scratch (removing any earlier instance with the same id).
     pub fn up(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
         self.down()?;
-        std::fs::create_dir_all(&self.out_dir)
-            .with_context(|| format!("creating {}", self.out_dir.display()))?;
+        std::fs::create_dir_all(&self.out_dir).with_context(|| format!("creating {}", self.out_dir.display()))?;
         let result = self.build(policies);
         if result.is_err() {
             let _ = self.down();
@@ -98,97 +90,23 @@ impl Lab {
         sh::ip(&["netns", "add", &node])?;
         sh::ip(&["-n", &node, "link", "set", "lo", "up"])?;
         sh::ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
-        sh::ip(&[
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{}/24", scenario::GATEWAY_V4),
-            "dev",
-            "br0",
-        ])?;
-        sh::ip(&[
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{}/64", scenario::GATEWAY_V6),
-            "dev",
-            "br0",
-            "nodad",
-        ])?;
+        sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", scenario::GATEWAY_V4), "dev", "br0"])?;
+        sh::ip(&["-n", &node, "addr", "add", &format!("{}/64", scenario::GATEWAY_V6), "dev", "br0", "nodad"])?;
         sh::ip(&["-n", &node, "link", "set", "br0", "up"])?;
         // Bridged traffic must traverse the IP forward hook, where the policies are enforced.
         for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
-            sh::run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &node,
-                    "sysctl",
-                    "-qw",
-                    &format!("net.bridge.{knob}=1"),
-                ],
-            )?;
+            sh::run("ip", &["netns", "exec", &node, "sysctl", "-qw", &format!("net.bridge.{knob}=1")])?;
         }
         for pod in PODS {
             let ns = self.pod_ns(pod);
             sh::ip(&["netns", "add", &ns])?;
-            sh::ip(&[
-                "-n",
-                &node,
-                "link",
-                "add",
-                &pod.veth(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns,
-            ])?;
-            sh::ip(&[
-                "-n",
-                &node,
-                "link",
-                "set",
-                &pod.veth(),
-                "master",
-                "br0",
-                "up",
-            ])?;
+            sh::ip(&["-n", &node, "link", "add", &pod.veth(), "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sh::ip(&["-n", &node, "link", "set", &pod.veth(), "master", "br0", "up"])?;
             sh::ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            sh::ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", pod.ipv4()),
-                "dev",
-                "eth0",
-            ])?;
-            sh::ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/64", pod.ipv6()),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
+            sh::ip(&["-n", &ns, "addr", "add", &format!("{}/24", pod.ipv4()), "dev", "eth0"])?;
+            sh::ip(&["-n", &ns, "addr", "add", &format!("{}/64", pod.ipv6()), "dev", "eth0", "nodad"])?;
             sh::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            sh::ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                scenario::GATEWAY_V4,
-            ])?;
+            sh::ip(&["-n", &ns, "route", "add", "default", "via", scenario::GATEWAY_V4])?;
         }
         self.apply_policies(policies)?;
         for pod in PODS {
@@ -210,8 +128,7 @@ impl Lab {
             docs.push(serde_yaml::to_string(policy)?);
         }
         let manifests = self.manifests_path();
-        std::fs::write(&manifests, docs.join("---\n"))
-            .with_context(|| format!("writing {}", manifests.display()))?;
+        std::fs::write(&manifests, docs.join("---\n")).with_context(|| format!("writing {}", manifests.display()))?;
         let engine = self.engine()?;
         if let Some(error) = engine.errors().first() {
             bail!("the lab's policies are invalid: {error}");
@@ -221,17 +138,7 @@ impl Lab {
         // Replace the table atomically: delete (if present) and add in one transaction.
         let script = format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{ruleset}");
         std::fs::write(&path, &script).with_context(|| format!("writing {}", path.display()))?;
-        sh::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.node_ns(),
-                "nft",
-                "-f",
-                &path.to_string_lossy(),
-            ],
-        )?;
+        sh::run("ip", &["netns", "exec", &self.node_ns(), "nft", "-f", &path.to_string_lossy()])?;
         Ok(())
     }
 
@@ -243,10 +150,7 @@ impl Lab {
 
     fn start_server(&self, pod: &LabPod) -> anyhow::Result<()> {
         let ns = self.pod_ns(pod);
-        let log = std::fs::File::create(
-            self.out_dir
-                .join(format!("{}-{}.log", pod.namespace, pod.name)),
-        )?;
+        let log = std::fs::File::create(self.out_dir.join(format!("{}-{}.log", pod.namespace, pod.name)))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns]);
         match pod.server {
@@ -272,12 +176,8 @@ impl Lab {
             }
         }
         use std::os::unix::process::CommandExt;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        cmd.spawn()
-            .with_context(|| format!("starting the server of {}", pod.key()))?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+        cmd.spawn().with_context(|| format!("starting the server of {}", pod.key()))?;
         Ok(())
     }
 
@@ -287,21 +187,12 @@ impl Lab {
         for pod in PODS {
             let ready = || match pod.server {
                 Server::None => true,
-                Server::Echo(port) => {
-                    self.in_node(&["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()])
-                }
-                Server::Dns => self.in_node(&[
-                    "probe-dns-udp",
-                    &SocketAddr::new(pod.ipv4(), 53).to_string(),
-                ]),
+                Server::Echo(port) => self.in_node(&["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()]),
+                Server::Dns => self.in_node(&["probe-dns-udp", &SocketAddr::new(pod.ipv4(), 53).to_string()]),
             };
             while !ready() {
                 if Instant::now() > deadline {
-                    bail!(
-                        "the server of {} did not come up; see {}",
-                        pod.key(),
-                        self.out_dir.display()
-                    );
+                    bail!("the server of {} did not come up; see {}", pod.key(), self.out_dir.display());
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -341,25 +232,16 @@ impl Lab {
                             port: p.port,
                             protocol: p.protocol(),
                         };
-                        let expected = engine
-                            .verdict(&flow)
-                            .map(|v| v == Verdict::Allowed)
-                            .unwrap_or(false);
+                        let expected = engine.verdict(&flow).map(|v| v == Verdict::Allowed).unwrap_or(false);
                         let addr = SocketAddr::new(p.target(), p.port).to_string();
-                        let observed =
-                            self.in_netns(&self.pod_ns(p.from), &[p.kind.command(), &addr]);
-                        ProbeResult {
-                            probe: p,
-                            expected,
-                            observed,
-                        }
+                        let source_port = p.source_port.to_string();
+                        let args = [p.kind.command(), &addr, "--source-port", &source_port];
+                        let observed = self.in_netns(&self.pod_ns(p.from), &args);
+                        ProbeResult { probe: p, expected, observed }
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("probe thread"))
-                .collect()
+            handles.into_iter().map(|h| h.join().expect("probe thread")).collect()
         });
         Ok(results)
     }
@@ -375,17 +257,11 @@ impl Lab {
     /// Safe to run at any time, also after a failed `up`.
     pub fn down(&self) -> anyhow::Result<()> {
         let prefix = self.prefix();
-        let mine: Vec<String> = sh::netns_list()?
-            .into_iter()
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
+        let mine: Vec<String> = sh::netns_list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
         for ns in &mine {
             for pid in sh::netns_pids(ns) {
                 // A pid that exited meanwhile gets ESRCH, which is fine.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
         for ns in &mine {
@@ -452,15 +328,22 @@ pub struct Probe {
     pub ipv6: bool,
     pub port: u16,
     pub kind: ProbeKind,
+    /// Fixed so that the flow's 5-tuple is known before it is sent.
+    pub source_port: u16,
 }
 
 impl Probe {
+    /// Whether this probe goes `from` → `to` (pod keys) with this kind and family.
+    pub fn to(&self, from: &str, to: &str, kind: ProbeKind, ipv6: bool) -> bool {
+        self.from.key() == from && self.to.key() == to && self.kind == kind && self.ipv6 == ipv6
+    }
+
+    pub fn from_ip(&self) -> IpAddr {
+        if self.ipv6 { self.from.ipv6() } else { self.from.ipv4() }
+    }
+
     pub fn target(&self) -> IpAddr {
-        if self.ipv6 {
-            self.to.ipv6()
-        } else {
-            self.to.ipv4()
-        }
+        if self.ipv6 { self.to.ipv6() } else { self.to.ipv4() }
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -501,57 +384,39 @@ pub struct ProbeResult {
 /// attempts the baseline blocks.
 pub fn probes() -> Vec<Probe> {
     let p = scenario::pod;
+    let probe = |from, to, ipv6, port, kind| Probe { from: p(from), to: p(to), ipv6, port, kind, source_port: 0 };
     let mut list = Vec::new();
     for from in ["develop/debug", "staging/web", "production/api"] {
         for kind in [ProbeKind::DnsUdp, ProbeKind::DnsTcp] {
-            list.push(Probe {
-                from: p(from),
-                to: p("kube-system/coredns"),
-                ipv6: false,
-                port: 53,
-                kind,
-            });
+            list.push(probe(from, "kube-system/coredns", false, 53, kind));
         }
     }
-    let tcp = |from, to, ipv6| Probe {
-        from: p(from),
-        to: p(to),
-        ipv6,
-        port: 8080,
-        kind: ProbeKind::Tcp,
-    };
-    list.push(tcp("ingress-nginx/controller", "production/api", false));
-    list.push(tcp("ingress-nginx/controller", "production/api", true));
-    list.push(tcp("ingress-nginx/controller", "staging/web", false));
-    list.push(tcp("develop/debug", "production/api", false));
-    list.push(tcp("develop/debug", "production/api", true));
-    list.push(Probe {
-        from: p("develop/debug"),
-        to: p("production/api"),
-        ipv6: false,
-        port: 8080,
-        kind: ProbeKind::Udp,
-    });
-    list.push(tcp("staging/web", "production/api", false));
-    list.push(tcp("develop/debug", "staging/web", false));
+    list.push(probe("ingress-nginx/controller", "production/api", false, 8080, ProbeKind::Tcp));
+    list.push(probe("ingress-nginx/controller", "production/api", true, 8080, ProbeKind::Tcp));
+    list.push(probe("ingress-nginx/controller", "staging/web", false, 8080, ProbeKind::Tcp));
+    list.push(probe("develop/debug", "production/api", false, 8080, ProbeKind::Tcp));
+    list.push(probe("develop/debug", "production/api", true, 8080, ProbeKind::Tcp));
+    list.push(probe("develop/debug", "production/api", false, 8080, ProbeKind::Udp));
+    list.push(probe("staging/web", "production/api", false, 8080, ProbeKind::Tcp));
+    list.push(probe("develop/debug", "staging/web", false, 8080, ProbeKind::Tcp));
+    for (i, probe) in list.iter_mut().enumerate() {
+        probe.source_port = FIRST_SOURCE_PORT + i as u16;
+    }
     list
 }
 
+/// Probes send from FIRST_SOURCE_PORT + their index in [`probes`].
+pub const FIRST_SOURCE_PORT: u16 = 40000;
+
 /// Runs a probe subcommand of the helper (inside a pod's namespace): exit status 0 = got through.
-pub fn run_probe(kind: &str, addr: &str) -> anyhow::Result<bool> {
-    let addr: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("`{addr}` is not ip:port"))?;
+pub fn run_probe(kind: &str, addr: &str, source_port: u16) -> anyhow::Result<bool> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("`{addr}` is not ip:port"))?;
     let timeout = Duration::from_millis(1000);
     Ok(match kind {
-        "probe-tcp" => probe::tcp(addr, timeout),
-        "probe-udp" => probe::udp(addr, timeout),
-        "probe-dns-udp" => {
-            probe::dns(addr, scenario::API_NAME, false, timeout).is_ok_and(|ips| !ips.is_empty())
-        }
-        "probe-dns-tcp" => {
-            probe::dns(addr, scenario::API_NAME, true, timeout).is_ok_and(|ips| !ips.is_empty())
-        }
+        "probe-tcp" => probe::tcp(addr, source_port, timeout),
+        "probe-udp" => probe::udp(addr, source_port, timeout),
+        "probe-dns-udp" => probe::dns(addr, scenario::API_NAME, false, timeout).is_ok_and(|ips| !ips.is_empty()),
+        "probe-dns-tcp" => probe::dns(addr, scenario::API_NAME, true, timeout).is_ok_and(|ips| !ips.is_empty()),
         other => bail!("unknown probe {other}"),
     })
 }

@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus,
-};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub const V4_PREFIX: &str = "10.244.0";
@@ -104,42 +102,27 @@ pub const PODS: &[LabPod] = &[
 ];
 
 pub fn pod(key: &str) -> &'static LabPod {
-    PODS.iter()
-        .find(|p| p.key() == key)
-        .unwrap_or_else(|| panic!("no lab pod {key}"))
+    PODS.iter().find(|p| p.key() == key).unwrap_or_else(|| panic!("no lab pod {key}"))
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 pub fn namespaces() -> Vec<Namespace> {
-    [
-        "develop",
-        "staging",
-        "production",
-        "ingress-nginx",
-        "kube-system",
-    ]
-    .iter()
-    .map(|name| {
-        let mut l = labels(&[("kubernetes.io/metadata.name", name)]);
-        if APP_NAMESPACES.contains(name) {
-            l.insert("env".into(), name.to_string());
-        }
-        Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.to_string()),
-                labels: Some(l),
+    ["develop", "staging", "production", "ingress-nginx", "kube-system"]
+        .iter()
+        .map(|name| {
+            let mut l = labels(&[("kubernetes.io/metadata.name", name)]);
+            if APP_NAMESPACES.contains(name) {
+                l.insert("env".into(), name.to_string());
+            }
+            Namespace {
+                metadata: ObjectMeta { name: Some(name.to_string()), labels: Some(l), ..Default::default() },
                 ..Default::default()
-            },
-            ..Default::default()
-        }
-    })
-    .collect()
+            }
+        })
+        .collect()
 }
 
 pub fn pods() -> Vec<Pod> {
@@ -173,14 +156,7 @@ pub fn pods() -> Vec<Pod> {
             status: Some(PodStatus {
                 phase: Some("Running".into()),
                 pod_ip: Some(p.ipv4().to_string()),
-                pod_ips: Some(vec![
-                    PodIP {
-                        ip: p.ipv4().to_string(),
-                    },
-                    PodIP {
-                        ip: p.ipv6().to_string(),
-                    },
-                ]),
+                pod_ips: Some(vec![PodIP { ip: p.ipv4().to_string() }, PodIP { ip: p.ipv6().to_string() }]),
                 ..Default::default()
             }),
         })

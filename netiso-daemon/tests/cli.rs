@@ -1,0 +1,151 @@
+//! The `netiso` binary as users run it: explain against manifests, and the errors `run` gives
+//! before it touches the kernel.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn netiso(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_netiso")).args(args).output().expect("netiso runs")
+}
+
+fn fixture() -> String {
+    format!("{}/tests/fixtures/course.yaml", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn explain_names_the_isolating_policies_and_the_failed_namespace_label() {
+    let out = netiso(&[
+        "explain",
+        "--manifests",
+        &fixture(),
+        "--from",
+        "develop/debug",
+        "--to",
+        "production/api",
+        "--port",
+        "8080",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("DENIED  develop/debug (10.244.0.10) -> production/api (10.244.0.30) TCP/8080"), "{text}");
+    assert!(text.contains("isolated by: production/allow-from-ingress-nginx, production/default-deny-all"), "{text}");
+    assert!(
+        text.contains("namespace develop needs kubernetes.io/metadata.name=ingress-nginx but has kubernetes.io/metadata.name=develop"),
+        "{text}"
+    );
+    assert!(text.contains(
+        "production/default-deny-all isolates production/api for ingress and allows no ingress at all (default deny)"
+    ));
+    assert!(text.contains("suggested minimal policy (checked: it allows exactly this flow)"), "{text}");
+    assert!(!text.contains("pod-template-hash"), "suggestions select stable labels only:\n{text}");
+}
+
+#[test]
+fn explain_json_for_an_allowed_flow_names_the_rule() {
+    let out = netiso(&[
+        "explain",
+        "--manifests",
+        &fixture(),
+        "--from",
+        "ingress-nginx/controller",
+        "--to",
+        "production/api",
+        "--port",
+        "8080",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"], "allowed");
+    assert_eq!(v["ingress"]["allowed_by"][0]["policy"]["name"], "allow-from-ingress-nginx");
+    assert_eq!(v["egress"]["isolated"], false);
+    assert!(v.get("suggestion").is_none());
+}
+
+#[test]
+fn explain_batch_answers_every_line_in_order_and_survives_a_bad_one() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netiso"))
+        .args(["explain", "--manifests", &fixture(), "--traffic", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = concat!(
+        r#"{"from": "develop/debug", "to": "kube-system/coredns", "port": 53, "protocol": "UDP"}"#,
+        "\n",
+        "this is not json\n",
+        r#"{"from": {"ip": "203.0.113.5"}, "to": "production/api", "port": 8080}"#,
+        "\n",
+        r#"{"from": "nope/missing", "to": "production/api", "port": 8080}"#,
+        "\n",
+        r#"{"from": "10.244.0.40", "to": "fd00:10:244::30", "port": 8080, "protocol": "TCP"}"#,
+        "\n",
+    );
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["verdict"], "allowed");
+    assert_eq!(lines[1]["line"], 2);
+    assert!(lines[1]["error"].as_str().unwrap().contains("not a traffic line"));
+    assert_eq!(lines[2]["verdict"], "denied");
+    assert_eq!(lines[2]["flow"]["from"]["ip"], "203.0.113.5");
+    assert!(lines[3]["error"].as_str().unwrap().contains("no pod nope/missing"));
+    assert_eq!(lines[4]["verdict"], "allowed", "addresses resolve to the pods holding them");
+    assert_eq!(lines[4]["flow"]["from"]["pod"], "controller");
+}
+
+#[test]
+fn explain_fails_clearly_when_the_manifests_cannot_be_read() {
+    let out = netiso(&["explain", "--manifests", "/nonexistent/dir", "--from", "a/b", "--to", "c/d", "--port", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("/nonexistent/dir"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("netiso-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "kind: NetworkPolicy\nmetadata: {name: x, namespace: y}\nspec: {podSelector: 7}\n").unwrap();
+    let out = netiso(&["explain", "--manifests", bad.to_str().unwrap(), "--from", "a/b", "--to", "c/d", "--port", "1"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("bad.yaml: document 1: NetworkPolicy y/x: field spec.podSelector"), "{err}");
+}
+
+#[test]
+fn run_refuses_an_unknown_interface_before_loading_anything() {
+    let out = netiso(&["run", "--interfaces", "nosuch0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("no interface named `nosuch0`"), "{err}");
+}
+
+#[test]
+fn run_names_the_missing_capabilities() {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            env!("CARGO_BIN_EXE_netiso"),
+            "run",
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{err}");
+}
+
+#[test]
+fn run_rejects_an_unknown_drop_reason_name() {
+    let out = netiso(&["run", "--drop-reasons", "NETFLITER_DROP"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unknown drop reason or class `NETFLITER_DROP`"), "{err}");
+}

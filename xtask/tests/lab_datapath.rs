@@ -1,0 +1,126 @@
+//! End to end on real packets: the lab with the course baseline, `netiso run` in its node
+//! namespace, the scenario's traffic, and what the kernel programs report.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use xtask::lab::{self, Lab, ProbeKind};
+use xtask::observer::Observer;
+
+fn unique_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("t{}{}", std::process::id() % 10000, nanos % 1000)
+}
+
+/// Names of loaded BPF programs and maps, from bpftool.
+fn loaded_bpf_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for what in ["prog", "map"] {
+        let out = Command::new("bpftool").args(["-j", what, "show"]).output().expect("bpftool runs");
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        names.extend(list.iter().filter_map(|v| v["name"].as_str().map(str::to_owned)));
+    }
+    names
+}
+
+const OURS: &[&str] = &["kfree_skb", "flows_from_pod", "flows_to_pod", "DROPS", "FLOWS", "EVENTS", "LOSSES"];
+
+fn matches(r: &Value, event: &str, src: &str, dst: &str, dst_port: u16, protocol: &str) -> bool {
+    r["event"] == event
+        && r["src_ip"] == src
+        && r["dst_ip"] == dst
+        && r["dst_port"] == dst_port
+        && r["protocol"] == protocol
+}
+
+#[test]
+fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
+    let id = unique_id();
+    let out = std::env::temp_dir().join(format!("netiso-lab-{id}"));
+    let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
+    let netiso = xtask::build::netiso(false).expect("netiso builds");
+    let guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
+    let mut observer = Observer::start(&netiso, &lab.node_ns(), &[]).expect("netiso starts");
+
+    let results = lab.traffic().unwrap();
+    for r in &results {
+        assert_eq!(r.observed, r.expected, "{}: the lab's enforcement disagrees with the policies", r.probe);
+    }
+    let probes = lab::probes();
+    let blocked_tcp = probes.iter().find(|p| p.to("develop/debug", "production/api", ProbeKind::Tcp, false)).unwrap();
+    let blocked_tcp6 = probes.iter().find(|p| p.to("develop/debug", "production/api", ProbeKind::Tcp, true)).unwrap();
+    let blocked_udp = probes.iter().find(|p| p.to("develop/debug", "production/api", ProbeKind::Udp, false)).unwrap();
+
+    let wanted = |records: &[Value]| {
+        let drop = |p: &lab::Probe, proto: &str| {
+            records.iter().any(|r| {
+                matches(r, "drop", &p.from_ip().to_string(), &p.target().to_string(), 8080, proto)
+                    && r["src_port"] == p.source_port
+                    && r["reason"] == "NETFILTER_DROP"
+            })
+        };
+        let delivered = |src: &str, dst: &str, port: u16, proto: &str| {
+            records.iter().any(|r| {
+                matches(r, "flow", src, dst, port, proto)
+                    && r["direction"] == "to_pod"
+                    && r["packets"].as_u64() > Some(0)
+            })
+        };
+        drop(blocked_tcp, "TCP")
+            && drop(blocked_tcp6, "TCP")
+            && drop(blocked_udp, "UDP")
+            && delivered("10.244.0.40", "10.244.0.30", 8080, "TCP")
+            && delivered("10.244.0.10", "10.244.0.53", 53, "UDP")
+            && delivered("10.244.0.10", "10.244.0.53", 53, "TCP")
+    };
+    let seen = observer.wait_for(Duration::from_secs(10), wanted);
+    let status = observer.stop().unwrap();
+    let records = observer.records();
+    assert!(
+        seen,
+        "missing records; lab records were:\n{}",
+        records
+            .iter()
+            .filter(|r| r["src_ip"].as_str().unwrap_or("").contains("244"))
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let drop = records.iter().find(|r| r["event"] == "drop" && r["src_port"] == blocked_tcp.source_port).unwrap();
+    assert_eq!(drop["src_ip"], "10.244.0.10");
+    assert_eq!(drop["dst_ip"], "10.244.0.30");
+    assert_eq!(drop["dst_port"], 8080);
+    assert_eq!(drop["protocol"], "TCP");
+    assert!(drop["location"].as_str().unwrap().starts_with("nft_do_chain+0x"), "{drop}");
+
+    assert!(status.success(), "netiso exited with {status}: {:?}", observer.diagnostics());
+    assert!(observer.diagnostics().iter().any(|l| l.contains("all programs detached")));
+    // The kernel frees programs and maps asynchronously (RCU), shortly after the last reference.
+    let ours = || loaded_bpf_names().into_iter().filter(|n| OURS.contains(&n.as_str())).collect::<Vec<_>>();
+    let mut left = ours();
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = ours();
+    }
+    assert!(left.is_empty(), "left behind after SIGTERM: {left:?}");
+
+    guard.down().unwrap();
+    let leftover: Vec<String> = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with(&format!("ni-{id}-")))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap();
+    assert!(leftover.is_empty(), "namespaces left: {leftover:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}
