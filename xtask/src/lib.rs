@@ -1,6 +1,7 @@
 //! netiso's developer tooling: the local lab (the course scenario in network namespaces, with
 //! NetworkPolicies enforced by nftables), its traffic probes, and the benchmark driver.
 
+pub mod bench;
 pub mod build;
 pub mod demo;
 pub mod lab;

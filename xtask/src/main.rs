@@ -27,6 +27,24 @@ enum Cmd {
         #[arg(long, default_value = "demo")]
         id: String,
     },
+    /// Packets/s through a veth pair with and without netiso, and a drop flood.
+    Bench {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Internal: UDP sender of the benchmark.
+    #[command(hide = true)]
+    BenchBlast {
+        addr: std::net::SocketAddr,
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Internal: UDP sink of the benchmark.
+    #[command(hide = true)]
+    BenchSink { port: u16 },
     /// Internal: TCP/UDP echo server run inside a lab pod.
     #[command(hide = true)]
     LabServe { port: u16 },
@@ -110,6 +128,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Lab { action, id } => lab_action(action, &id),
         Cmd::Demo { id } => lab_for(&id).and_then(|lab| xtask::demo::run(&lab)),
+        Cmd::Bench { rounds, seconds } => bench(rounds, seconds),
+        Cmd::BenchBlast { addr, seconds, size } => xtask::bench::blast(addr, seconds, size).map(|sent| {
+            println!("{sent}");
+            ExitCode::SUCCESS
+        }),
+        Cmd::BenchSink { port } => xtask::bench::sink(port).map(|_| ExitCode::SUCCESS),
         Cmd::LabServe { port } => xtask::probe::serve(port).map(|_| ExitCode::SUCCESS),
         Cmd::ProbeTcp { addr, source_port } => probe("probe-tcp", &addr, source_port),
         Cmd::ProbeUdp { addr, source_port } => probe("probe-udp", &addr, source_port),
@@ -123,6 +147,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench(rounds: usize, seconds: f64) -> anyhow::Result<ExitCode> {
+    eprintln!("building netiso (release)");
+    let netiso = xtask::build::netiso(true)?;
+    let helper = std::env::current_exe()?;
+    let f = xtask::bench::run(&netiso, &helper, rounds, seconds)?;
+    let unaccounted = f.flood_nft_dropped as i64 - (f.flood_netiso_counted + f.flood_losses) as i64;
+    println!("veth pair, UDP, {rounds} alternating rounds of {seconds} s each, medians:");
+    for t in &f.throughput {
+        println!(
+            "  {:>4}-byte packets   without netiso {:>9.0} packets/s   with netiso {:>9.0} packets/s   ratio {:.3}",
+            t.size,
+            t.without,
+            t.with,
+            t.with / t.without
+        );
+    }
+    let small = &f.throughput[0];
+    println!(
+        "  tc program          {:>12.0} ns/packet ({:.1}% of the {:.0} ns a {}-byte packet takes without netiso)",
+        f.tc_ns_per_packet,
+        100.0 * f.tc_ns_per_packet * small.without / 1e9,
+        1e9 / small.without,
+        small.size
+    );
+    println!("drop flood (nftables drop in the input path, {seconds} s):");
+    println!("  dropped             {:>12.0} packets/s", f.flood_pps);
+    println!("  nftables dropped    {:>12}", f.flood_nft_dropped);
+    println!("  netiso counted      {:>12}", f.flood_netiso_counted);
+    println!("  netiso losses       {:>12}", f.flood_losses);
+    println!("  ring-buffer records {:>12}", f.flood_ring_events);
+    println!("  unaccounted         {:>12}", unaccounted);
+    println!("  netiso CPU          {:>11.1}% of one core", f.flood_cpu_percent);
+    println!("  tracepoint program  {:>12.0} ns/drop", f.tracepoint_ns_per_drop);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {

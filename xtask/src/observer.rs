@@ -20,8 +20,17 @@ pub struct Observer {
 impl Observer {
     /// Starts `netiso run --log-format json` in `netns` and waits until its programs are attached.
     pub fn start(netiso: &Path, netns: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", netns])
+        Self::start_on(netiso, netns, extra_args, None)
+    }
+
+    /// As [`Observer::start`], with the daemon pinned to one CPU (for benchmarks).
+    pub fn start_on(netiso: &Path, netns: &str, extra_args: &[&str], cpu: Option<usize>) -> anyhow::Result<Self> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]);
+        if let Some(cpu) = cpu {
+            command.args(["taskset", "-c", &cpu.to_string()]);
+        }
+        let mut child = command
             .arg(netiso)
             .args(["run", "--log-format", "json"])
             .args(extra_args)
@@ -68,6 +77,10 @@ impl Observer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn records(&self) -> Vec<serde_json::Value> {

@@ -77,10 +77,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             record = records_rx.recv() => match record {
-                Some(record) => {
+                Some(record) if record.new_key => {
                     writer.write(&mut stdout, &record)?;
                     stdout.flush()?;
                 }
+                Some(_) => {}
                 None => break Ok(()),
             },
             _ = tokio::signal::ctrl_c() => break Ok(()),
@@ -93,7 +94,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !datapath_task.is_finished() {
         let drain = async {
             while let Some(record) = records_rx.recv().await {
-                writer.write(&mut stdout, &record)?;
+                if record.new_key {
+                    writer.write(&mut stdout, &record)?;
+                }
             }
             anyhow::Ok(())
         };
@@ -106,7 +109,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(
         records = stats.records,
         ring_events = stats.ring_events,
+        dropped_packets = stats.dropped_packets,
+        flow_packets = stats.flow_packets,
         losses = stats.losses(),
+        ringbuf_full = stats.ringbuf_full,
+        drop_map_full = stats.drop_map_full,
+        flow_map_full = stats.flow_map_full,
         "stopped; all programs detached"
     );
     Ok(ExitCode::SUCCESS)

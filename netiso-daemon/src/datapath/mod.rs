@@ -10,7 +10,7 @@ pub mod reasons;
 pub mod record;
 pub mod tracefs;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -112,6 +112,9 @@ pub struct DatapathStats {
     pub unparsed: u64,
     pub ring_events: u64,
     pub records: u64,
+    /// Packets counted in the drop and flow maps (and overflow records), over the daemon's life.
+    pub dropped_packets: u64,
+    pub flow_packets: u64,
 }
 
 impl DatapathStats {
@@ -333,7 +336,7 @@ impl Datapath {
             let _ = ready.send(self.attached_interfaces());
         }
 
-        let mut drains = Drains::new(drops, flows);
+        let mut drains = Drains { drops: Drain::new(drops), flows: Drain::new(flows) };
         let mut tick = tokio::time::interval(self.config.drain_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let soon = tokio::time::sleep(Duration::from_secs(3600));
@@ -367,6 +370,7 @@ impl Datapath {
                         self.stats.lock().expect("stats lock").ring_events += 1;
                         if event.flags & EVENT_FLAG_MAP_FULL != 0 {
                             let record = self.overflow_record(&event);
+                            self.count_overflow(record.event);
                             self.emit(&records, record).await;
                         } else if event.flags & EVENT_FLAG_NEW_KEY != 0 {
                             new_keys = true;
@@ -395,6 +399,14 @@ impl Datapath {
         Ok(())
     }
 
+    fn count_overflow(&self, kind: EventKind) {
+        let mut stats = self.stats.lock().expect("stats lock");
+        match kind {
+            EventKind::Drop => stats.dropped_packets += 1,
+            EventKind::Flow => stats.flow_packets += 1,
+        }
+    }
+
     async fn emit(&self, records: &mpsc::Sender<DatapathRecord>, record: DatapathRecord) {
         self.stats.lock().expect("stats lock").records += 1;
         // A closed receiver means shutdown is under way.
@@ -416,7 +428,7 @@ impl Datapath {
             tcp_flags: event.tcp_flags,
             _pad: [0; 3],
         };
-        let mut record = self.record(kind, &event.tuple, &counters);
+        let mut record = self.record(kind, &event.tuple, &counters).with_change(true, 1, event.len as u64);
         if kind == EventKind::Drop {
             self.add_drop_fields(&mut record, event.reason, event.location);
         } else {
@@ -449,6 +461,9 @@ impl Datapath {
             bytes: c.bytes,
             tcp_flags: (tuple.protocol == netiso_common::IPPROTO_TCP).then(|| tcp_flag_names(c.tcp_flags)),
             overflow: false,
+            new_key: false,
+            delta_packets: 0,
+            delta_bytes: 0,
         }
     }
 
@@ -462,15 +477,22 @@ impl Datapath {
     async fn drain(&self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
         let now = monotonic_ns();
         let idle = self.config.idle_timeout.as_nanos() as u64;
-        for (key, counters) in drains.drops.drain(now, idle) {
-            let mut record = self.record(EventKind::Drop, &key.tuple, &counters);
-            self.add_drop_fields(&mut record, key.reason, key.location);
-            self.emit(records, record).await;
+        let drops = drains.drops.drain(now, idle);
+        let flows = drains.flows.drain(now, idle);
+        {
+            let mut stats = self.stats.lock().expect("stats lock");
+            stats.dropped_packets += drops.iter().map(|c| c.delta_packets).sum::<u64>();
+            stats.flow_packets += flows.iter().map(|c| c.delta_packets).sum::<u64>();
         }
-        for (key, counters) in drains.flows.drain(now, idle) {
-            let mut record = self.record(EventKind::Flow, &key.tuple, &counters);
-            record.direction = Direction::from_raw(key.direction);
-            self.emit(records, record).await;
+        for change in drops {
+            let mut record = self.record(EventKind::Drop, &change.key.tuple, &change.counters);
+            self.add_drop_fields(&mut record, change.key.reason, change.key.location);
+            self.emit(records, record.with_change(change.new_key, change.delta_packets, change.delta_bytes)).await;
+        }
+        for change in flows {
+            let mut record = self.record(EventKind::Flow, &change.key.tuple, &change.counters);
+            record.direction = Direction::from_raw(change.key.direction);
+            self.emit(records, record.with_change(change.new_key, change.delta_packets, change.delta_bytes)).await;
         }
     }
 
@@ -512,40 +534,56 @@ fn read_event(item: &[u8]) -> Option<Event> {
 /// One kernel map and what user space already knows of its keys.
 struct Drain<K: aya::Pod> {
     map: PerCpuHashMap<MapData, K, Counters>,
-    known: HashSet<K>,
+    /// Packets and bytes of each key at the previous drain.
+    known: HashMap<K, (u64, u64)>,
+}
+
+/// A key whose counters moved since the previous drain.
+struct Change<K> {
+    key: K,
+    counters: Counters,
+    new_key: bool,
+    delta_packets: u64,
+    delta_bytes: u64,
 }
 
 impl<K: aya::Pod + Eq + Hash> Drain<K> {
-    /// Returns the keys not seen before with their counters so far, and removes keys idle for
-    /// longer than `idle_ns` from the map (a later packet makes them new again).
-    fn drain(&mut self, now_ns: u64, idle_ns: u64) -> Vec<(K, Counters)> {
+    fn new(map: PerCpuHashMap<MapData, K, Counters>) -> Self {
+        Drain { map, known: HashMap::new() }
+    }
+
+    /// Returns the keys that are new or saw packets since the last drain, and removes keys idle
+    /// for longer than `idle_ns` from the map (a later packet makes them new again).
+    fn drain(&mut self, now_ns: u64, idle_ns: u64) -> Vec<Change<K>> {
         let entries: Vec<(K, Counters)> =
             self.map.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect();
-        let mut fresh = Vec::new();
+        let mut changes = Vec::new();
         for (key, counters) in entries {
+            let previous = self.known.get(&key).copied();
+            let (before_packets, before_bytes) = previous.unwrap_or((0, 0));
+            // A key evicted and re-created between two drains restarts from zero.
+            let (delta_packets, delta_bytes) = if counters.packets >= before_packets {
+                (counters.packets - before_packets, counters.bytes.saturating_sub(before_bytes))
+            } else {
+                (counters.packets, counters.bytes)
+            };
+            if previous.is_none() || delta_packets > 0 {
+                changes.push(Change { key, counters, new_key: previous.is_none(), delta_packets, delta_bytes });
+            }
             if now_ns.saturating_sub(counters.last_seen_ns) > idle_ns {
                 let _ = self.map.remove(&key);
                 self.known.remove(&key);
-            } else if self.known.insert(key) {
-                fresh.push((key, counters));
+            } else {
+                self.known.insert(key, (counters.packets, counters.bytes));
             }
         }
-        fresh
+        changes
     }
 }
 
 struct Drains {
     drops: Drain<DropKey>,
     flows: Drain<FlowKey>,
-}
-
-impl Drains {
-    fn new(drops: PerCpuHashMap<MapData, DropKey, Counters>, flows: PerCpuHashMap<MapData, FlowKey, Counters>) -> Self {
-        Drains {
-            drops: Drain { map: drops, known: HashSet::new() },
-            flows: Drain { map: flows, known: HashSet::new() },
-        }
-    }
 }
 
 /// Sums per-CPU counters: totals add up, first/last seen span the CPUs that saw packets.

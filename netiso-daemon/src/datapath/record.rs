@@ -102,6 +102,23 @@ pub struct DatapathRecord {
     /// True when the kernel map was full: this record stands for packets that have no map entry.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub overflow: bool,
+    /// The key was first seen (since it was last evicted): the records `netiso run` prints.
+    #[serde(skip)]
+    pub new_key: bool,
+    /// Packets and bytes since the previous record of this key, for counters downstream.
+    #[serde(skip)]
+    pub delta_packets: u64,
+    #[serde(skip)]
+    pub delta_bytes: u64,
+}
+
+impl DatapathRecord {
+    pub fn with_change(mut self, new_key: bool, delta_packets: u64, delta_bytes: u64) -> Self {
+        self.new_key = new_key;
+        self.delta_packets = delta_packets;
+        self.delta_bytes = delta_bytes;
+        self
+    }
 }
 
 /// TCP flags as tcpdump prints them (`SYN|ACK`).
