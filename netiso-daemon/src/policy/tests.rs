@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use super::engine::{MissKind, PeerMiss};
-use super::{ClausePeer, Direction, Endpoint};
 use super::*;
+use super::{ClausePeer, Direction, Endpoint};
 use crate::inventory::manifests::{Manifests, parse_into};
 
 /// Namespaces `a` (team=x) and `b` (team=y); pods a/web (app=web, named port http=8080, IPv4 and
@@ -397,7 +397,14 @@ fn unknown_pods_are_an_error_not_a_panic() {
 }
 
 /// What an enforcement compiled from [`PolicyEngine::clauses`] would decide for one direction.
-fn clauses_admit(e: &PolicyEngine, direction: Direction, subject: Endpoint, peer: Endpoint, port: u16, protocol: Protocol) -> bool {
+fn clauses_admit(
+    e: &PolicyEngine,
+    direction: Direction,
+    subject: Endpoint,
+    peer: Endpoint,
+    port: u16,
+    protocol: Protocol,
+) -> bool {
     let Some(clauses) = e.clauses(direction, subject) else { return true };
     let peer_ips: Vec<std::net::IpAddr> = match peer {
         Endpoint::Pod { index, .. } => e.pods()[index as usize].ips.clone(),
@@ -411,7 +418,8 @@ fn clauses_admit(e: &PolicyEngine, direction: Direction, subject: Endpoint, peer
                 peer_ips.first().is_some_and(|ip| cidr.contains(ip) && !except.iter().any(|x| x.contains(ip)))
             }
         };
-        let port_ok = c.port.is_none_or(|p| p.protocol == protocol && p.range.is_none_or(|(lo, hi)| (lo..=hi).contains(&port)));
+        let port_ok =
+            c.port.is_none_or(|p| p.protocol == protocol && p.range.is_none_or(|(lo, hi)| (lo..=hi).contains(&port)));
         peer_ok && port_ok
     })
 }
@@ -429,11 +437,17 @@ fn compiled_clauses_decide_exactly_as_the_engine() {
         let e = engine(policies);
         for from in ends {
             for to in ends {
-                for (port, protocol) in [(8080, Protocol::Tcp), (9090, Protocol::Tcp), (53, Protocol::Udp), (7999, Protocol::Tcp)] {
+                for (port, protocol) in
+                    [(8080, Protocol::Tcp), (9090, Protocol::Tcp), (53, Protocol::Udp), (7999, Protocol::Tcp)]
+                {
                     let (f, t) = (e.resolve(&from.parse().unwrap()).unwrap(), e.resolve(&to.parse().unwrap()).unwrap());
                     let compiled = clauses_admit(&e, Direction::Egress, f, t, port, protocol)
                         && clauses_admit(&e, Direction::Ingress, t, f, port, protocol);
-                    assert_eq!(compiled, e.allows(f, t, port, protocol), "{from} -> {to} {protocol}/{port} under\n{policies}");
+                    assert_eq!(
+                        compiled,
+                        e.allows(f, t, port, protocol),
+                        "{from} -> {to} {protocol}/{port} under\n{policies}"
+                    );
                 }
             }
         }
