@@ -10,6 +10,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::{Change, Inventory, Kind, Object};
 use crate::policy::{ClusterState, ContainerPort, NamespaceInfo, PodInfo, Protocol};
 
 #[derive(Debug, Error)]
@@ -25,7 +26,10 @@ pub enum ManifestError {
 /// Objects found, plus problems that did not stop the rest from loading.
 #[derive(Debug, Default)]
 pub struct Manifests {
+    /// The engine's view: namespaces, pods and policies.
     pub state: ClusterState,
+    /// Every object the inventory keeps, as read.
+    pub objects: Vec<super::Object>,
     pub warnings: Vec<String>,
 }
 
@@ -121,21 +125,29 @@ fn add_object(
         "Namespace" => {
             let ns: Namespace = typed(file, document, value)?;
             out.state.namespaces.push(NamespaceInfo {
-                name: ns.metadata.name.unwrap_or_default(),
-                labels: ns.metadata.labels.unwrap_or_default(),
+                name: ns.metadata.name.clone().unwrap_or_default(),
+                labels: ns.metadata.labels.clone().unwrap_or_default(),
             });
+            out.objects.push(Object::Namespace(ns));
         }
         "Pod" => {
             let pod: Pod = typed(file, document, value)?;
             match pod_info(&pod) {
-                Ok(info) => out.state.pods.push(info),
+                Ok(info) => {
+                    out.state.pods.push(info);
+                    out.objects.push(Object::Pod(pod));
+                }
                 Err(e) => out.warnings.push(format!("{}: document {document}: {e}", file.display())),
             }
         }
         "NetworkPolicy" => {
             let policy: NetworkPolicy = typed(file, document, value)?;
-            out.state.policies.push(policy);
+            out.state.policies.push(policy.clone());
+            out.objects.push(Object::NetworkPolicy(policy));
         }
+        "Service" => out.objects.push(Object::Service(typed(file, document, value)?)),
+        "Node" => out.objects.push(Object::Node(typed(file, document, value)?)),
+        "ReplicaSet" => out.objects.push(Object::ReplicaSet(typed(file, document, value)?)),
         "" => {
             return Err(ManifestError::Parse {
                 path: file.into(),
@@ -147,6 +159,46 @@ fn add_object(
         _ => {}
     }
     Ok(())
+}
+
+/// Feeds the inventory from manifests and reloads them when a file changes. A reload that fails
+/// keeps the previous state (and says why); the inventory never loses data to a bad edit.
+pub async fn follow(path: PathBuf, inventory: std::sync::Arc<Inventory>, poll: std::time::Duration) {
+    let mut last_seen = None;
+    loop {
+        let stamp = fingerprint(&path);
+        if stamp != last_seen {
+            match load(&path) {
+                Ok(m) => {
+                    for w in &m.warnings {
+                        tracing::warn!(warning = %w, "manifest problem");
+                    }
+                    for kind in Kind::ALL {
+                        let objects = m.objects.iter().filter(|o| o.kind() == kind).cloned().collect();
+                        inventory.apply(Change::Replace(kind, objects));
+                    }
+                    inventory.set_stale(Kind::Pod, false);
+                    tracing::info!(path = %path.display(), objects = m.objects.len(), "manifests loaded");
+                }
+                Err(e) => {
+                    inventory.set_stale(Kind::Pod, true);
+                    tracing::error!(error = %e, "manifests could not be (re)loaded; keeping the previous inventory");
+                }
+            }
+            last_seen = stamp;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Modification times and sizes of the manifest files: changes when any file does.
+fn fingerprint(path: &Path) -> Option<Vec<(PathBuf, std::time::SystemTime, u64)>> {
+    let mut stamp = Vec::new();
+    for file in files(path).ok()? {
+        let meta = std::fs::metadata(&file).ok()?;
+        stamp.push((file, meta.modified().ok()?, meta.len()));
+    }
+    Some(stamp)
 }
 
 /// The engine's view of a Pod: labels, container ports and addresses.

@@ -1,3 +1,502 @@
-//! Who is on each end of a flow: namespaces, pods and policies, from manifests or the API.
+//! Who is on each end of a flow: namespaces, pods (with their workloads), NetworkPolicies,
+//! Services and nodes, from the Kubernetes API or from manifests, behind one interface. Keeps
+//! who held each IP address when, so late or racing events are attributed correctly.
 
+pub mod identity;
+pub mod kubernetes;
 pub mod manifests;
+pub mod timeline;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use self::identity::{EndpointKind, Identity, Workload};
+use self::timeline::{IpTimeline, PodSnapshot};
+use crate::policy::{ClusterState, NamespaceInfo, PodInfo, PolicyEngine, PolicyRef};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+    Service,
+    Node,
+    ReplicaSet,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] =
+        [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::Service, Kind::Node, Kind::ReplicaSet];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::Service => "services",
+            Kind::Node => "nodes",
+            Kind::ReplicaSet => "replicasets",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    NetworkPolicy(NetworkPolicy),
+    Service(Service),
+    Node(Node),
+    ReplicaSet(ReplicaSet),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Service(_) => Kind::Service,
+            Object::Node(_) => Kind::Node,
+            Object::ReplicaSet(_) => Kind::ReplicaSet,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Change {
+    Apply(Object),
+    Delete(Object),
+    /// The complete current set of one kind (a list or relist, or a reloaded manifest).
+    Replace(Kind, Vec<Object>),
+}
+
+type Key = (String, String);
+
+fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+#[derive(Default)]
+struct State {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<Key, Pod>,
+    policies: BTreeMap<Key, NetworkPolicy>,
+    services: BTreeMap<Key, Service>,
+    nodes: BTreeMap<String, Node>,
+    replicasets: BTreeMap<Key, ReplicaSet>,
+    timeline: IpTimeline,
+    engine: Option<Arc<PolicyEngine>>,
+    engine_built: Option<Instant>,
+    dirty: bool,
+    synced: HashSet<Kind>,
+    stale: HashSet<Kind>,
+    last_sync: Option<SystemTime>,
+}
+
+/// Health of the inventory, for readiness, metrics and records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InventoryStatus {
+    /// Every required kind has been listed at least once.
+    pub synced: bool,
+    /// A source is failing: records made now may name ends from an outdated view.
+    pub stale: bool,
+    pub objects: BTreeMap<&'static str, usize>,
+    pub last_sync: Option<SystemTime>,
+}
+
+pub struct Inventory {
+    state: RwLock<State>,
+    required: Vec<Kind>,
+    /// How long ended IP holdings are kept (the evidence retention).
+    history: Duration,
+}
+
+/// Engines are rebuilt at most this often under a stream of changes; records in between use
+/// the previous one.
+const REBUILD_INTERVAL: Duration = Duration::from_millis(250);
+
+fn workload_of(pod: &Pod, replicasets: &BTreeMap<Key, ReplicaSet>) -> Option<Workload> {
+    let owners = pod.metadata.owner_references.as_ref()?;
+    let owner = owners.iter().find(|o| o.controller == Some(true)).or_else(|| owners.first())?;
+    if owner.kind == "ReplicaSet" {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        if let Some(rs) = replicasets.get(&(namespace, owner.name.clone()))
+            && let Some(parent) = rs.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true))
+        {
+            return Some(Workload { kind: parent.kind.clone(), name: parent.name.clone() });
+        }
+    }
+    Some(Workload { kind: owner.kind.clone(), name: owner.name.clone() })
+}
+
+fn start_time(pod: &Pod) -> Option<SystemTime> {
+    let t = pod.status.as_ref()?.start_time.as_ref()?;
+    let secs = t.0.as_second();
+    (secs > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64))
+}
+
+impl State {
+    fn snapshot(&self, pod: &Pod, info: PodInfo) -> Arc<PodSnapshot> {
+        Arc::new(PodSnapshot {
+            uid: pod.metadata.uid.clone().unwrap_or_else(|| format!("{}/{}", info.namespace, info.name)),
+            workload: workload_of(pod, &self.replicasets),
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            info,
+        })
+    }
+
+    fn track_pod(&mut self, pod: &Pod, at: SystemTime) {
+        let Ok(info) = manifests::pod_info(pod) else { return };
+        let ips = if info.host_network { Vec::new() } else { info.ips.clone() };
+        let snapshot = self.snapshot(pod, info);
+        self.timeline.update(snapshot, &ips, at, start_time(pod));
+    }
+
+    fn pod_uid(pod: &Pod) -> String {
+        pod.metadata.uid.clone().unwrap_or_else(|| {
+            let (ns, name) = key(&pod.metadata);
+            format!("{ns}/{name}")
+        })
+    }
+
+    fn apply(&mut self, object: Object, at: SystemTime) {
+        match object {
+            Object::Namespace(o) => {
+                self.namespaces.insert(o.metadata.name.clone().unwrap_or_default(), o);
+            }
+            Object::Pod(o) => {
+                self.track_pod(&o, at);
+                self.pods.insert(key(&o.metadata), o);
+            }
+            Object::NetworkPolicy(o) => {
+                self.policies.insert(key(&o.metadata), o);
+            }
+            Object::Service(o) => {
+                self.services.insert(key(&o.metadata), o);
+            }
+            Object::Node(o) => {
+                self.nodes.insert(o.metadata.name.clone().unwrap_or_default(), o);
+            }
+            Object::ReplicaSet(o) => {
+                self.replicasets.insert(key(&o.metadata), o);
+            }
+        }
+    }
+
+    fn delete(&mut self, object: &Object, at: SystemTime) {
+        match object {
+            Object::Namespace(o) => {
+                self.namespaces.remove(o.metadata.name.as_deref().unwrap_or_default());
+            }
+            Object::Pod(o) => {
+                self.timeline.release(&Self::pod_uid(o), at);
+                self.pods.remove(&key(&o.metadata));
+            }
+            Object::NetworkPolicy(o) => {
+                self.policies.remove(&key(&o.metadata));
+            }
+            Object::Service(o) => {
+                self.services.remove(&key(&o.metadata));
+            }
+            Object::Node(o) => {
+                self.nodes.remove(o.metadata.name.as_deref().unwrap_or_default());
+            }
+            Object::ReplicaSet(o) => {
+                self.replicasets.remove(&key(&o.metadata));
+            }
+        }
+    }
+
+    fn replace(&mut self, kind: Kind, objects: Vec<Object>, at: SystemTime) {
+        match kind {
+            Kind::Namespace => self.namespaces.clear(),
+            Kind::Pod => {
+                let listed: HashSet<String> = objects
+                    .iter()
+                    .filter_map(|o| if let Object::Pod(p) = o { Some(Self::pod_uid(p)) } else { None })
+                    .collect();
+                for uid in self.timeline.current_holders() {
+                    if !listed.contains(&uid) {
+                        self.timeline.release(&uid, at);
+                    }
+                }
+                self.pods.clear();
+            }
+            Kind::NetworkPolicy => self.policies.clear(),
+            Kind::Service => self.services.clear(),
+            Kind::Node => self.nodes.clear(),
+            Kind::ReplicaSet => self.replicasets.clear(),
+        }
+        for o in objects.into_iter().filter(|o| o.kind() == kind) {
+            self.apply(o, at);
+        }
+    }
+
+    fn cluster_state(&self, extra: &[&PodSnapshot]) -> ClusterState {
+        let mut pods: Vec<PodInfo> = self.pods.values().filter_map(|p| manifests::pod_info(p).ok()).collect();
+        for snapshot in extra {
+            if !pods.iter().any(|p| p.namespace == snapshot.info.namespace && p.name == snapshot.info.name) {
+                pods.push(snapshot.info.clone());
+            }
+        }
+        ClusterState {
+            namespaces: self
+                .namespaces
+                .values()
+                .map(|n| NamespaceInfo {
+                    name: n.metadata.name.clone().unwrap_or_default(),
+                    labels: n.metadata.labels.clone().unwrap_or_default(),
+                })
+                .collect(),
+            pods,
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+}
+
+impl Inventory {
+    /// An inventory that is synced once every kind in `required` has been listed.
+    pub fn new(required: &[Kind], history: Duration) -> Arc<Self> {
+        Arc::new(Inventory { state: RwLock::default(), required: required.to_vec(), history })
+    }
+
+    pub fn apply(&self, change: Change) {
+        self.apply_at(change, SystemTime::now());
+    }
+
+    pub fn apply_at(&self, change: Change, at: SystemTime) {
+        let mut s = self.state.write().expect("inventory lock");
+        match change {
+            Change::Apply(o) => s.apply(o, at),
+            Change::Delete(o) => s.delete(&o, at),
+            Change::Replace(kind, objects) => {
+                s.replace(kind, objects, at);
+                s.synced.insert(kind);
+            }
+        }
+        s.dirty = true;
+        s.last_sync = Some(at);
+        s.timeline.prune(at, self.history);
+    }
+
+    /// A source for `kind` is failing (`true`) or working again (`false`).
+    pub fn set_stale(&self, kind: Kind, stale: bool) {
+        let mut s = self.state.write().expect("inventory lock");
+        if stale {
+            s.stale.insert(kind);
+        } else {
+            s.stale.remove(&kind);
+        }
+    }
+
+    pub fn status(&self) -> InventoryStatus {
+        let s = self.state.read().expect("inventory lock");
+        InventoryStatus {
+            synced: self.required.iter().all(|k| s.synced.contains(k)),
+            stale: !s.stale.is_empty(),
+            objects: BTreeMap::from([
+                (Kind::Namespace.as_str(), s.namespaces.len()),
+                (Kind::Pod.as_str(), s.pods.len()),
+                (Kind::NetworkPolicy.as_str(), s.policies.len()),
+                (Kind::Service.as_str(), s.services.len()),
+                (Kind::Node.as_str(), s.nodes.len()),
+                (Kind::ReplicaSet.as_str(), s.replicasets.len()),
+            ]),
+            last_sync: s.last_sync,
+        }
+    }
+
+    /// The policy engine over the current state.
+    pub fn engine(&self) -> Arc<PolicyEngine> {
+        {
+            let s = self.state.read().expect("inventory lock");
+            if let Some(engine) = &s.engine
+                && (!s.dirty || s.engine_built.is_some_and(|b| b.elapsed() < REBUILD_INTERVAL))
+            {
+                return engine.clone();
+            }
+        }
+        let mut s = self.state.write().expect("inventory lock");
+        let engine = Arc::new(PolicyEngine::new(s.cluster_state(&[])));
+        s.engine = Some(engine.clone());
+        s.engine_built = Some(Instant::now());
+        s.dirty = false;
+        engine
+    }
+
+    /// The engine for evaluating a flow between these pods: the current one, or, when a pod has
+    /// been deleted since, one that includes it as it was.
+    pub fn engine_with(&self, pods: &[&PodSnapshot]) -> Arc<PolicyEngine> {
+        let missing = {
+            let s = self.state.read().expect("inventory lock");
+            pods.iter().any(|p| {
+                s.pods
+                    .get(&(p.info.namespace.clone(), p.info.name.clone()))
+                    .is_none_or(|current| State::pod_uid(current) != p.uid)
+            })
+        };
+        if !missing {
+            return self.engine();
+        }
+        let s = self.state.read().expect("inventory lock");
+        Arc::new(PolicyEngine::new(s.cluster_state(pods)))
+    }
+
+    /// Who held `ip` at `at`: the pod (with its snapshot, for evaluation), or a node, Service or
+    /// the world.
+    pub fn identify(&self, ip: IpAddr, port: u16, at: SystemTime) -> (Identity, Option<Arc<PodSnapshot>>) {
+        let s = self.state.read().expect("inventory lock");
+        if let Some(pod) = s.timeline.holder(ip, at) {
+            let identity = Identity {
+                kind: EndpointKind::Pod,
+                namespace: Some(pod.info.namespace.clone()),
+                pod: Some(pod.info.name.clone()),
+                workload: pod.workload.as_ref().map(|w| format!("{}/{}", w.kind, w.name)),
+                labels: Some(pod.info.labels.clone()),
+                node: pod.node.clone(),
+                service: None,
+                ip,
+                port,
+            };
+            return (identity, Some(pod));
+        }
+        let text = ip.to_string();
+        let node = s
+            .nodes
+            .values()
+            .find(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|st| st.addresses.as_ref())
+                    .is_some_and(|a| a.iter().any(|a| a.address == text))
+            })
+            .and_then(|n| n.metadata.name.clone())
+            .or_else(|| {
+                s.pods.values().find_map(|p| {
+                    let spec = p.spec.as_ref()?;
+                    let host = spec.host_network == Some(true);
+                    let holds = p.status.as_ref().and_then(|st| st.pod_ip.as_deref()) == Some(text.as_str());
+                    (host && holds).then(|| spec.node_name.clone().unwrap_or_else(|| "node".into()))
+                })
+            });
+        if let Some(node) = node {
+            let mut id = Identity::world(ip, port);
+            id.kind = EndpointKind::Node;
+            id.node = Some(node);
+            return (id, None);
+        }
+        let service = s.services.iter().find_map(|((ns, name), svc)| {
+            let spec = svc.spec.as_ref()?;
+            let ips = spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter());
+            ips.into_iter().any(|c| c == &text).then(|| format!("{ns}/{name}"))
+        });
+        if let Some(service) = service {
+            let mut id = Identity::world(ip, port);
+            id.kind = EndpointKind::Service;
+            id.namespace = service.split('/').next().map(str::to_owned);
+            id.service = Some(service);
+            return (id, None);
+        }
+        (Identity::world(ip, port), None)
+    }
+
+    /// The policy objects as they are now, for evidence.
+    pub fn policy_objects(&self, refs: &[PolicyRef]) -> Vec<NetworkPolicy> {
+        let s = self.state.read().expect("inventory lock");
+        refs.iter().filter_map(|r| s.policies.get(&(r.namespace.clone(), r.name.clone())).cloned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, uid: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "uid": uid,
+                "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{name}-rs"), "uid": "rs", "controller": true}]},
+            "status": {"podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap()
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000 + secs)
+    }
+
+    #[test]
+    fn a_drop_while_pod_a_held_the_address_is_attributed_to_a_after_b_took_it() {
+        let inv = Inventory::new(&[Kind::Pod], Duration::from_secs(86400));
+        let a = pod("shop", "cart", "uid-a", "10.1.1.1", &[("app", "cart")]);
+        inv.apply_at(Change::Replace(Kind::Pod, vec![Object::Pod(a.clone())]), at(0));
+        inv.apply_at(Change::Delete(Object::Pod(a)), at(100));
+        inv.apply_at(
+            Change::Apply(Object::Pod(pod("shop", "search", "uid-b", "10.1.1.1", &[("app", "search")]))),
+            at(110),
+        );
+        let ip = "10.1.1.1".parse().unwrap();
+        let (then, snapshot) = inv.identify(ip, 80, at(50));
+        assert_eq!(then.pod.as_deref(), Some("cart"));
+        assert_eq!(then.labels.unwrap()["app"], "cart");
+        let (now, _) = inv.identify(ip, 80, at(120));
+        assert_eq!(now.pod.as_deref(), Some("search"));
+        // The deleted pod can still be evaluated.
+        let snapshot = snapshot.unwrap();
+        let engine = inv.engine_with(&[&snapshot]);
+        assert!(engine.pods().iter().any(|p| p.name == "cart"));
+        assert!(!inv.engine().pods().iter().any(|p| p.name == "cart"));
+    }
+
+    #[test]
+    fn workloads_follow_replicasets_to_their_deployment() {
+        let inv = Inventory::new(&[Kind::Pod, Kind::ReplicaSet], Duration::from_secs(60));
+        let rs: ReplicaSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cart-rs", "namespace": "shop",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "cart", "uid": "d", "controller": true}]}
+        }))
+        .unwrap();
+        inv.apply(Change::Replace(Kind::ReplicaSet, vec![Object::ReplicaSet(rs)]));
+        inv.apply(Change::Replace(Kind::Pod, vec![Object::Pod(pod("shop", "cart", "u", "10.1.1.2", &[]))]));
+        assert!(inv.status().synced);
+        let (id, _) = inv.identify("10.1.1.2".parse().unwrap(), 1, SystemTime::now());
+        assert_eq!(id.workload.as_deref(), Some("Deployment/cart"));
+    }
+
+    #[test]
+    fn nodes_services_and_the_world() {
+        let inv = Inventory::new(&[], Duration::from_secs(60));
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "worker-1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}]}
+        }))
+        .unwrap();
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "api", "namespace": "prod"}, "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"]}
+        }))
+        .unwrap();
+        inv.apply(Change::Apply(Object::Node(node)));
+        inv.apply(Change::Apply(Object::Service(svc)));
+        let now = SystemTime::now();
+        assert_eq!(inv.identify("192.168.1.10".parse().unwrap(), 1, now).0.node.as_deref(), Some("worker-1"));
+        let (svc, _) = inv.identify("10.96.0.10".parse().unwrap(), 80, now);
+        assert_eq!((svc.kind, svc.service.as_deref()), (EndpointKind::Service, Some("prod/api")));
+        assert_eq!(inv.identify("203.0.113.1".parse().unwrap(), 1, now).0.kind, EndpointKind::World);
+    }
+
+    #[test]
+    fn a_relist_releases_pods_that_are_gone() {
+        let inv = Inventory::new(&[Kind::Pod], Duration::from_secs(86400));
+        inv.apply_at(Change::Replace(Kind::Pod, vec![Object::Pod(pod("a", "p", "u1", "10.2.0.1", &[]))]), at(0));
+        inv.apply_at(Change::Replace(Kind::Pod, vec![]), at(10));
+        let ip = "10.2.0.1".parse().unwrap();
+        assert_eq!(inv.identify(ip, 1, at(5)).0.pod.as_deref(), Some("p"));
+        assert_eq!(inv.identify(ip, 1, at(15)).0.kind, EndpointKind::World);
+    }
+}
