@@ -5,6 +5,7 @@
 //! `export` (logs, metrics, API).
 
 pub mod datapath;
+pub mod evidence;
 pub mod export;
 pub mod inventory;
 pub mod policy;

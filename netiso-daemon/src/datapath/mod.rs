@@ -444,6 +444,7 @@ impl Datapath {
         DatapathRecord {
             event,
             time: wall_clock(c.first_seen_ns),
+            last_seen: wall_clock(c.last_seen_ns),
             src_ip,
             dst_ip,
             src_port: tuple.src_port,
@@ -477,8 +478,11 @@ impl Datapath {
     async fn drain(&self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
         let now = monotonic_ns();
         let idle = self.config.idle_timeout.as_nanos() as u64;
-        let drops = drains.drops.drain(now, idle);
-        let flows = drains.flows.drain(now, idle);
+        let mut drops = drains.drops.drain(now, idle);
+        let mut flows = drains.flows.drain(now, idle);
+        // In order of first packet, so that downstream a reply follows the flow it answers.
+        drops.sort_by_key(|c| c.counters.first_seen_ns);
+        flows.sort_by_key(|c| c.counters.first_seen_ns);
         {
             let mut stats = self.stats.lock().expect("stats lock");
             stats.dropped_packets += drops.iter().map(|c| c.delta_packets).sum::<u64>();

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::btf::Btf;
@@ -23,7 +23,7 @@ pub enum ReasonError {
 }
 
 /// What kind of thing dropped the packet; decides whether NetworkPolicy can explain it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReasonClass {
     /// netfilter (iptables/nftables) and tc/BPF programs: where CNIs enforce NetworkPolicy.

@@ -8,7 +8,7 @@ use netiso_common::{
     DIRECTION_FROM_POD, DIRECTION_TO_POD, FlowTuple, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
     IPPROTO_UDP,
 };
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::reasons::ReasonClass;
 
@@ -19,7 +19,7 @@ pub enum EventKind {
     Flow,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// The packet left the pod (tc ingress of the host-side veth).
@@ -71,6 +71,9 @@ pub struct DatapathRecord {
     /// When the key's first packet was seen.
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
+    /// When its latest packet was seen.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_seen: SystemTime,
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub src_port: u16,

@@ -1,0 +1,431 @@
+//! Turns raw datapath records into flow records: names both ends as they were at the time of
+//! the packet, evaluates NetworkPolicy, and states the attribution.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::record::{Attribution, FlowRecord, FlowVerdict, PolicyVerdict};
+use crate::datapath::reasons::ReasonClass;
+use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
+use crate::inventory::Inventory;
+use crate::inventory::identity::{EndpointKind, Identity};
+use crate::inventory::timeline::PodSnapshot;
+use crate::policy::engine::DirectionReport;
+use crate::policy::{EndpointRef, Explanation, Flow, PolicyRef, Protocol, Verdict};
+
+/// What the store should do with a datapath record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreOp {
+    Insert(Box<FlowRecord>),
+    /// New cumulative counts for a record already stored.
+    Count {
+        id: u64,
+        packets: u64,
+        bytes: u64,
+        last_seen: SystemTime,
+    },
+}
+
+/// The datapath's aggregation key, as text.
+type DatapathKey = String;
+
+fn datapath_key(r: &DatapathRecord) -> DatapathKey {
+    format!(
+        "{:?}|{}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        r.event,
+        r.src_ip,
+        r.src_port,
+        r.dst_ip,
+        r.dst_port,
+        r.protocol,
+        r.icmp_type,
+        r.icmp_code,
+        r.reason,
+        r.location,
+        r.direction
+    )
+}
+
+type Conversation = (String, IpAddr, u16, IpAddr, u16);
+
+/// Record ids: nanoseconds since the epoch of the first packet, made unique and increasing, so
+/// ids sort by time and stay unique across restarts.
+#[derive(Debug)]
+pub struct Ids {
+    last: u64,
+}
+
+impl Ids {
+    pub fn after(last: u64) -> Self {
+        Ids { last }
+    }
+
+    pub fn next(&mut self, time: SystemTime) -> u64 {
+        let nanos = time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        self.last = nanos.max(self.last + 1);
+        self.last
+    }
+}
+
+pub struct Correlator {
+    inventory: Arc<Inventory>,
+    node: String,
+    ids: Ids,
+    /// Stored records of the keys the datapath is still counting.
+    active: HashMap<DatapathKey, (u64, SystemTime)>,
+    /// Recently seen conversations, to recognise replies.
+    seen: HashMap<Conversation, SystemTime>,
+    /// Entries unused for this long are forgotten (the datapath evicts idle keys sooner).
+    forget_after: Duration,
+}
+
+impl Correlator {
+    pub fn new(inventory: Arc<Inventory>, node: String, last_id: u64, forget_after: Duration) -> Self {
+        Correlator {
+            inventory,
+            node,
+            ids: Ids::after(last_id),
+            active: HashMap::new(),
+            seen: HashMap::new(),
+            forget_after,
+        }
+    }
+
+    pub fn handle(&mut self, r: &DatapathRecord) -> Option<StoreOp> {
+        let key = datapath_key(r);
+        if !r.new_key
+            && let Some((id, last)) = self.active.get_mut(&key)
+        {
+            *last = r.last_seen;
+            return Some(StoreOp::Count { id: *id, packets: r.packets, bytes: r.bytes, last_seen: r.last_seen });
+        }
+        let record = self.correlate(r)?;
+        self.active.insert(key, (record.id, r.last_seen));
+        if self.active.len() % 1024 == 0 {
+            self.forget(r.last_seen);
+        }
+        Some(StoreOp::Insert(Box::new(record)))
+    }
+
+    fn forget(&mut self, now: SystemTime) {
+        let keep = |t: &SystemTime| now.duration_since(*t).map(|d| d < self.forget_after).unwrap_or(true);
+        self.active.retain(|_, (_, last)| keep(last));
+        self.seen.retain(|_, last| keep(last));
+    }
+
+    /// A new key: who, what NetworkPolicy says, and why. `None` for a key that is not a flow
+    /// record of its own (a pod-to-local-pod flow leaving its source: its arrival is recorded).
+    pub fn correlate(&mut self, r: &DatapathRecord) -> Option<FlowRecord> {
+        let at = r.time;
+        let (source, source_pod) = self.inventory.identify(r.src_ip, r.src_port, at);
+        let (destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, at);
+        let verdict = match r.event {
+            EventKind::Drop => FlowVerdict::Dropped,
+            EventKind::Flow => FlowVerdict::Forwarded,
+        };
+        if r.event == EventKind::Flow
+            && r.direction == Some(PacketDirection::FromPod)
+            && destination.kind == EndpointKind::Pod
+            && destination.node.as_ref().is_none_or(|n| n == &self.node)
+        {
+            // Seen leaving its source towards a pod of this node: it is recorded when (and if)
+            // it arrives; if it is dropped on the way, the drop is recorded.
+            self.seen.insert(conversation(r), r.last_seen);
+            return None;
+        }
+        let is_reply = r.event == EventKind::Flow && self.seen.contains_key(&reverse(r));
+        self.seen.insert(conversation(r), r.last_seen);
+
+        let stale = self.inventory.status().stale;
+        let (policy, evidence) = self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply);
+        Some(FlowRecord {
+            id: self.ids.next(at),
+            time: at,
+            last_seen: r.last_seen,
+            node: self.node.clone(),
+            verdict,
+            protocol: r.protocol.clone(),
+            source,
+            destination,
+            icmp_type: r.icmp_type,
+            icmp_code: r.icmp_code,
+            reason: r.reason.clone(),
+            reason_class: r.reason_class,
+            location: r.location.clone(),
+            interface: r.interface.clone(),
+            direction: r.direction,
+            is_reply,
+            packets: r.packets,
+            bytes: r.bytes,
+            policy,
+            inventory_stale: stale,
+            evidence,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        r: &DatapathRecord,
+        source: &Identity,
+        destination: &Identity,
+        source_pod: Option<Arc<PodSnapshot>>,
+        destination_pod: Option<Arc<PodSnapshot>>,
+        is_reply: bool,
+    ) -> (PolicyVerdict, Option<serde_json::Value>) {
+        let dropped = r.event == EventKind::Drop;
+        let policy_drop = r.reason_class == Some(ReasonClass::Policy);
+        let Ok(protocol) = r.protocol.parse::<Protocol>() else {
+            let attribution = if dropped && !policy_drop {
+                Attribution::DroppedByKernelForNonPolicyReason
+            } else {
+                Attribution::NotApplicable
+            };
+            let summary = format!("NetworkPolicy does not govern {}", r.protocol);
+            return (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None);
+        };
+        if is_reply {
+            let summary = "reply within a connection already admitted".to_owned();
+            return (
+                PolicyVerdict {
+                    verdict: None,
+                    direction: None,
+                    attribution: Attribution::Reply,
+                    policies: vec![],
+                    summary,
+                },
+                None,
+            );
+        }
+        let end = |id: &Identity| match (&id.namespace, &id.pod) {
+            (Some(namespace), Some(name)) if id.kind == EndpointKind::Pod => {
+                EndpointRef::Pod { namespace: namespace.clone(), name: name.clone(), ip: Some(id.ip) }
+            }
+            _ => EndpointRef::Ip(id.ip),
+        };
+        let snapshots: Vec<&PodSnapshot> =
+            [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
+        let engine = self.inventory.engine_with(&snapshots);
+        let flow = Flow { from: end(source), to: end(destination), port: r.dst_port, protocol };
+        let explanation = match engine.explain(&flow) {
+            Ok(x) => x,
+            Err(e) => {
+                let summary = format!("not evaluated: {e}");
+                let attribution = if dropped && !policy_drop {
+                    Attribution::DroppedByKernelForNonPolicyReason
+                } else {
+                    Attribution::NotApplicable
+                };
+                return (
+                    PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary },
+                    None,
+                );
+            }
+        };
+        let verdict = attribute(&explanation, dropped, policy_drop);
+        let mut evidence = serde_json::json!({ "explanation": explanation });
+        if dropped {
+            let mut refs: Vec<PolicyRef> = explanation.egress.isolating_policies.clone();
+            refs.extend(explanation.ingress.isolating_policies.iter().cloned());
+            evidence["policies"] = serde_json::to_value(self.inventory.policy_objects(&refs)).unwrap_or_default();
+        }
+        (verdict, Some(evidence))
+    }
+}
+
+fn conversation(r: &DatapathRecord) -> Conversation {
+    (r.protocol.clone(), r.src_ip, r.src_port, r.dst_ip, r.dst_port)
+}
+
+fn reverse(r: &DatapathRecord) -> Conversation {
+    (r.protocol.clone(), r.dst_ip, r.dst_port, r.src_ip, r.src_port)
+}
+
+fn denied_side(x: &Explanation) -> (Option<String>, Vec<PolicyRef>) {
+    let denied: Vec<&DirectionReport> =
+        [&x.egress, &x.ingress].into_iter().filter(|d| d.verdict == Verdict::Denied).collect();
+    let direction = match denied.as_slice() {
+        [one] => Some(one.direction.as_str().to_owned()),
+        [_, _] => Some("both".to_owned()),
+        _ => None,
+    };
+    let mut policies: Vec<PolicyRef> = denied.iter().flat_map(|d| d.isolating_policies.iter().cloned()).collect();
+    policies.dedup();
+    (direction, policies)
+}
+
+/// The attribution of a flow record from the engine's explanation and what the kernel did.
+pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVerdict {
+    let summary_of = |d: &DirectionReport| d.summary.clone();
+    match x.verdict {
+        Verdict::Denied => {
+            let (direction, policies) = denied_side(x);
+            let reasons: Vec<String> =
+                [&x.egress, &x.ingress].into_iter().filter(|d| d.verdict == Verdict::Denied).map(summary_of).collect();
+            let attribution = match (dropped, policy_drop) {
+                (true, true) => Attribution::DeniedByNetworkPolicy,
+                (true, false) => Attribution::DroppedByKernelForNonPolicyReason,
+                (false, _) => Attribution::ForwardedDespiteNetworkPolicy,
+            };
+            PolicyVerdict {
+                verdict: Some(Verdict::Denied),
+                direction,
+                attribution,
+                policies,
+                summary: reasons.join("; "),
+            }
+        }
+        Verdict::Allowed => {
+            let isolated: Vec<&DirectionReport> = [&x.egress, &x.ingress].into_iter().filter(|d| d.isolated).collect();
+            let mut policies: Vec<PolicyRef> =
+                isolated.iter().flat_map(|d| d.allowed_by.iter().map(|r| r.policy.clone())).collect();
+            policies.dedup();
+            let direction = match isolated.as_slice() {
+                [one] => Some(one.direction.as_str().to_owned()),
+                [_, _] => Some("both".to_owned()),
+                _ => None,
+            };
+            let attribution = match (dropped, policy_drop, isolated.is_empty()) {
+                (true, true, _) => Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
+                (true, false, _) => Attribution::DroppedByKernelForNonPolicyReason,
+                (false, _, true) => Attribution::NotIsolated,
+                (false, _, false) => Attribution::AllowedByNetworkPolicy,
+            };
+            let summary = match attribution {
+                Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain => {
+                    "NetworkPolicy allows this flow: a firewall rule outside NetworkPolicy dropped it".to_owned()
+                }
+                _ => isolated.iter().map(|d| summary_of(d)).collect::<Vec<_>>().join("; "),
+            };
+            PolicyVerdict { verdict: Some(Verdict::Allowed), direction, attribution, policies, summary }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{Change, Kind, Object};
+
+    fn inventory() -> Arc<Inventory> {
+        let inv = Inventory::new(&[], Duration::from_secs(3600));
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/course.yaml")).unwrap();
+        let mut m = crate::inventory::manifests::Manifests::default();
+        crate::inventory::manifests::parse_into(std::path::Path::new("course.yaml"), &text, &mut m).unwrap();
+        for kind in Kind::ALL {
+            let objects: Vec<Object> = m.objects.iter().filter(|o| o.kind() == kind).cloned().collect();
+            inv.apply_at(Change::Replace(kind, objects), SystemTime::now() - Duration::from_secs(60));
+        }
+        inv
+    }
+
+    fn raw(event: EventKind, src: &str, sport: u16, dst: &str, dport: u16, protocol: &str) -> DatapathRecord {
+        let now = SystemTime::now();
+        DatapathRecord {
+            event,
+            time: now,
+            last_seen: now,
+            src_ip: src.parse().unwrap(),
+            dst_ip: dst.parse().unwrap(),
+            src_port: sport,
+            dst_port: dport,
+            protocol: protocol.into(),
+            icmp_type: None,
+            icmp_code: None,
+            reason: None,
+            reason_class: None,
+            location: None,
+            direction: None,
+            ifindex: 3,
+            interface: Some("veth30".into()),
+            packets: 1,
+            bytes: 60,
+            tcp_flags: None,
+            overflow: false,
+            new_key: true,
+            delta_packets: 1,
+            delta_bytes: 60,
+        }
+    }
+
+    fn drop(src: &str, dst: &str, dport: u16, reason: &str, class: ReasonClass) -> DatapathRecord {
+        let mut r = raw(EventKind::Drop, src, 40000, dst, dport, "TCP");
+        r.reason = Some(reason.into());
+        r.reason_class = Some(class);
+        r.location = Some("nft_do_chain+0x3e8".into());
+        r
+    }
+
+    #[test]
+    fn a_netfilter_drop_of_a_denied_flow_names_both_pods_and_the_isolating_policies() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let Some(StoreOp::Insert(rec)) =
+            c.handle(&drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy))
+        else {
+            panic!("a drop is stored")
+        };
+        assert_eq!(rec.source.pod_key().as_deref(), Some("develop/debug"));
+        assert_eq!(rec.destination.pod_key().as_deref(), Some("production/api"));
+        assert_eq!(rec.policy.attribution, Attribution::DeniedByNetworkPolicy);
+        assert_eq!(rec.policy.direction.as_deref(), Some("both"));
+        let names: Vec<String> = rec.policy.policies.iter().map(|p| p.to_string()).collect();
+        assert!(names.contains(&"production/default-deny-all".to_owned()), "{names:?}");
+        assert!(names.contains(&"production/allow-from-ingress-nginx".to_owned()), "{names:?}");
+        let evidence = rec.evidence.unwrap();
+        assert!(evidence["policies"].as_array().unwrap().len() >= 4, "the policy objects in force are kept");
+        assert_eq!(evidence["explanation"]["ingress"]["nearest_misses"][0]["kind"], "peer_only");
+    }
+
+    #[test]
+    fn other_drops_are_attributed_explicitly() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let Some(StoreOp::Insert(no_socket)) =
+            c.handle(&drop("10.244.0.40", "10.244.0.30", 9999, "NO_SOCKET", ReasonClass::Socket))
+        else {
+            panic!()
+        };
+        assert_eq!(no_socket.policy.attribution, Attribution::DroppedByKernelForNonPolicyReason);
+        let Some(StoreOp::Insert(unexplained)) =
+            c.handle(&drop("10.244.0.40", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy))
+        else {
+            panic!()
+        };
+        assert_eq!(unexplained.policy.attribution, Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain);
+        assert_eq!(unexplained.policy.verdict, Some(Verdict::Allowed));
+    }
+
+    #[test]
+    fn forwarded_flows_replies_and_count_updates() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut leaving = raw(EventKind::Flow, "10.244.0.40", 36054, "10.244.0.30", 8080, "TCP");
+        leaving.direction = Some(PacketDirection::FromPod);
+        assert_eq!(c.handle(&leaving), None, "recorded on arrival instead");
+        let mut arriving = leaving.clone();
+        arriving.direction = Some(PacketDirection::ToPod);
+        let Some(StoreOp::Insert(rec)) = c.handle(&arriving) else { panic!() };
+        assert_eq!(rec.verdict, FlowVerdict::Forwarded);
+        assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy);
+        assert_eq!(rec.policy.policies[0].name, "allow-from-ingress-nginx");
+        let mut reply = raw(EventKind::Flow, "10.244.0.30", 8080, "10.244.0.40", 36054, "TCP");
+        reply.direction = Some(PacketDirection::ToPod);
+        let Some(StoreOp::Insert(rec)) = c.handle(&reply) else { panic!() };
+        assert!(rec.is_reply);
+        assert_eq!(rec.policy.attribution, Attribution::Reply);
+        let mut more = arriving.clone();
+        more.new_key = false;
+        more.packets = 9;
+        assert!(matches!(c.handle(&more), Some(StoreOp::Count { packets: 9, .. })));
+    }
+
+    #[test]
+    fn ids_increase_with_time_and_stay_unique() {
+        let mut ids = Ids::after(0);
+        let t = UNIX_EPOCH + Duration::from_secs(100);
+        let a = ids.next(t);
+        let b = ids.next(t);
+        assert!(b > a);
+        let mut restarted = Ids::after(b);
+        assert!(restarted.next(t) > b);
+    }
+}

@@ -1,0 +1,8 @@
+//! Evidence: flow records built from datapath events and the inventory, and kept on the node.
+
+pub mod correlate;
+pub mod record;
+pub mod store;
+
+#[cfg(test)]
+mod tests;

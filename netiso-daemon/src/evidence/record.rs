@@ -1,0 +1,153 @@
+//! A flow record: what the kernel saw, who was on each end, and what NetworkPolicy says about
+//! it. One JSON shape, used by the store, the logs, the API and the CLI.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::Direction as PacketDirection;
+use crate::datapath::reasons::ReasonClass;
+use crate::inventory::identity::Identity;
+use crate::policy::{PolicyRef, Verdict};
+
+pub mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_rfc3339_nanos(*t).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Record ids are numbers too large for JSON's doubles: they travel as strings.
+pub mod id_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowVerdict {
+    Dropped,
+    Forwarded,
+}
+
+impl FlowVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowVerdict::Dropped => "dropped",
+            FlowVerdict::Forwarded => "forwarded",
+        }
+    }
+}
+
+/// What explains the record, stated explicitly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// Dropped where NetworkPolicy is enforced, and the policies deny it.
+    DeniedByNetworkPolicy,
+    /// Dropped by netfilter or tc although NetworkPolicy allows it: another firewall rule.
+    DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
+    /// Dropped by the kernel for a reason that is not policy (no socket, no route, ...).
+    DroppedByKernelForNonPolicyReason,
+    /// Forwarded, and NetworkPolicy allows it.
+    AllowedByNetworkPolicy,
+    /// Forwarded; no policy isolates either end.
+    NotIsolated,
+    /// Forwarded although the policies deny it (not enforced on this path, or not yet).
+    ForwardedDespiteNetworkPolicy,
+    /// A reply within a connection already admitted.
+    Reply,
+    /// NetworkPolicy does not govern this traffic (ICMP, other protocols).
+    NotApplicable,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyVerdict {
+    /// The engine's verdict; none when not evaluated.
+    pub verdict: Option<Verdict>,
+    /// Which side decided: `ingress`, `egress` or `both` (denied), or where the allowing
+    /// policies sit (allowed).
+    pub direction: Option<String>,
+    pub attribution: Attribution,
+    /// Denied: the isolating policies of the denying side(s). Allowed: the allowing policies.
+    pub policies: Vec<PolicyRef>,
+    pub summary: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    #[serde(with = "id_string")]
+    pub id: u64,
+    /// First packet.
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    #[serde(with = "rfc3339")]
+    pub last_seen: SystemTime,
+    pub node: String,
+    pub verdict: FlowVerdict,
+    pub protocol: String,
+    pub source: Identity,
+    pub destination: Identity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    /// The kernel's drop reason (`NETFILTER_DROP`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_class: Option<ReasonClass>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<PacketDirection>,
+    #[serde(default)]
+    pub is_reply: bool,
+    pub packets: u64,
+    pub bytes: u64,
+    pub policy: PolicyVerdict,
+    /// The inventory could not be refreshed when this record was made.
+    #[serde(default)]
+    pub inventory_stale: bool,
+    /// The evaluation trace and, for drops, the policy objects in force: kept for the evidence
+    /// bundle, left out of listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
+}
+
+impl FlowRecord {
+    /// Namespaces of both ends, for the index.
+    pub fn namespaces(&self) -> Vec<&str> {
+        let mut v: Vec<&str> =
+            [&self.source.namespace, &self.destination.namespace].into_iter().flatten().map(String::as_str).collect();
+        v.dedup();
+        v
+    }
+
+    pub fn pods(&self) -> Vec<String> {
+        let mut v: Vec<String> = [self.source.pod_key(), self.destination.pod_key()].into_iter().flatten().collect();
+        v.dedup();
+        v
+    }
+
+    pub fn policy_keys(&self) -> Vec<String> {
+        self.policy.policies.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+    }
+}

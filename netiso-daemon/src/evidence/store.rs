@@ -1,0 +1,439 @@
+//! The on-node evidence store (redb: an embedded, crash-safe B-tree store with no server).
+//! Records are keyed by id (nanoseconds of their first packet, so by time) and indexed by
+//! namespace, pod, verdict and policy; retention by age and by size; writes are batched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use thiserror::Error;
+use tokio::sync::{broadcast, mpsc};
+
+use super::correlate::StoreOp;
+use super::record::{FlowRecord, FlowVerdict};
+
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const BY_NAMESPACE: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_namespace");
+const BY_POD: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_pod");
+const BY_VERDICT: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_verdict");
+const BY_POLICY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_policy");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_BYTES: &str = "bytes";
+const META_EVICTIONS: &str = "evictions";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("evidence store {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("evidence store: {0}")]
+    Db(String),
+    #[error("evidence store: a record could not be encoded or decoded: {0}")]
+    Codec(#[from] serde_json::Error),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::DatabaseError);
+
+#[derive(Clone, Debug)]
+pub struct Retention {
+    pub max_age: Duration,
+    /// Bytes of encoded records (the store's payload; the file adds its own overhead).
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { max_age: Duration::from_secs(24 * 3600), max_bytes: 512 << 20 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub evictions: u64,
+}
+
+/// What to look for. Every filter is optional; results come newest first.
+#[derive(Clone, Debug, Default)]
+pub struct Query {
+    pub verdict: Option<FlowVerdict>,
+    /// Either end.
+    pub namespace: Option<String>,
+    pub from_namespace: Option<String>,
+    pub to_namespace: Option<String>,
+    /// `namespace/pod`.
+    pub from_pod: Option<String>,
+    pub to_pod: Option<String>,
+    /// `key=value` or `key`.
+    pub from_label: Option<String>,
+    pub to_label: Option<String>,
+    pub port: Option<u16>,
+    pub protocol: Option<String>,
+    pub reason: Option<String>,
+    /// `namespace/name`.
+    pub policy: Option<String>,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    /// Only records with a larger id (for following).
+    pub after_id: Option<u64>,
+    pub limit: usize,
+}
+
+/// The most records one query may read before it stops, whatever it found: bounded work.
+pub const MAX_SCANNED: usize = 200_000;
+
+fn label_matches(labels: &Option<crate::policy::Labels>, want: &str) -> bool {
+    let Some(labels) = labels else { return false };
+    match want.split_once('=') {
+        Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
+        None => labels.contains_key(want),
+    }
+}
+
+impl Query {
+    pub fn matches(&self, r: &FlowRecord) -> bool {
+        let ns = |want: &Option<String>, have: &Option<String>| want.as_ref().is_none_or(|w| have.as_ref() == Some(w));
+        let pod = |want: &Option<String>, id: &crate::inventory::identity::Identity| {
+            want.as_ref().is_none_or(|w| id.pod_key().as_ref() == Some(w))
+        };
+        self.verdict.is_none_or(|v| v == r.verdict)
+            && self.namespace.as_ref().is_none_or(|n| r.namespaces().contains(&n.as_str()))
+            && ns(&self.from_namespace, &r.source.namespace)
+            && ns(&self.to_namespace, &r.destination.namespace)
+            && pod(&self.from_pod, &r.source)
+            && pod(&self.to_pod, &r.destination)
+            && self.from_label.as_ref().is_none_or(|l| label_matches(&r.source.labels, l))
+            && self.to_label.as_ref().is_none_or(|l| label_matches(&r.destination.labels, l))
+            && self.port.is_none_or(|p| r.destination.port == p)
+            && self.protocol.as_ref().is_none_or(|p| r.protocol.eq_ignore_ascii_case(p))
+            && self.reason.as_ref().is_none_or(|x| r.reason.as_ref().is_some_and(|y| y.eq_ignore_ascii_case(x)))
+            && self.policy.as_ref().is_none_or(|p| r.policy_keys().contains(p))
+            && self.since.is_none_or(|s| r.last_seen >= s)
+            && self.until.is_none_or(|u| r.time <= u)
+            && self.after_id.is_none_or(|a| r.id > a)
+    }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    retention: Retention,
+}
+
+impl Store {
+    /// Opens (or creates) the store. A store that cannot be read is moved aside to
+    /// `<path>.corrupt-<unix time>` with an error log, and a fresh one is created: the daemon
+    /// keeps observing, and the old file is kept for inspection.
+    pub fn open(path: &Path, retention: Retention) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.into(),
+                message: format!("cannot create {}: {e}", dir.display()),
+            })?;
+        }
+        let open = |p: &Path| Database::builder().set_cache_size(32 << 20).create(p);
+        let db = match open(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Open { path: path.into(), message: "already open by another netiso".into() });
+            }
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                return Err(StoreError::Open {
+                    path: path.into(),
+                    message: format!("{e}; check the directory's permissions"),
+                });
+            }
+            Err(e) => {
+                let aside =
+                    PathBuf::from(format!("{}.corrupt-{}", path.display(), nanos(SystemTime::now()) / 1_000_000_000));
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e, "evidence store unreadable; moved aside, starting a fresh one");
+                std::fs::rename(path, &aside).map_err(|re| StoreError::Open {
+                    path: path.into(),
+                    message: format!("{e}; moving it aside failed: {re}"),
+                })?;
+                open(path).map_err(|e| StoreError::Open { path: path.into(), message: e.to_string() })?
+            }
+        };
+        let store = Store { db, path: path.into(), retention };
+        // Create the tables so readers never find them missing.
+        let txn = store.db.begin_write()?;
+        {
+            txn.open_table(RECORDS)?;
+            txn.open_table(META)?;
+            for t in [BY_NAMESPACE, BY_POD, BY_VERDICT, BY_POLICY] {
+                txn.open_multimap_table(t)?;
+            }
+        }
+        txn.commit()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The highest record id stored (0 for an empty store), to continue ids after a restart.
+    pub fn last_id(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RECORDS)?;
+        Ok(table.last()?.map(|(k, _)| k.value()).unwrap_or(0))
+    }
+
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?.len()?;
+        let meta = txn.open_table(META)?;
+        let get = |k: &str| -> Result<u64, StoreError> { Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0)) };
+        Ok(StoreStats { records, bytes: get(META_BYTES)?, evictions: get(META_EVICTIONS)? })
+    }
+
+    /// Applies a batch of operations in one transaction.
+    pub fn write(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut meta = txn.open_table(META)?;
+            let mut by_ns = txn.open_multimap_table(BY_NAMESPACE)?;
+            let mut by_pod = txn.open_multimap_table(BY_POD)?;
+            let mut by_verdict = txn.open_multimap_table(BY_VERDICT)?;
+            let mut by_policy = txn.open_multimap_table(BY_POLICY)?;
+            let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
+            for op in ops {
+                match op {
+                    StoreOp::Insert(r) => {
+                        let encoded = serde_json::to_vec(r)?;
+                        if let Some(old) = records.insert(r.id, encoded.as_slice())? {
+                            bytes = bytes.saturating_sub(old.value().len() as u64);
+                        }
+                        bytes += encoded.len() as u64;
+                        for ns in r.namespaces() {
+                            by_ns.insert(ns, r.id)?;
+                        }
+                        for pod in r.pods() {
+                            by_pod.insert(pod.as_str(), r.id)?;
+                        }
+                        by_verdict.insert(r.verdict.as_str(), r.id)?;
+                        for p in r.policy_keys() {
+                            by_policy.insert(p.as_str(), r.id)?;
+                        }
+                    }
+                    StoreOp::Count { id, packets, bytes: b, last_seen } => {
+                        let Some(existing) = records.get(*id)?.map(|v| v.value().to_vec()) else { continue };
+                        let mut r: FlowRecord = serde_json::from_slice(&existing)?;
+                        r.packets = *packets;
+                        r.bytes = *b;
+                        r.last_seen = *last_seen;
+                        let encoded = serde_json::to_vec(&r)?;
+                        bytes = bytes.saturating_sub(existing.len() as u64) + encoded.len() as u64;
+                        records.insert(*id, encoded.as_slice())?;
+                    }
+                }
+            }
+            meta.insert(META_BYTES, bytes)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes records older than the retention age, then the oldest until the payload fits the
+    /// size limit. Returns how many were removed.
+    pub fn enforce_retention(&self, now: SystemTime) -> Result<u64, StoreError> {
+        let cutoff = nanos(now.checked_sub(self.retention.max_age).unwrap_or(UNIX_EPOCH));
+        let txn = self.db.begin_write()?;
+        let removed;
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut meta = txn.open_table(META)?;
+            let mut by_ns = txn.open_multimap_table(BY_NAMESPACE)?;
+            let mut by_pod = txn.open_multimap_table(BY_POD)?;
+            let mut by_verdict = txn.open_multimap_table(BY_VERDICT)?;
+            let mut by_policy = txn.open_multimap_table(BY_POLICY)?;
+            let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
+            let mut count = 0u64;
+            loop {
+                let Some((id, encoded)) = records.first()?.map(|(k, v)| (k.value(), v.value().to_vec())) else { break };
+                if id >= cutoff && bytes <= self.retention.max_bytes {
+                    break;
+                }
+                records.remove(id)?;
+                bytes = bytes.saturating_sub(encoded.len() as u64);
+                count += 1;
+                if let Ok(r) = serde_json::from_slice::<FlowRecord>(&encoded) {
+                    for ns in r.namespaces() {
+                        by_ns.remove(ns, id)?;
+                    }
+                    for pod in r.pods() {
+                        by_pod.remove(pod.as_str(), id)?;
+                    }
+                    by_verdict.remove(r.verdict.as_str(), id)?;
+                    for p in r.policy_keys() {
+                        by_policy.remove(p.as_str(), id)?;
+                    }
+                }
+            }
+            let evictions = meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0) + count;
+            meta.insert(META_BYTES, bytes)?;
+            meta.insert(META_EVICTIONS, evictions)?;
+            removed = count;
+        }
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<FlowRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RECORDS)?;
+        Ok(match table.get(id)? {
+            Some(v) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        })
+    }
+
+    /// Records matching `q`, newest first, at most `q.limit`. Reads through the most selective
+    /// index the query allows, and at most [`MAX_SCANNED`] records.
+    pub fn query(&self, q: &Query) -> Result<Vec<FlowRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let index: Option<(MultimapTableDefinition<&str, u64>, String)> =
+            if let Some(p) = q.from_pod.as_ref().or(q.to_pod.as_ref()) {
+                Some((BY_POD, p.clone()))
+            } else if let Some(p) = &q.policy {
+                Some((BY_POLICY, p.clone()))
+            } else if let Some(ns) = q.namespace.as_ref().or(q.from_namespace.as_ref()).or(q.to_namespace.as_ref()) {
+                Some((BY_NAMESPACE, ns.clone()))
+            } else {
+                q.verdict.map(|v| (BY_VERDICT, v.as_str().to_owned()))
+            };
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut out = Vec::new();
+        let mut consider = |encoded: &[u8]| -> Result<bool, StoreError> {
+            let r: FlowRecord = serde_json::from_slice(encoded)?;
+            if q.matches(&r) {
+                out.push(r);
+            }
+            Ok(out.len() < limit)
+        };
+        let low = q
+            .after_id
+            .map(|a| a + 1)
+            .unwrap_or(0)
+            .max(q.since.map(|s| nanos(s).saturating_sub(86_400_000_000_000)).unwrap_or(0));
+        match index {
+            Some((table, key)) => {
+                let index = txn.open_multimap_table(table)?;
+                for id in index.get(key.as_str())?.rev().take(MAX_SCANNED) {
+                    let id = id?.value();
+                    if id < low {
+                        break;
+                    }
+                    if let Some(v) = records.get(id)?
+                        && !consider(v.value())?
+                    {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for entry in records.range(low..)?.rev().take(MAX_SCANNED) {
+                    let (_, v) = entry?;
+                    if !consider(v.value())? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Handle of the writer task: send operations; subscribers get every inserted record.
+#[derive(Clone)]
+pub struct StoreWriter {
+    ops: mpsc::Sender<StoreOp>,
+    pub inserted: broadcast::Sender<Arc<FlowRecord>>,
+}
+
+impl StoreWriter {
+    pub async fn send(&self, op: StoreOp) {
+        // A closed channel means shutdown is under way.
+        let _ = self.ops.send(op).await;
+    }
+}
+
+/// Runs the writer: batches operations (up to `batch` or every `flush`), enforces retention
+/// every `retention_every`, and returns when every sender is gone, after writing what it holds.
+pub fn spawn_writer(
+    store: Arc<Store>,
+    flush: Duration,
+    retention_every: Duration,
+) -> (StoreWriter, tokio::task::JoinHandle<()>) {
+    const BATCH: usize = 512;
+    let (tx, mut rx) = mpsc::channel::<StoreOp>(8192);
+    let (inserted, _) = broadcast::channel(1024);
+    let announce = inserted.clone();
+    let task = tokio::spawn(async move {
+        let mut last_retention = std::time::Instant::now();
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let first = tokio::time::timeout(flush, rx.recv()).await;
+            let closed = matches!(first, Ok(None));
+            if let Ok(Some(op)) = first {
+                batch.push(op);
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let store = store.clone();
+                let ops = std::mem::take(&mut batch);
+                let written = tokio::task::spawn_blocking(move || store.write(&ops).map(|_| ops)).await;
+                match written {
+                    Ok(Ok(ops)) => {
+                        for op in ops {
+                            if let StoreOp::Insert(r) = op {
+                                let _ = announce.send(Arc::from(r));
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "evidence store write failed; batch dropped"),
+                    Err(e) => tracing::error!(error = %e, "evidence store writer panicked"),
+                }
+            }
+            if last_retention.elapsed() >= retention_every {
+                last_retention = std::time::Instant::now();
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.enforce_retention(SystemTime::now())).await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "evidence retention"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "evidence retention failed"),
+                    _ => {}
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+    });
+    (StoreWriter { ops: tx, inserted }, task)
+}

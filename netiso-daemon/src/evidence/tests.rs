@@ -1,0 +1,242 @@
+//! The store: records survive a reopen, indexes answer filters, retention removes by age and
+//! size, and an unreadable file is moved aside.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::correlate::StoreOp;
+use super::record::{Attribution, FlowRecord, FlowVerdict, PolicyVerdict};
+use super::store::{Query, Retention, Store};
+use crate::inventory::identity::{EndpointKind, Identity};
+use crate::policy::PolicyRef;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("netiso-store-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pod(ns: &str, name: &str, ip: &str, port: u16) -> Identity {
+    Identity {
+        kind: EndpointKind::Pod,
+        namespace: Some(ns.into()),
+        pod: Some(name.into()),
+        workload: None,
+        labels: Some([("app".to_owned(), name.to_owned())].into()),
+        node: None,
+        service: None,
+        ip: ip.parse().unwrap(),
+        port,
+    }
+}
+
+fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: Option<&str>) -> FlowRecord {
+    let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(id);
+    FlowRecord {
+        id,
+        time,
+        last_seen: time,
+        node: "n".into(),
+        verdict,
+        protocol: "TCP".into(),
+        source: from,
+        destination: to,
+        icmp_type: None,
+        icmp_code: None,
+        reason: (verdict == FlowVerdict::Dropped).then(|| "NETFILTER_DROP".into()),
+        reason_class: None,
+        location: None,
+        interface: None,
+        direction: None,
+        is_reply: false,
+        packets: 1,
+        bytes: 60,
+        policy: PolicyVerdict {
+            verdict: None,
+            direction: None,
+            attribution: Attribution::DeniedByNetworkPolicy,
+            policies: policy
+                .map(|p| {
+                    let (ns, name) = p.split_once('/').unwrap();
+                    vec![PolicyRef { namespace: ns.into(), name: name.into(), resource_version: Some("7".into()) }]
+                })
+                .unwrap_or_default(),
+            summary: String::new(),
+        },
+        inventory_stale: false,
+        evidence: None,
+    }
+}
+
+fn now_id(offset_secs: u64) -> u64 {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    now - offset_secs * 1_000_000_000
+}
+
+#[test]
+fn records_survive_a_reopen_and_are_found_by_every_index() {
+    let dir = TempDir::new("reopen");
+    let path = dir.0.join("evidence.redb");
+    let (a, b, c) = (now_id(30), now_id(20), now_id(10));
+    {
+        let store = Store::open(&path, Retention::default()).unwrap();
+        store
+            .write(&[
+                StoreOp::Insert(Box::new(record(
+                    a,
+                    FlowVerdict::Dropped,
+                    pod("develop", "debug", "10.0.0.1", 40000),
+                    pod("production", "api", "10.0.0.2", 8080),
+                    Some("production/deny"),
+                ))),
+                StoreOp::Insert(Box::new(record(
+                    b,
+                    FlowVerdict::Forwarded,
+                    pod("ingress-nginx", "controller", "10.0.0.3", 40001),
+                    pod("production", "api", "10.0.0.2", 8080),
+                    None,
+                ))),
+                StoreOp::Insert(Box::new(record(
+                    c,
+                    FlowVerdict::Forwarded,
+                    pod("develop", "debug", "10.0.0.1", 40002),
+                    pod("kube-system", "dns", "10.0.0.4", 53),
+                    None,
+                ))),
+                StoreOp::Count { id: b, packets: 42, bytes: 4200, last_seen: SystemTime::now() },
+            ])
+            .unwrap();
+    }
+    let store = Store::open(&path, Retention::default()).unwrap();
+    assert_eq!(store.last_id().unwrap(), c);
+    assert_eq!(store.stats().unwrap().records, 3);
+    let ids = |q: Query| store.query(&q).unwrap().iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(Query::default()), vec![c, b, a], "newest first");
+    assert_eq!(ids(Query { verdict: Some(FlowVerdict::Dropped), ..Default::default() }), vec![a]);
+    assert_eq!(ids(Query { namespace: Some("production".into()), ..Default::default() }), vec![b, a]);
+    assert_eq!(ids(Query { from_pod: Some("develop/debug".into()), ..Default::default() }), vec![c, a]);
+    assert_eq!(
+        ids(Query {
+            to_pod: Some("production/api".into()),
+            verdict: Some(FlowVerdict::Forwarded),
+            ..Default::default()
+        }),
+        vec![b]
+    );
+    assert_eq!(ids(Query { policy: Some("production/deny".into()), ..Default::default() }), vec![a]);
+    assert_eq!(ids(Query { from_label: Some("app=controller".into()), ..Default::default() }), vec![b]);
+    assert_eq!(ids(Query { port: Some(53), ..Default::default() }), vec![c]);
+    assert_eq!(ids(Query { limit: 1, ..Default::default() }), vec![c]);
+    assert_eq!(ids(Query { after_id: Some(b), ..Default::default() }), vec![c]);
+    assert_eq!(store.get(b).unwrap().unwrap().packets, 42);
+}
+
+#[test]
+fn retention_removes_by_age_and_by_size_and_counts_evictions() {
+    let dir = TempDir::new("retention");
+    let path = dir.0.join("evidence.redb");
+    let store = Store::open(&path, Retention { max_age: Duration::from_secs(3600), max_bytes: 1 << 30 }).unwrap();
+    let old = now_id(7200);
+    let recent: Vec<u64> = (1..=5).map(|i| now_id(100 - i)).collect();
+    let mut ops = vec![StoreOp::Insert(Box::new(record(
+        old,
+        FlowVerdict::Dropped,
+        pod("a", "x", "10.0.0.1", 1),
+        pod("b", "y", "10.0.0.2", 2),
+        Some("b/p"),
+    )))];
+    ops.extend(recent.iter().map(|&id| {
+        StoreOp::Insert(Box::new(record(
+            id,
+            FlowVerdict::Forwarded,
+            pod("a", "x", "10.0.0.1", 1),
+            pod("b", "y", "10.0.0.2", 2),
+            None,
+        )))
+    }));
+    store.write(&ops).unwrap();
+    assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 1);
+    assert!(store.get(old).unwrap().is_none());
+    assert!(
+        store.query(&Query { policy: Some("b/p".into()), ..Default::default() }).unwrap().is_empty(),
+        "index entries go too"
+    );
+    drop(store);
+
+    let one = serde_json::to_vec(&record(
+        1,
+        FlowVerdict::Forwarded,
+        pod("a", "x", "10.0.0.1", 1),
+        pod("b", "y", "10.0.0.2", 2),
+        None,
+    ))
+    .unwrap()
+    .len() as u64;
+    let store =
+        Store::open(&path, Retention { max_age: Duration::from_secs(3600), max_bytes: one * 2 + one / 2 }).unwrap();
+    assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 3);
+    let left: Vec<u64> = store.query(&Query::default()).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(left, vec![recent[4], recent[3]], "the newest are kept");
+    assert_eq!(store.stats().unwrap().evictions, 4);
+}
+
+#[test]
+fn an_unreadable_store_is_moved_aside_and_a_fresh_one_works() {
+    let dir = TempDir::new("corrupt");
+    let path = dir.0.join("evidence.redb");
+    std::fs::write(&path, vec![0xa5u8; 64 * 1024]).unwrap();
+    let store = Store::open(&path, Retention::default()).unwrap();
+    store
+        .write(&[StoreOp::Insert(Box::new(record(
+            now_id(1),
+            FlowVerdict::Dropped,
+            pod("a", "x", "10.0.0.1", 1),
+            pod("b", "y", "10.0.0.2", 2),
+            None,
+        )))])
+        .unwrap();
+    assert_eq!(store.stats().unwrap().records, 1);
+    let aside: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("evidence.redb.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept for inspection");
+}
+
+#[tokio::test]
+async fn the_writer_batches_and_announces_inserts() {
+    let dir = TempDir::new("writer");
+    let store = Arc::new(Store::open(&dir.0.join("e.redb"), Retention::default()).unwrap());
+    let (writer, task) =
+        super::store::spawn_writer(store.clone(), Duration::from_millis(20), Duration::from_secs(3600));
+    let mut announced = writer.inserted.subscribe();
+    for i in 0..100u64 {
+        writer
+            .send(StoreOp::Insert(Box::new(record(
+                now_id(200) + i,
+                FlowVerdict::Forwarded,
+                pod("a", "x", "10.0.0.1", 1),
+                pod("b", "y", "10.0.0.2", 2),
+                None,
+            ))))
+            .await;
+    }
+    let first = tokio::time::timeout(Duration::from_secs(5), announced.recv()).await.unwrap().unwrap();
+    assert_eq!(first.source.pod.as_deref(), Some("x"));
+    drop(writer);
+    task.await.unwrap();
+    assert_eq!(store.stats().unwrap().records, 100);
+}
