@@ -29,9 +29,10 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(netns: &str, args: &[&str]) -> Self {
+    fn start(netns: &str, store: &std::path::Path, args: &[&str]) -> Self {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_netiso"), "run", "--log-format", "json"])
+            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_netiso"), "run", "--log-format", "json", "--store"])
+            .arg(store)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -95,7 +96,8 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
     let _cleanup = Namespaces(vec![node.clone(), pod.clone()]);
     ip(&["netns", "add", &pod]);
     ip(&["-n", &node, "link", "set", "lo", "up"]);
-    let mut daemon = Daemon::start(&node, &["--flow-map-entries", "4", "--drain-interval", "200ms"]);
+    let store = std::env::temp_dir().join(format!("{tag}.redb"));
+    let mut daemon = Daemon::start(&node, &store, &["--flow-map-entries", "4", "--drain-interval", "200ms"]);
 
     // A pod interface appears after netiso started.
     ip(&["-n", &node, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod]);
@@ -132,4 +134,5 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
         "each map-full loss is counted and reported: {stats}"
     );
     assert_eq!(stats["ringbuf_full"].as_u64(), Some(0));
+    let _ = std::fs::remove_file(&store);
 }

@@ -54,6 +54,13 @@ fn count_loss(index: u32) {
     }
 }
 
+/// First sightings are rare and order flows (a reply must sort after its request), so they get
+/// the precise clock even where later packets use the coarse one.
+fn precise_now() -> u64 {
+    // SAFETY: a helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
 /// What one packet adds to its key's counters.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -68,7 +75,7 @@ fn add(counters: *mut Counters, sample: Sample) {
     // writes (see `count_loss`).
     let c = unsafe { &mut *counters };
     if c.packets == 0 {
-        c.first_seen_ns = sample.now;
+        c.first_seen_ns = precise_now();
     }
     c.packets += 1;
     c.bytes += sample.len as u64;
@@ -95,7 +102,7 @@ fn record<K>(
     let first = Counters {
         packets: 1,
         bytes: sample.len as u64,
-        first_seen_ns: sample.now,
+        first_seen_ns: precise_now(),
         last_seen_ns: sample.now,
         ifindex: sample.ifindex,
         tcp_flags: sample.tcp_flags,

@@ -59,12 +59,18 @@ struct Bench {
     sender_ns: String,
     receiver_ns: String,
     helper: std::path::PathBuf,
+    /// netiso's evidence store for the run (removed afterwards).
+    store: std::path::PathBuf,
 }
 
 impl Bench {
     fn setup(id: &str, helper: &Path) -> anyhow::Result<Self> {
-        let bench =
-            Bench { sender_ns: format!("nb-{id}-tx"), receiver_ns: format!("nb-{id}-rx"), helper: helper.into() };
+        let bench = Bench {
+            sender_ns: format!("nb-{id}-tx"),
+            receiver_ns: format!("nb-{id}-rx"),
+            helper: helper.into(),
+            store: std::env::temp_dir().join(format!("netiso-bench-{id}.redb")),
+        };
         bench.teardown();
         sh::ip(&["netns", "add", &bench.sender_ns])?;
         sh::ip(&["netns", "add", &bench.receiver_ns])?;
@@ -112,6 +118,7 @@ impl Bench {
     }
 
     fn teardown(&self) {
+        let _ = std::fs::remove_file(&self.store);
         for ns in [&self.sender_ns, &self.receiver_ns] {
             for pid in sh::netns_pids(ns) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
@@ -267,7 +274,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
             eprintln!("{size}-byte packets, round {}/{rounds}: without netiso", round + 1);
             without.push(bench.blast(SINK_PORT, seconds, size)?);
             eprintln!("{size}-byte packets, round {}/{rounds}: with netiso", round + 1);
-            let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &[], Some(DAEMON_CPU))?;
+            let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
             with.push(bench.blast(SINK_PORT, seconds, size)?);
             observer.stop()?;
         }
@@ -277,7 +284,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
     eprintln!("per-packet program cost");
     let tc_ns_per_packet = {
         let _stats = BpfStats::enable()?;
-        let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &[], Some(DAEMON_CPU))?;
+        let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
         bench.blast(SINK_PORT, seconds, PACKET_SIZES[0])?;
         let (runs, ns) = program_stats("flows_from_pod")?;
         observer.stop()?;
@@ -286,8 +293,13 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
 
     eprintln!("drop flood");
     let stats = BpfStats::enable()?;
-    let mut observer =
-        Observer::start_on(netiso, &bench.receiver_ns, &["--drop-reasons", "NETFILTER_DROP"], Some(DAEMON_CPU))?;
+    let mut observer = Observer::start_on(
+        netiso,
+        &bench.receiver_ns,
+        &bench.store,
+        &["--drop-reasons", "NETFILTER_DROP"],
+        Some(DAEMON_CPU),
+    )?;
     let pid = observer.pid();
     let nft_before = bench.nft_dropped()?;
     let cpu_before = cpu_seconds(pid)?;

@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::lab::{self, Lab};
-use crate::observer::Observer;
 
 fn show(r: &serde_json::Value) -> String {
     let endpoint = |ip: &serde_json::Value, port: &serde_json::Value| {
@@ -44,7 +43,7 @@ pub fn run(lab: &Lab) -> anyhow::Result<ExitCode> {
 
 fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
     println!("== starting `netiso run` in the node namespace {}", lab.node_ns());
-    let mut observer = Observer::start(netiso, &lab.node_ns(), &[])?;
+    let mut observer = lab.observe(netiso, &[])?;
     println!("== driving the scenario's traffic (expected verdicts come from the policies)");
     let results = lab.traffic()?;
     for r in &results {

@@ -18,13 +18,20 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// Starts `netiso run --log-format json` in `netns` and waits until its programs are attached.
-    pub fn start(netiso: &Path, netns: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
-        Self::start_on(netiso, netns, extra_args, None)
+    /// Starts `netiso run --log-format json --store STORE` in `netns` and waits until its
+    /// programs are attached.
+    pub fn start(netiso: &Path, netns: &str, store: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(netiso, netns, store, extra_args, None)
     }
 
     /// As [`Observer::start`], with the daemon pinned to one CPU (for benchmarks).
-    pub fn start_on(netiso: &Path, netns: &str, extra_args: &[&str], cpu: Option<usize>) -> anyhow::Result<Self> {
+    pub fn start_on(
+        netiso: &Path,
+        netns: &str,
+        store: &Path,
+        extra_args: &[&str],
+        cpu: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", netns]);
         if let Some(cpu) = cpu {
@@ -32,7 +39,8 @@ impl Observer {
         }
         let mut child = command
             .arg(netiso)
-            .args(["run", "--log-format", "json"])
+            .args(["run", "--log-format", "json", "--store"])
+            .arg(store)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

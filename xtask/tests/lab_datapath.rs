@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use xtask::lab::{self, Lab, ProbeKind};
-use xtask::observer::Observer;
 
 fn unique_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
@@ -42,7 +41,7 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
     let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
     let netiso = xtask::build::netiso(false).expect("netiso builds");
     let guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
-    let mut observer = Observer::start(&netiso, &lab.node_ns(), &[]).expect("netiso starts");
+    let mut observer = lab.observe(&netiso, &[]).expect("netiso starts");
 
     let results = lab.traffic().unwrap();
     for r in &results {
@@ -88,12 +87,13 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let drop = records.iter().find(|r| r["event"] == "drop" && r["src_port"] == blocked_tcp.source_port).unwrap();
-    assert_eq!(drop["src_ip"], "10.244.0.10");
-    assert_eq!(drop["dst_ip"], "10.244.0.30");
-    assert_eq!(drop["dst_port"], 8080);
-    assert_eq!(drop["protocol"], "TCP");
-    assert!(drop["location"].as_str().unwrap().starts_with("nft_do_chain+0x"), "{drop}");
+    let drop_record =
+        records.iter().find(|r| r["event"] == "drop" && r["src_port"] == blocked_tcp.source_port).unwrap();
+    assert_eq!(drop_record["src_ip"], "10.244.0.10");
+    assert_eq!(drop_record["dst_ip"], "10.244.0.30");
+    assert_eq!(drop_record["dst_port"], 8080);
+    assert_eq!(drop_record["protocol"], "TCP");
+    assert!(drop_record["location"].as_str().unwrap().starts_with("nft_do_chain+0x"), "{drop_record}");
 
     assert!(status.success(), "netiso exited with {status}: {:?}", observer.diagnostics());
     assert!(observer.diagnostics().iter().any(|l| l.contains("all programs detached")));
@@ -108,6 +108,49 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
         left = ours();
     }
     assert!(left.is_empty(), "left behind after SIGTERM: {left:?}");
+
+    // The evidence store holds the same story with identities and attribution.
+    let store = netiso::evidence::store::Store::open(&lab.store_path(), Default::default()).unwrap();
+    let query = |q: netiso::evidence::store::Query| store.query(&q).unwrap();
+    use netiso::evidence::record::{Attribution, FlowVerdict};
+    use netiso::evidence::store::Query;
+    let dropped = query(Query {
+        verdict: Some(FlowVerdict::Dropped),
+        from_pod: Some("develop/debug".into()),
+        to_pod: Some("production/api".into()),
+        port: Some(8080),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    });
+    let record =
+        dropped.iter().find(|r| r.source.ip.to_string() == "10.244.0.10").expect("the blocked TCP flow is a record");
+    assert_eq!(record.reason.as_deref(), Some("NETFILTER_DROP"));
+    assert_eq!(record.policy.attribution, Attribution::DeniedByNetworkPolicy);
+    assert_eq!(record.policy.direction.as_deref(), Some("both"), "develop's egress and production's ingress both deny");
+    let policies: Vec<String> = record.policy.policies.iter().map(|p| p.to_string()).collect();
+    for name in ["production/default-deny-all", "production/allow-from-ingress-nginx", "develop/default-deny-all"] {
+        assert!(policies.contains(&name.to_owned()), "{name} missing from {policies:?}");
+    }
+    assert_eq!(record.source.labels.as_ref().unwrap()["app"], "debug");
+    let forwarded = |from: &str, to: &str, port: u16| {
+        query(Query {
+            verdict: Some(FlowVerdict::Forwarded),
+            from_pod: Some(from.into()),
+            to_pod: Some(to.into()),
+            port: Some(port),
+            ..Default::default()
+        })
+    };
+    let ingress = forwarded("ingress-nginx/controller", "production/api", 8080);
+    assert!(!ingress.is_empty(), "ingress-nginx -> production/api is recorded as forwarded");
+    assert_eq!(ingress[0].policy.attribution, Attribution::AllowedByNetworkPolicy);
+    assert!(ingress[0].policy.policies.iter().any(|p| p.name == "allow-from-ingress-nginx"));
+    let dns = forwarded("develop/debug", "kube-system/coredns", 53);
+    assert!(
+        dns.iter().any(|r| r.protocol == "UDP") && dns.iter().any(|r| r.protocol == "TCP"),
+        "DNS over UDP and TCP is recorded"
+    );
+    drop(store);
 
     guard.down().unwrap();
     let leftover: Vec<String> = Command::new("ip")

@@ -1,7 +1,10 @@
-//! `netiso run`: the node daemon.
+//! `netiso run`: the node daemon. Kernel events flow datapath → inventory → policy → evidence →
+//! export: raw records to stdout, flow records into the evidence store.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,7 +13,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::LogFormat;
 use crate::datapath::{Datapath, DatapathConfig};
+use crate::evidence::correlate::Correlator;
+use crate::evidence::store::{self, Retention, Store};
 use crate::export::log::{self, RecordWriter};
+use crate::inventory::{Inventory, Kind, kubernetes, manifests};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -36,6 +42,44 @@ pub struct RunArgs {
     /// Keys idle this long leave the kernel maps.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Take the inventory from these manifests (file or directory, reloaded on change) instead
+    /// of the Kubernetes API.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API (default: in-cluster config, then KUBECONFIG).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as in the Node object.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The evidence store.
+    #[arg(long, default_value = "/var/lib/netiso/evidence.redb")]
+    pub store: PathBuf,
+    /// Keep evidence this long.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Keep at most this many bytes of evidence (e.g. 512MiB, 2GiB).
+    #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
+    pub store_max_bytes: u64,
+}
+
+/// `512MiB`, `2GiB`, `100MB`, `4096`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a size like 512MiB"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -48,6 +92,52 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve(args))
 }
 
+fn node_name(args: &RunArgs) -> String {
+    args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "node".into())
+    })
+}
+
+/// Starts the inventory's source: manifests when given, else the Kubernetes API when a
+/// configuration is found. Without either, flows are recorded with addresses only.
+async fn start_inventory(args: &RunArgs) -> anyhow::Result<Arc<Inventory>> {
+    if let Some(path) = &args.manifests {
+        // Read once up front so a bad path fails the start instead of a background task.
+        manifests::load(path).with_context(|| format!("reading manifests from {}", path.display()))?;
+        let inventory = Inventory::new(&Kind::ALL, args.retention);
+        tokio::spawn(manifests::follow(path.clone(), inventory.clone(), Duration::from_secs(1)));
+        return Ok(inventory);
+    }
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Some(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .context("loading kubeconfig")?,
+            )
+        }
+        None => kube::Config::infer().await.ok(),
+    };
+    match config {
+        Some(config) => {
+            let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+            let inventory = Inventory::new(&Kind::ALL, args.retention);
+            kubernetes::spawn(client, inventory.clone());
+            Ok(inventory)
+        }
+        None => {
+            tracing::warn!(
+                "no Kubernetes configuration (in-cluster or KUBECONFIG) and no --manifests: flows are recorded with addresses only"
+            );
+            Ok(Inventory::new(&[], args.retention))
+        }
+    }
+}
+
 async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = DatapathConfig {
         interface_patterns: args.interfaces.clone(),
@@ -58,13 +148,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         idle_timeout: args.idle_timeout,
     };
     let datapath = Datapath::load(config).await?;
+    let inventory = start_inventory(&args).await?;
+    let retention = Retention { max_age: args.retention, max_bytes: args.store_max_bytes };
+    let store = Arc::new(Store::open(&args.store, retention)?);
+    let mut correlator = Correlator::new(inventory.clone(), node_name(&args), store.last_id()?, args.idle_timeout * 2);
+    let (writer, writer_task) = store::spawn_writer(store.clone(), Duration::from_millis(200), Duration::from_secs(30));
+
     let stats = datapath.stats();
     let (records_tx, mut records_rx) = mpsc::channel(4096);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut datapath_task = tokio::spawn(datapath.run(records_tx, shutdown_rx, Some(ready_tx)));
 
-    let writer = RecordWriter::new(args.log_format);
+    let printer = RecordWriter::new(args.log_format);
     let mut stdout = std::io::stdout();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ready_rx = Some(ready_rx);
@@ -73,15 +169,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
             ready = async { ready_rx.as_mut().expect("ready once").await }, if ready_rx.is_some() => {
                 ready_rx = None;
                 if let Ok(interfaces) = ready {
-                    tracing::info!(interfaces = ?interfaces, "datapath ready");
+                    tracing::info!(interfaces = ?interfaces, store = %store.path().display(), "datapath ready");
                 }
             }
             record = records_rx.recv() => match record {
-                Some(record) if record.new_key => {
-                    writer.write(&mut stdout, &record)?;
-                    stdout.flush()?;
+                Some(record) => {
+                    if record.new_key {
+                        printer.write(&mut stdout, &record)?;
+                        stdout.flush()?;
+                    }
+                    if let Some(op) = correlator.handle(&record) {
+                        writer.send(op).await;
+                    }
                 }
-                Some(_) => {}
                 None => break Ok(()),
             },
             _ = tokio::signal::ctrl_c() => break Ok(()),
@@ -89,13 +189,16 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
             finished = &mut datapath_task => break finished.context("datapath task")?.map_err(anyhow::Error::from),
         }
     };
-    // Stop the datapath, print what its final drain produced, then let it detach.
+    // Stop the datapath, handle what its final drain produced, then let it detach.
     let _ = shutdown_tx.send(true);
     if !datapath_task.is_finished() {
         let drain = async {
             while let Some(record) = records_rx.recv().await {
                 if record.new_key {
-                    writer.write(&mut stdout, &record)?;
+                    printer.write(&mut stdout, &record)?;
+                }
+                if let Some(op) = correlator.handle(&record) {
+                    writer.send(op).await;
                 }
             }
             anyhow::Ok(())
@@ -104,6 +207,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         drained?;
         done.context("datapath task")??;
     }
+    drop(writer);
+    writer_task.await.context("evidence writer")?;
     result?;
     let stats = stats.lock().expect("stats lock").clone();
     tracing::info!(
@@ -118,4 +223,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         "stopped; all programs detached"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("100MB"), Ok(100_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
 }

@@ -605,6 +605,8 @@ fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counters>) -> Counters {
         total.bytes += c.bytes;
         total.tcp_flags |= c.tcp_flags;
     }
+    // Flows stamp later packets with the coarse clock, which may lag the precise first sighting.
+    total.last_seen_ns = total.last_seen_ns.max(total.first_seen_ns);
     total
 }
 

@@ -74,6 +74,19 @@ impl Lab {
         self.out_dir.join("cluster.yaml")
     }
 
+    pub fn store_path(&self) -> PathBuf {
+        self.out_dir.join("evidence.redb")
+    }
+
+    /// Starts `netiso run` in the node namespace with the lab's manifests as its inventory.
+    pub fn observe(&self, netiso: &Path, extra_args: &[&str]) -> anyhow::Result<crate::observer::Observer> {
+        let manifests = self.manifests_path();
+        let mut args =
+            vec!["--manifests", manifests.to_str().context("manifests path is not UTF-8")?, "--node-name", "lab"];
+        args.extend_from_slice(extra_args);
+        crate::observer::Observer::start(netiso, &self.node_ns(), &self.store_path(), &args)
+    }
+
     /// Builds the scenario from scratch (removing any earlier instance with the same id).
     pub fn up(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
         self.down()?;
