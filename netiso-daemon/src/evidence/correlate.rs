@@ -103,7 +103,7 @@ impl Correlator {
         }
         let record = self.correlate(r)?;
         self.active.insert(key, (record.id, r.last_seen));
-        if self.active.len() % 1024 == 0 {
+        if self.active.len().is_multiple_of(1024) {
             self.forget(r.last_seen);
         }
         Some(StoreOp::Insert(Box::new(record)))
@@ -427,5 +427,63 @@ mod tests {
         assert!(b > a);
         let mut restarted = Ids::after(b);
         assert!(restarted.next(t) > b);
+    }
+}
+
+#[cfg(test)]
+mod reuse_tests {
+    use super::*;
+    use crate::inventory::{Change, Kind, Object};
+
+    fn pod(name: &str, uid: &str, ip: &str) -> Object {
+        Object::Pod(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": name}},
+                "status": {"podIP": ip}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_drop_stamped_while_pod_a_held_the_address_names_a_after_b_took_it() {
+        let inv = Inventory::new(&[Kind::Pod], Duration::from_secs(3600));
+        let t0 = SystemTime::now() - Duration::from_secs(600);
+        inv.apply_at(Change::Replace(Kind::Pod, vec![pod("cart", "uid-a", "10.3.0.9")]), t0);
+        inv.apply_at(Change::Delete(pod("cart", "uid-a", "10.3.0.9")), t0 + Duration::from_secs(100));
+        inv.apply_at(Change::Apply(pod("search", "uid-b", "10.3.0.9")), t0 + Duration::from_secs(110));
+        let mut c = Correlator::new(inv, "n".into(), 0, Duration::from_secs(300));
+        let at = t0 + Duration::from_secs(50);
+        let r = DatapathRecord {
+            event: EventKind::Drop,
+            time: at,
+            last_seen: at,
+            src_ip: "10.3.0.9".parse().unwrap(),
+            dst_ip: "203.0.113.1".parse().unwrap(),
+            src_port: 1234,
+            dst_port: 443,
+            protocol: "TCP".into(),
+            icmp_type: None,
+            icmp_code: None,
+            reason: Some("NETFILTER_DROP".into()),
+            reason_class: Some(ReasonClass::Policy),
+            location: None,
+            direction: None,
+            ifindex: 1,
+            interface: None,
+            packets: 1,
+            bytes: 60,
+            tcp_flags: None,
+            overflow: false,
+            new_key: true,
+            delta_packets: 1,
+            delta_bytes: 60,
+        };
+        let Some(StoreOp::Insert(record)) = c.handle(&r) else { panic!("stored") };
+        assert_eq!(record.source.pod.as_deref(), Some("cart"), "the pod that held the address at the time");
+        assert_eq!(record.source.labels.unwrap()["app"], "cart");
+        let later = DatapathRecord { time: SystemTime::now(), last_seen: SystemTime::now(), src_port: 1235, ..r };
+        let Some(StoreOp::Insert(record)) = c.handle(&later) else { panic!("stored") };
+        assert_eq!(record.source.pod.as_deref(), Some("search"));
     }
 }

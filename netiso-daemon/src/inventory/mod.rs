@@ -96,7 +96,8 @@ struct State {
     engine_built: Option<Instant>,
     dirty: bool,
     synced: HashSet<Kind>,
-    stale: HashSet<Kind>,
+    /// Kinds whose source is failing, with the time of their latest failure.
+    stale: std::collections::HashMap<Kind, Instant>,
     last_sync: Option<SystemTime>,
 }
 
@@ -116,6 +117,14 @@ pub struct Inventory {
     required: Vec<Kind>,
     /// How long ended IP holdings are kept (the evidence retention).
     history: Duration,
+}
+
+fn log_freshness(was_stale: bool, stale: bool) {
+    match (was_stale, stale) {
+        (false, true) => tracing::warn!("inventory is stale: records name ends from the last known state"),
+        (true, false) => tracing::info!("inventory is fresh again"),
+        _ => {}
+    }
 }
 
 /// Engines are rebuilt at most this often under a stream of changes; records in between use
@@ -289,11 +298,22 @@ impl Inventory {
     /// A source for `kind` is failing (`true`) or working again (`false`).
     pub fn set_stale(&self, kind: Kind, stale: bool) {
         let mut s = self.state.write().expect("inventory lock");
+        let was_stale = !s.stale.is_empty();
         if stale {
-            s.stale.insert(kind);
+            s.stale.insert(kind, Instant::now());
         } else {
             s.stale.remove(&kind);
         }
+        log_freshness(was_stale, !s.stale.is_empty());
+    }
+
+    /// The source answers again: kinds that have not failed for `quiet` are no longer stale
+    /// (a quiet kind's watch produces no event to say it recovered).
+    pub fn clear_stale_quiet_for(&self, quiet: Duration) {
+        let mut s = self.state.write().expect("inventory lock");
+        let was_stale = !s.stale.is_empty();
+        s.stale.retain(|_, last| last.elapsed() < quiet);
+        log_freshness(was_stale, !s.stale.is_empty());
     }
 
     pub fn status(&self) -> InventoryStatus {

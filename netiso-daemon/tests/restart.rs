@@ -1,0 +1,43 @@
+//! Evidence outlives the daemon: records written before a restart are queryable after it.
+
+mod support;
+
+use std::time::Duration;
+
+use netiso::evidence::store::{Query, Store};
+use support::{Daemon, connect, node_and_pod, tag, udp_from_pod};
+
+#[test]
+fn records_survive_a_daemon_restart() {
+    let tag = tag("nr");
+    let (node, pod, mut cleanup) = node_and_pod(&tag);
+    let store = std::env::temp_dir().join(format!("{tag}.redb"));
+    cleanup.files.push(store.clone());
+    connect(&node, &pod);
+    let args = ["--drain-interval", "200ms"];
+
+    let mut first = Daemon::start(&node, &store, &args);
+    udp_from_pod(&pod, 42001, 9101);
+    std::thread::sleep(Duration::from_millis(800));
+    first.stop();
+    let before = Store::open(&store, Default::default()).unwrap().query(&Query::default()).unwrap();
+    assert!(before.iter().any(|r| r.destination.port == 9101), "the first run stored its drop");
+
+    let mut second = Daemon::start(&node, &store, &args);
+    udp_from_pod(&pod, 42002, 9102);
+    std::thread::sleep(Duration::from_millis(800));
+    second.stop();
+
+    let after = Store::open(&store, Default::default()).unwrap().query(&Query::default()).unwrap();
+    for r in &before {
+        let same = after.iter().find(|a| a.id == r.id).unwrap_or_else(|| panic!("record {} lost in the restart", r.id));
+        assert_eq!(same.destination.port, r.destination.port);
+        assert_eq!(same.reason, r.reason);
+    }
+    assert!(after.iter().any(|r| r.destination.port == 9102), "the second run adds to the same store");
+    let max_before = before.iter().map(|r| r.id).max().unwrap();
+    assert!(
+        after.iter().filter(|r| r.destination.port == 9102).all(|r| r.id > max_before),
+        "ids continue after a restart"
+    );
+}

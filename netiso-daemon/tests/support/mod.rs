@@ -1,0 +1,145 @@
+//! Helpers shared by the integration tests: network namespaces that clean up after themselves,
+//! a `netiso run` process with its output collected, and a fake Kubernetes API server.
+
+#![allow(dead_code)]
+
+pub mod apiserver;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A unique short tag for names (network namespaces, files) of one test run.
+pub fn tag(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}{}x{}", std::process::id() % 100_000, nanos % 10_000)
+}
+
+/// Network namespaces and files removed on drop, also when the test fails.
+pub struct Cleanup {
+    pub namespaces: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// A "node" namespace with netiso's view and a "pod" namespace joined to it by a veth pair:
+/// node side `vpod` 10.77.0.1, pod side `eth0` 10.77.0.2.
+pub fn node_and_pod(tag: &str) -> (String, String, Cleanup) {
+    let (node, pod) = (format!("{tag}-node"), format!("{tag}-pod"));
+    ip(&["netns", "add", &node]);
+    let cleanup = Cleanup { namespaces: vec![node.clone(), pod.clone()], files: vec![] };
+    ip(&["netns", "add", &pod]);
+    ip(&["-n", &node, "link", "set", "lo", "up"]);
+    (node, pod, cleanup)
+}
+
+pub fn connect(node: &str, pod: &str) {
+    ip(&["-n", node, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", pod]);
+    ip(&["-n", node, "addr", "add", "10.77.0.1/24", "dev", "vpod"]);
+    ip(&["-n", node, "link", "set", "vpod", "up"]);
+    ip(&["-n", pod, "addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+    ip(&["-n", pod, "link", "set", "eth0", "up"]);
+}
+
+/// Sends one UDP datagram from the pod namespace (source port `sport`) to 10.77.0.1:`dport`,
+/// where nothing listens: the node drops it with NO_SOCKET.
+pub fn udp_from_pod(pod: &str, sport: u16, dport: u16) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", pod, "sh", "-c"])
+        .arg(format!("echo x | nc -u -w0 -p {sport} 10.77.0.1 {dport}"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+pub struct Daemon {
+    child: Child,
+    pub stdout: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(netns: &str, store: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_netiso"), "run", "--log-format", "json", "--store"])
+            .arg(store)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (out, err) = (stdout.clone(), stderr.clone());
+        let pipe = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                out.lock().unwrap().push(serde_json::from_str(&line).expect("stdout is JSON lines"));
+            }
+        });
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                err.lock().unwrap().push(line);
+            }
+        });
+        let daemon = Daemon { child, stdout, stderr };
+        assert!(
+            daemon.wait_log("datapath ready", Duration::from_secs(20)),
+            "not ready: {:?}",
+            daemon.stderr.lock().unwrap()
+        );
+        daemon
+    }
+
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stderr.lock().unwrap().iter().any(|l| l.contains(text)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM; asserts a clean exit and returns the final log line.
+    pub fn stop(&mut self) -> serde_json::Value {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "exit {status}: {:?}", self.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr.lock().unwrap();
+        let last = stderr.iter().rev().find(|l| l.contains("stopped")).expect("final log line");
+        serde_json::from_str(last).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
