@@ -1,6 +1,8 @@
 //! The `netiso` command line: the daemon (`run`) and the responder commands.
 
+mod client;
 mod explain;
+mod observe;
 mod run;
 
 use std::process::ExitCode;
@@ -24,6 +26,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Decide a flow against NetworkPolicy manifests and explain the verdict.
     Explain(explain::ExplainArgs),
+    /// Show recorded flows, like `hubble observe`: what was blocked, where, and by which policy.
+    Observe(observe::ObserveArgs),
+    /// The evidence bundle of one flow record.
+    Evidence(observe::EvidenceArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -36,5 +42,7 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Explain(args) => explain::explain(args),
+        Command::Observe(args) => observe::observe(args),
+        Command::Evidence(args) => observe::evidence(args),
     }
 }

@@ -14,8 +14,11 @@ use tokio::sync::{mpsc, watch};
 use super::LogFormat;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::evidence::correlate::Correlator;
+use crate::evidence::record::FlowVerdict;
 use crate::evidence::store::{self, Retention, Store};
-use crate::export::log::{self, RecordWriter};
+use crate::export::http::{self, Shared};
+use crate::export::log::{self, BlockedFlowLog, RecordWriter};
+use crate::export::metrics::Metrics;
 use crate::inventory::{Inventory, Kind, kubernetes, manifests};
 
 #[derive(Debug, Args)]
@@ -61,6 +64,12 @@ pub struct RunArgs {
     /// Keep at most this many bytes of evidence (e.g. 512MiB, 2GiB).
     #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
     pub store_max_bytes: u64,
+    /// Address of the HTTP listener: /metrics, /healthz, /readyz and the query API (/v1/...).
+    #[arg(long, default_value = "127.0.0.1:9963")]
+    pub listen: std::net::SocketAddr,
+    /// Log a blocked flow at most once per this interval (repeats are counted).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub blocked_log_interval: Duration,
 }
 
 /// `512MiB`, `2GiB`, `100MB`, `4096`.
@@ -155,6 +164,23 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (writer, writer_task) = store::spawn_writer(store.clone(), Duration::from_millis(200), Duration::from_secs(30));
 
     let stats = datapath.stats();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let shared = Arc::new(Shared {
+        metrics: Metrics::new(),
+        store: store.clone(),
+        inventory: inventory.clone(),
+        datapath: stats.clone(),
+        datapath_ready: Default::default(),
+        inserted: writer.inserted.clone(),
+    });
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(http::serve(listener, shared.clone(), async move {
+        let _ = http_stop_rx.await;
+    }));
+    tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz and /v1/flows");
+    let mut blocked = BlockedFlowLog::new(args.blocked_log_interval);
     let (records_tx, mut records_rx) = mpsc::channel(4096);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -169,6 +195,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
             ready = async { ready_rx.as_mut().expect("ready once").await }, if ready_rx.is_some() => {
                 ready_rx = None;
                 if let Ok(interfaces) = ready {
+                    shared.datapath_ready.store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(interfaces = ?interfaces, store = %store.path().display(), "datapath ready");
                 }
             }
@@ -178,8 +205,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
                         printer.write(&mut stdout, &record)?;
                         stdout.flush()?;
                     }
-                    if let Some(op) = correlator.handle(&record) {
-                        writer.send(op).await;
+                    if let Some(handled) = correlator.handle(&record) {
+                        export(&shared, &mut blocked, &writer, handled).await;
                     }
                 }
                 None => break Ok(()),
@@ -197,8 +224,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if record.new_key {
                     printer.write(&mut stdout, &record)?;
                 }
-                if let Some(op) = correlator.handle(&record) {
-                    writer.send(op).await;
+                if let Some(handled) = correlator.handle(&record) {
+                    export(&shared, &mut blocked, &writer, handled).await;
                 }
             }
             anyhow::Ok(())
@@ -209,6 +236,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     drop(writer);
     writer_task.await.context("evidence writer")?;
+    let _ = http_stop_tx.send(());
+    // Follow streams end with the process; do not wait on them.
+    let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
     result?;
     let stats = stats.lock().expect("stats lock").clone();
     tracing::info!(
@@ -223,6 +253,22 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         "stopped; all programs detached"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The evidence stage's outputs for one handled record: counters, the blocked-flow log, the store.
+async fn export(
+    shared: &Shared,
+    blocked: &mut BlockedFlowLog,
+    writer: &store::StoreWriter,
+    handled: crate::evidence::correlate::Handled,
+) {
+    shared.metrics.observe(&handled);
+    if let crate::evidence::correlate::StoreOp::Insert(record) = &handled.op
+        && record.verdict == FlowVerdict::Dropped
+    {
+        blocked.record(record);
+    }
+    writer.send(handled.op).await;
 }
 
 #[cfg(test)]

@@ -15,6 +15,46 @@ use crate::inventory::timeline::PodSnapshot;
 use crate::policy::engine::DirectionReport;
 use crate::policy::{EndpointRef, Explanation, Flow, PolicyRef, Protocol, Verdict};
 
+/// The labels a flow record contributes to metrics, kept for its later count updates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowFacts {
+    pub verdict: FlowVerdict,
+    pub reason: Option<String>,
+    pub reason_class: Option<ReasonClass>,
+    pub source_namespace: String,
+    pub destination_namespace: String,
+    pub attribution: Attribution,
+    /// `ingress`, `egress` or `both`, as in the record's policy verdict.
+    pub policy_direction: Option<String>,
+    pub policies: Vec<PolicyRef>,
+}
+
+impl FlowFacts {
+    fn of(r: &FlowRecord) -> Self {
+        FlowFacts {
+            verdict: r.verdict,
+            reason: r.reason.clone(),
+            reason_class: r.reason_class,
+            source_namespace: r.source.namespace.clone().unwrap_or_default(),
+            destination_namespace: r.destination.namespace.clone().unwrap_or_default(),
+            attribution: r.policy.attribution,
+            policy_direction: r.policy.direction.clone(),
+            policies: r.policy.policies.clone(),
+        }
+    }
+}
+
+/// A datapath record, handled: what to store, and what it adds to the counters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Handled {
+    pub op: StoreOp,
+    pub facts: Arc<FlowFacts>,
+    pub delta_packets: u64,
+    pub delta_bytes: u64,
+    /// How long the policy evaluation took (new records only).
+    pub evaluation: Option<Duration>,
+}
+
 /// What the store should do with a datapath record.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreOp {
@@ -74,7 +114,7 @@ pub struct Correlator {
     node: String,
     ids: Ids,
     /// Stored records of the keys the datapath is still counting.
-    active: HashMap<DatapathKey, (u64, SystemTime)>,
+    active: HashMap<DatapathKey, (u64, SystemTime, Arc<FlowFacts>)>,
     /// Recently seen conversations, to recognise replies.
     seen: HashMap<Conversation, SystemTime>,
     /// Entries unused for this long are forgotten (the datapath evicts idle keys sooner).
@@ -93,25 +133,40 @@ impl Correlator {
         }
     }
 
-    pub fn handle(&mut self, r: &DatapathRecord) -> Option<StoreOp> {
+    pub fn handle(&mut self, r: &DatapathRecord) -> Option<Handled> {
         let key = datapath_key(r);
         if !r.new_key
-            && let Some((id, last)) = self.active.get_mut(&key)
+            && let Some((id, last, facts)) = self.active.get_mut(&key)
         {
             *last = r.last_seen;
-            return Some(StoreOp::Count { id: *id, packets: r.packets, bytes: r.bytes, last_seen: r.last_seen });
+            return Some(Handled {
+                op: StoreOp::Count { id: *id, packets: r.packets, bytes: r.bytes, last_seen: r.last_seen },
+                facts: facts.clone(),
+                delta_packets: r.delta_packets,
+                delta_bytes: r.delta_bytes,
+                evaluation: None,
+            });
         }
+        let started = std::time::Instant::now();
         let record = self.correlate(r)?;
-        self.active.insert(key, (record.id, r.last_seen));
+        let evaluation = Some(started.elapsed());
+        let facts = Arc::new(FlowFacts::of(&record));
+        self.active.insert(key, (record.id, r.last_seen, facts.clone()));
         if self.active.len().is_multiple_of(1024) {
             self.forget(r.last_seen);
         }
-        Some(StoreOp::Insert(Box::new(record)))
+        Some(Handled {
+            op: StoreOp::Insert(Box::new(record)),
+            facts,
+            delta_packets: r.delta_packets,
+            delta_bytes: r.delta_bytes,
+            evaluation,
+        })
     }
 
     fn forget(&mut self, now: SystemTime) {
         let keep = |t: &SystemTime| now.duration_since(*t).map(|d| d < self.forget_after).unwrap_or(true);
-        self.active.retain(|_, (_, last)| keep(last));
+        self.active.retain(|_, (_, last, _)| keep(last));
         self.seen.retain(|_, last| keep(last));
     }
 
@@ -361,7 +416,7 @@ mod tests {
     fn a_netfilter_drop_of_a_denied_flow_names_both_pods_and_the_isolating_policies() {
         let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
         let Some(StoreOp::Insert(rec)) =
-            c.handle(&drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy))
+            c.handle(&drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy)).map(|h| h.op)
         else {
             panic!("a drop is stored")
         };
@@ -381,13 +436,13 @@ mod tests {
     fn other_drops_are_attributed_explicitly() {
         let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
         let Some(StoreOp::Insert(no_socket)) =
-            c.handle(&drop("10.244.0.40", "10.244.0.30", 9999, "NO_SOCKET", ReasonClass::Socket))
+            c.handle(&drop("10.244.0.40", "10.244.0.30", 9999, "NO_SOCKET", ReasonClass::Socket)).map(|h| h.op)
         else {
             panic!()
         };
         assert_eq!(no_socket.policy.attribution, Attribution::DroppedByKernelForNonPolicyReason);
         let Some(StoreOp::Insert(unexplained)) =
-            c.handle(&drop("10.244.0.40", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy))
+            c.handle(&drop("10.244.0.40", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy)).map(|h| h.op)
         else {
             panic!()
         };
@@ -403,19 +458,19 @@ mod tests {
         assert_eq!(c.handle(&leaving), None, "recorded on arrival instead");
         let mut arriving = leaving.clone();
         arriving.direction = Some(PacketDirection::ToPod);
-        let Some(StoreOp::Insert(rec)) = c.handle(&arriving) else { panic!() };
+        let Some(StoreOp::Insert(rec)) = c.handle(&arriving).map(|h| h.op) else { panic!() };
         assert_eq!(rec.verdict, FlowVerdict::Forwarded);
         assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy);
         assert_eq!(rec.policy.policies[0].name, "allow-from-ingress-nginx");
         let mut reply = raw(EventKind::Flow, "10.244.0.30", 8080, "10.244.0.40", 36054, "TCP");
         reply.direction = Some(PacketDirection::ToPod);
-        let Some(StoreOp::Insert(rec)) = c.handle(&reply) else { panic!() };
+        let Some(StoreOp::Insert(rec)) = c.handle(&reply).map(|h| h.op) else { panic!() };
         assert!(rec.is_reply);
         assert_eq!(rec.policy.attribution, Attribution::Reply);
         let mut more = arriving.clone();
         more.new_key = false;
         more.packets = 9;
-        assert!(matches!(c.handle(&more), Some(StoreOp::Count { packets: 9, .. })));
+        assert!(matches!(c.handle(&more).map(|h| h.op), Some(StoreOp::Count { packets: 9, .. })));
     }
 
     #[test]
@@ -479,11 +534,11 @@ mod reuse_tests {
             delta_packets: 1,
             delta_bytes: 60,
         };
-        let Some(StoreOp::Insert(record)) = c.handle(&r) else { panic!("stored") };
+        let Some(StoreOp::Insert(record)) = c.handle(&r).map(|h| h.op) else { panic!("stored") };
         assert_eq!(record.source.pod.as_deref(), Some("cart"), "the pod that held the address at the time");
         assert_eq!(record.source.labels.unwrap()["app"], "cart");
         let later = DatapathRecord { time: SystemTime::now(), last_seen: SystemTime::now(), src_port: 1235, ..r };
-        let Some(StoreOp::Insert(record)) = c.handle(&later) else { panic!("stored") };
+        let Some(StoreOp::Insert(record)) = c.handle(&later).map(|h| h.op) else { panic!("stored") };
         assert_eq!(record.source.pod.as_deref(), Some("search"));
     }
 }

@@ -107,8 +107,7 @@ pub struct FlowRecord {
     pub icmp_type: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_code: Option<u8>,
-    /// The kernel's drop reason (`NETFILTER_DROP`, ...).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The kernel's drop reason (`NETFILTER_DROP`, ...); none for forwarded flows.
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason_class: Option<ReasonClass>,

@@ -15,6 +15,65 @@ pub fn init_diagnostics(format: LogFormat) {
     }
 }
 
+/// One log line per newly blocked flow, rate-limited per flow (source, destination, port,
+/// protocol, reason; not the source port, which changes with every attempt): repeats within the
+/// interval are counted and reported with the next line for that flow.
+pub struct BlockedFlowLog {
+    interval: std::time::Duration,
+    last: std::collections::HashMap<String, (std::time::Instant, u64)>,
+}
+
+fn end(id: &crate::inventory::identity::Identity) -> String {
+    id.pod_key().unwrap_or_else(|| id.ip.to_string())
+}
+
+impl BlockedFlowLog {
+    pub fn new(interval: std::time::Duration) -> Self {
+        BlockedFlowLog { interval, last: Default::default() }
+    }
+
+    /// Logs `r` unless the same flow was logged within the interval; returns whether it logged.
+    pub fn record(&mut self, r: &crate::evidence::record::FlowRecord) -> bool {
+        let key =
+            format!("{}|{}|{}|{}|{:?}", end(&r.source), end(&r.destination), r.destination.port, r.protocol, r.reason);
+        let now = std::time::Instant::now();
+        if let Some((at, suppressed)) = self.last.get_mut(&key)
+            && now.duration_since(*at) < self.interval
+        {
+            *suppressed += 1;
+            return false;
+        }
+        let suppressed = self.last.insert(key, (now, 0)).map(|(_, s)| s).unwrap_or(0);
+        if self.last.len() > 100_000 {
+            let interval = self.interval;
+            self.last.retain(|_, (at, _)| now.duration_since(*at) < interval);
+        }
+        let policies: Vec<String> = r.policy.policies.iter().map(|p| p.to_string()).collect();
+        tracing::warn!(
+            target: "netiso::blocked",
+            id = %r.id,
+            time = %humantime::format_rfc3339_nanos(r.time),
+            source = %end(&r.source),
+            source_ip = %r.source.ip,
+            source_workload = r.source.workload.as_deref().unwrap_or(""),
+            destination = %end(&r.destination),
+            destination_ip = %r.destination.ip,
+            destination_port = r.destination.port,
+            protocol = %r.protocol,
+            reason = r.reason.as_deref().unwrap_or(""),
+            location = r.location.as_deref().unwrap_or(""),
+            attribution = ?r.policy.attribution,
+            direction = r.policy.direction.as_deref().unwrap_or(""),
+            policies = %policies.join(","),
+            summary = %r.policy.summary,
+            inventory_stale = r.inventory_stale,
+            suppressed_repeats = suppressed,
+            "flow blocked"
+        );
+        true
+    }
+}
+
 pub struct RecordWriter {
     format: LogFormat,
 }

@@ -1,3 +1,5 @@
 //! Everything that leaves netiso: log lines (and, later, metrics and the query API).
 
+pub mod http;
 pub mod log;
+pub mod metrics;

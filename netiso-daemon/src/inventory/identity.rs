@@ -28,12 +28,9 @@ pub enum EndpointKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub kind: EndpointKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
     /// `Deployment/api`, `DaemonSet/agent`, ... (the pod's top-level owner).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
     /// Labels at the time of the flow.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,281 @@
+//! `netiso observe` and `netiso evidence`: what was blocked, where, and why, from one node or
+//! every node.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::Value;
+
+use super::client::{self, Target};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Compact,
+}
+
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// dropped or forwarded.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// Either end in this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    #[arg(long)]
+    pub from_namespace: Option<String>,
+    #[arg(long)]
+    pub to_namespace: Option<String>,
+    /// namespace/pod
+    #[arg(long)]
+    pub from_pod: Option<String>,
+    /// namespace/pod
+    #[arg(long)]
+    pub to_pod: Option<String>,
+    /// key=value or key
+    #[arg(long)]
+    pub from_label: Option<String>,
+    /// key=value or key
+    #[arg(long)]
+    pub to_label: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// The kernel's drop reason, e.g. NETFILTER_DROP.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// namespace/name of a NetworkPolicy.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// RFC 3339 time or a duration ago (5m).
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long)]
+    pub until: Option<String>,
+    /// The last N flows (after merging every server).
+    #[arg(long, default_value_t = 20)]
+    pub last: usize,
+    /// Keep printing new flows as they are recorded.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "compact")]
+    pub output: Format,
+}
+
+impl ObserveArgs {
+    fn query(&self) -> String {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        let mut add = |k: &'static str, v: &Option<String>| {
+            if let Some(v) = v {
+                pairs.push((k, v.clone()));
+            }
+        };
+        add("verdict", &self.verdict);
+        add("namespace", &self.namespace);
+        add("from-namespace", &self.from_namespace);
+        add("to-namespace", &self.to_namespace);
+        add("from-pod", &self.from_pod);
+        add("to-pod", &self.to_pod);
+        add("from-label", &self.from_label);
+        add("to-label", &self.to_label);
+        add("protocol", &self.protocol);
+        add("reason", &self.reason);
+        add("policy", &self.policy);
+        add("since", &self.since);
+        add("until", &self.until);
+        if let Some(port) = self.port {
+            pairs.push(("port", port.to_string()));
+        }
+        pairs.push(("limit", self.last.clamp(1, crate::export::http::MAX_LIMIT).to_string()));
+        if self.follow {
+            pairs.push(("follow", "true".into()));
+        }
+        let encoded: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        format!("/v1/flows?{}", encoded.join("&"))
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn end(v: &Value) -> String {
+    let ip = v["ip"].as_str().unwrap_or("?");
+    let port = &v["port"];
+    match (v["namespace"].as_str(), v["pod"].as_str()) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{port}"),
+        _ if ip.contains(':') => format!("[{ip}]:{port}"),
+        _ => format!("{ip}:{port}"),
+    }
+}
+
+fn policies(v: &Value) -> String {
+    v["policy"]["policies"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn compact(v: &Value) -> String {
+    let verdict = v["verdict"].as_str().unwrap_or("?").to_uppercase();
+    let mut line = format!(
+        "{} {} {} -> {} {} {}",
+        v["time"].as_str().unwrap_or("?"),
+        v["node"].as_str().unwrap_or(""),
+        end(&v["source"]),
+        end(&v["destination"]),
+        v["protocol"].as_str().unwrap_or("?"),
+        verdict
+    );
+    if let Some(reason) = v["reason"].as_str() {
+        line.push_str(&format!(" {reason}"));
+    }
+    line.push_str(&format!(" ({})", v["policy"]["attribution"].as_str().unwrap_or("?")));
+    let p = policies(v);
+    if !p.is_empty() {
+        line.push_str(&format!(" by {p}"));
+    }
+    line.push_str(&format!(" id={}", v["id"].as_str().unwrap_or("?")));
+    line
+}
+
+fn print(out: &mut impl Write, format: Format, v: &Value) -> std::io::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{v}"),
+        Format::Compact => writeln!(out, "{}", compact(v)),
+        Format::Table => writeln!(
+            out,
+            "{:<30} {:<36} {:<36} {:<6} {:<10} {:<16} {}",
+            v["time"].as_str().unwrap_or("?"),
+            end(&v["source"]),
+            end(&v["destination"]),
+            v["protocol"].as_str().unwrap_or("?"),
+            v["verdict"].as_str().unwrap_or("?"),
+            v["reason"].as_str().unwrap_or("-"),
+            policies(v)
+        ),
+    }
+}
+
+pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let endpoints = args.target.endpoints().await?;
+        let path = args.query();
+        let stdout = std::io::stdout();
+        if args.output == Format::Table {
+            writeln!(
+                stdout.lock(),
+                "{:<30} {:<36} {:<36} {:<6} {:<10} {:<16} POLICIES",
+                "TIME",
+                "SOURCE",
+                "DESTINATION",
+                "PROTO",
+                "VERDICT",
+                "REASON"
+            )?;
+        }
+        if args.follow {
+            let mut tasks = Vec::new();
+            for endpoint in endpoints {
+                let path = path.clone();
+                let format = args.output;
+                tasks.push(tokio::spawn(async move {
+                    let result = client::stream_lines(&endpoint, &path, |line| {
+                        if let Ok(v) = serde_json::from_str::<Value>(line) {
+                            let _ = print(&mut std::io::stdout().lock(), format, &v);
+                        }
+                    })
+                    .await;
+                    if let Err(e) = result {
+                        eprintln!("netiso: {}: {e:#}", endpoint.name());
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut flows: Vec<Value> = Vec::new();
+        let mut failures = 0;
+        for endpoint in &endpoints {
+            match client::get(endpoint, &path).await {
+                Ok((200, body)) => {
+                    let v: Value = serde_json::from_slice(&body)
+                        .with_context(|| format!("{}: not a flow listing", endpoint.name()))?;
+                    flows.extend(v["flows"].as_array().cloned().unwrap_or_default());
+                }
+                Ok((status, body)) => {
+                    failures += 1;
+                    eprintln!("netiso: {}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim());
+                }
+                Err(e) => {
+                    failures += 1;
+                    eprintln!("netiso: {}: {e:#}", endpoint.name());
+                }
+            }
+        }
+        if failures == endpoints.len() {
+            bail!("no server answered");
+        }
+        // Merged across servers and ordered by time; ids are nanosecond timestamps.
+        flows.sort_by_key(|v| v["id"].as_str().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0));
+        let skip = flows.len().saturating_sub(args.last);
+        let mut out = stdout.lock();
+        for v in &flows[skip..] {
+            print(&mut out, args.output, v)?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct EvidenceArgs {
+    /// The flow record's id (from observe).
+    pub id: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let endpoints = args.target.endpoints().await?;
+        let path = format!("/v1/flows/{}/evidence", encode(&args.id));
+        let mut last_error = String::new();
+        for endpoint in &endpoints {
+            match client::get(endpoint, &path).await {
+                Ok((200, body)) => {
+                    let v: Value = serde_json::from_slice(&body)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok((status, body)) => {
+                    last_error =
+                        format!("{}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim())
+                }
+                Err(e) => last_error = format!("{}: {e:#}", endpoint.name()),
+            }
+        }
+        bail!("no server has record {}; last answer: {last_error}", args.id)
+    })
+}

@@ -1,0 +1,267 @@
+//! The HTTP listener of `netiso run`: `/metrics`, `/healthz`, `/readyz`, and the query API
+//! (`/v1/flows`, `/v1/flows/{id}/evidence`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query as UrlQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::metrics::Metrics;
+use crate::datapath::DatapathStats;
+use crate::evidence::record::{FlowRecord, FlowVerdict};
+use crate::evidence::store::{Query, Store};
+use crate::inventory::Inventory;
+
+/// Everything the listener reads; owned by `netiso run`.
+pub struct Shared {
+    pub metrics: Metrics,
+    pub store: Arc<Store>,
+    pub inventory: Arc<Inventory>,
+    pub datapath: Arc<Mutex<DatapathStats>>,
+    pub datapath_ready: AtomicBool,
+    pub inserted: broadcast::Sender<Arc<FlowRecord>>,
+}
+
+/// Most records one request may return.
+pub const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 100;
+
+fn bad(parameter: &str, message: impl std::fmt::Display) -> Response {
+    (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("parameter `{parameter}`: {message}")})))
+        .into_response()
+}
+
+/// RFC 3339 (`2026-01-02T03:04:05Z`) or a duration ago (`5m`, `1h30m`).
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(t);
+    }
+    humantime::parse_duration(text)
+        .map(|d| SystemTime::now() - d)
+        .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration like 5m"))
+}
+
+/// The query a request's parameters describe, or the response naming the bad parameter.
+pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), Response> {
+    let mut q = Query { limit: DEFAULT_LIMIT, ..Default::default() };
+    let mut follow = false;
+    for (name, value) in params {
+        let text = || Some(value.clone()).filter(|v| !v.is_empty());
+        match name.as_str() {
+            "verdict" => {
+                q.verdict = Some(match value.as_str() {
+                    "dropped" => FlowVerdict::Dropped,
+                    "forwarded" => FlowVerdict::Forwarded,
+                    other => return Err(bad(name, format!("`{other}`: use dropped or forwarded"))),
+                })
+            }
+            "namespace" => q.namespace = text(),
+            "from-namespace" => q.from_namespace = text(),
+            "to-namespace" => q.to_namespace = text(),
+            "from-pod" | "to-pod" => {
+                if !value.contains('/') {
+                    return Err(bad(name, format!("`{value}`: use namespace/pod")));
+                }
+                if name == "from-pod" {
+                    q.from_pod = text();
+                } else {
+                    q.to_pod = text();
+                }
+            }
+            "from-label" => q.from_label = text(),
+            "to-label" => q.to_label = text(),
+            "port" => q.port = Some(value.parse().map_err(|_| bad(name, format!("`{value}` is not a port number")))?),
+            "protocol" => q.protocol = text(),
+            "reason" => q.reason = text(),
+            "policy" => {
+                if !value.contains('/') {
+                    return Err(bad(name, format!("`{value}`: use namespace/name")));
+                }
+                q.policy = text();
+            }
+            "since" => q.since = Some(parse_time(value).map_err(|e| bad(name, e))?),
+            "until" => q.until = Some(parse_time(value).map_err(|e| bad(name, e))?),
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| bad(name, format!("`{value}`: use a number from 1 to {MAX_LIMIT}")))?
+            }
+            "follow" => {
+                follow = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => return Err(bad(name, format!("`{other}`: use true or false"))),
+                }
+            }
+            other => return Err(bad(other, "unknown parameter")),
+        }
+    }
+    Ok((q, follow))
+}
+
+/// A record as listed: without the stored evaluation trace.
+fn listed(r: &FlowRecord) -> Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("evidence");
+    }
+    v
+}
+
+async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<HashMap<String, String>>) -> Response {
+    let (query, follow) = match parse_query(&params) {
+        Ok(q) => q,
+        Err(response) => return response,
+    };
+    // Subscribe before reading history, so nothing falls in between.
+    let mut live = shared.inserted.subscribe();
+    let store = shared.store.clone();
+    let q = query.clone();
+    let history = match tokio::task::spawn_blocking(move || store.query(&q)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response();
+        }
+        Err(e) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response();
+        }
+    };
+    if !follow {
+        return axum::Json(json!({"flows": history.iter().map(listed).collect::<Vec<_>>()})).into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
+    tokio::spawn(async move {
+        let mut last = 0u64;
+        for r in history.iter().rev() {
+            last = last.max(r.id);
+            if tx.send(Ok(Bytes::from(format!("{}\n", listed(r))))).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match live.recv().await {
+                Ok(r) if r.id > last && query.matches(&r) => {
+                    last = r.id;
+                    if tx.send(Ok(Bytes::from(format!("{}\n", listed(&r))))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = json!({"error": format!("{n} records were skipped: the reader is too slow")});
+                    if tx.send(Ok(Bytes::from(format!("{note}\n")))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let body = Body::from_stream(ChannelStream(rx));
+    Response::builder().header(header::CONTENT_TYPE, "application/x-ndjson").body(body).expect("valid response")
+}
+
+struct ChannelStream(tokio::sync::mpsc::Receiver<Result<Bytes, std::convert::Infallible>>);
+
+impl futures::Stream for ChannelStream {
+    type Item = Result<Bytes, std::convert::Infallible>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// The evidence bundle of one record.
+pub fn bundle(r: &FlowRecord) -> Value {
+    let evidence = r.evidence.clone().unwrap_or(Value::Null);
+    let explanation = &evidence["explanation"];
+    json!({
+        "record": listed(r),
+        "kernel": {
+            "reason": r.reason,
+            "reason_class": r.reason_class,
+            "location": r.location,
+            "interface": r.interface,
+        },
+        "policies_in_force": evidence.get("policies").cloned().unwrap_or_else(|| json!([])),
+        "labels": {
+            "source": r.source.labels,
+            "destination": r.destination.labels,
+            "source_namespace": explanation["flow"]["from"]["namespace_labels"],
+            "destination_namespace": explanation["flow"]["to"]["namespace_labels"],
+        },
+        "evaluation": explanation,
+        "suggested_policy": explanation.get("suggestion").cloned().unwrap_or(Value::Null),
+    })
+}
+
+async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return bad("id", format!("`{id}` is not a record id"));
+    };
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.get(id)).await {
+        Ok(Ok(Some(r))) => axum::Json(bundle(&r)).into_response(),
+        Ok(Ok(None)) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": format!("no record {id} (removed by retention, or on another node)")})),
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let datapath = shared.datapath.lock().expect("stats lock").clone();
+    let store = shared.store.stats().unwrap_or_default();
+    shared.metrics.refresh(&datapath, &shared.inventory.status(), &store);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], shared.metrics.encode())
+        .into_response()
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let attached = shared.datapath_ready.load(Ordering::Relaxed);
+    let synced = shared.inventory.status().synced;
+    if attached && synced {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let why = match (attached, synced) {
+            (false, _) => "the eBPF programs are not attached yet",
+            _ => "the inventory has not synced yet",
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/flows", get(flows))
+        .route("/v1/flows/{id}/evidence", get(evidence))
+        .with_state(shared)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+}

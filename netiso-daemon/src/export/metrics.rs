@@ -1,0 +1,261 @@
+//! Prometheus metrics (OpenMetrics text via prometheus-client). Labels are namespaces, reason
+//! names and policy names only: no IPs and no pod names, so cardinality stays bounded by the
+//! cluster's configuration rather than its traffic.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::datapath::DatapathStats;
+use crate::evidence::correlate::Handled;
+use crate::evidence::record::{Attribution, FlowVerdict};
+use crate::evidence::store::StoreStats;
+use crate::inventory::InventoryStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason_class: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceDropLabels {
+    source_namespace: String,
+    destination_namespace: String,
+    /// Which side's policies denied it (`ingress`, `egress`, `both`), or `none`.
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy_namespace: String,
+    policy: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespacePairLabels {
+    source_namespace: String,
+    destination_namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Totals read from elsewhere (the kernel, the store) become counters by their increments.
+#[derive(Default)]
+struct Seen {
+    lost: [u64; 3],
+    ring_events: u64,
+    evictions: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    drops: Family<ReasonLabels, Counter>,
+    namespace_drops: Family<NamespaceDropLabels, Counter>,
+    policy_drops: Family<PolicyLabels, Counter>,
+    forwarded_flows: Family<NamespacePairLabels, Counter>,
+    forwarded_packets: Family<NamespacePairLabels, Counter>,
+    forwarded_bytes: Family<NamespacePairLabels, Counter>,
+    interfaces: Gauge,
+    lost_events: Family<SourceLabels, Counter>,
+    ring_events: Counter,
+    records_processed: Counter,
+    evaluation: Histogram,
+    inventory_objects: Family<KindLabels, Gauge>,
+    inventory_since_sync: Gauge<f64, AtomicU64>,
+    inventory_stale: Gauge,
+    store_records: Gauge,
+    store_bytes: Gauge,
+    store_evictions: Counter,
+    seen: Mutex<Seen>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("netiso");
+        let m = Metrics {
+            drops: Family::default(),
+            namespace_drops: Family::default(),
+            policy_drops: Family::default(),
+            forwarded_flows: Family::default(),
+            forwarded_packets: Family::default(),
+            forwarded_bytes: Family::default(),
+            interfaces: Gauge::default(),
+            lost_events: Family::default(),
+            ring_events: Counter::default(),
+            records_processed: Counter::default(),
+            evaluation: Histogram::new([0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1]),
+            inventory_objects: Family::default(),
+            inventory_since_sync: Gauge::default(),
+            inventory_stale: Gauge::default(),
+            store_records: Gauge::default(),
+            store_bytes: Gauge::default(),
+            store_evictions: Counter::default(),
+            seen: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register("drops", "Packets dropped by the kernel, by reason class and kernel reason", m.drops.clone());
+        registry.register(
+            "namespace_drops",
+            "Dropped packets by source and destination namespace and the side whose policies denied them",
+            m.namespace_drops.clone(),
+        );
+        registry.register(
+            "policy_drops",
+            "Dropped packets denied by NetworkPolicy, by each isolating policy of the denying side",
+            m.policy_drops.clone(),
+        );
+        registry.register("forwarded_flows", "Forwarded flows by namespace pair", m.forwarded_flows.clone());
+        registry.register("forwarded_packets", "Forwarded packets by namespace pair", m.forwarded_packets.clone());
+        registry.register("forwarded_bytes", "Forwarded bytes by namespace pair", m.forwarded_bytes.clone());
+        registry.register(
+            "datapath_interfaces_attached",
+            "Interfaces the tc programs are attached to",
+            m.interfaces.clone(),
+        );
+        registry.register(
+            "datapath_lost_events",
+            "Packets the datapath could not record in full, by cause (ringbuf_full, drop_map_full, flow_map_full)",
+            m.lost_events.clone(),
+        );
+        registry.register(
+            "datapath_ring_events",
+            "Ring-buffer records read (new keys and overflows)",
+            m.ring_events.clone(),
+        );
+        registry.register("records_processed", "Datapath records correlated", m.records_processed.clone());
+        registry.register(
+            "policy_evaluation_seconds",
+            "Time to identify both ends and evaluate NetworkPolicy for a new flow",
+            m.evaluation.clone(),
+        );
+        registry.register("inventory_objects", "Objects in the inventory by kind", m.inventory_objects.clone());
+        registry.register(
+            "inventory_seconds_since_sync",
+            "Seconds since the inventory last received a change or a list",
+            m.inventory_since_sync.clone(),
+        );
+        registry.register("inventory_stale", "1 while a source of the inventory is failing", m.inventory_stale.clone());
+        registry.register("store_records", "Flow records in the evidence store", m.store_records.clone());
+        registry.register("store_bytes", "Bytes of encoded records in the evidence store", m.store_bytes.clone());
+        registry.register("store_evictions", "Records removed by retention", m.store_evictions.clone());
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        registry.register("build_info", "netiso's version", build);
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one handled datapath record.
+    pub fn observe(&self, h: &Handled) {
+        self.records_processed.inc();
+        if let Some(elapsed) = h.evaluation {
+            self.evaluation.observe(elapsed.as_secs_f64());
+        }
+        let f = &h.facts;
+        let packets = h.delta_packets;
+        match f.verdict {
+            FlowVerdict::Dropped => {
+                self.drops
+                    .get_or_create(&ReasonLabels {
+                        reason_class: f.reason_class.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+                        reason: f.reason.clone().unwrap_or_default(),
+                    })
+                    .inc_by(packets);
+                let direction =
+                    f.policy_direction.clone().filter(|_| f.attribution == Attribution::DeniedByNetworkPolicy);
+                self.namespace_drops
+                    .get_or_create(&NamespaceDropLabels {
+                        source_namespace: f.source_namespace.clone(),
+                        destination_namespace: f.destination_namespace.clone(),
+                        direction: direction.clone().unwrap_or_else(|| "none".into()),
+                    })
+                    .inc_by(packets);
+                if f.attribution == Attribution::DeniedByNetworkPolicy {
+                    for p in &f.policies {
+                        self.policy_drops
+                            .get_or_create(&PolicyLabels {
+                                policy_namespace: p.namespace.clone(),
+                                policy: p.name.clone(),
+                                direction: direction.clone().unwrap_or_default(),
+                            })
+                            .inc_by(packets);
+                    }
+                }
+            }
+            FlowVerdict::Forwarded => {
+                let pair = NamespacePairLabels {
+                    source_namespace: f.source_namespace.clone(),
+                    destination_namespace: f.destination_namespace.clone(),
+                };
+                if matches!(h.op, crate::evidence::correlate::StoreOp::Insert(_)) {
+                    self.forwarded_flows.get_or_create(&pair).inc();
+                }
+                self.forwarded_packets.get_or_create(&pair).inc_by(packets);
+                self.forwarded_bytes.get_or_create(&pair).inc_by(h.delta_bytes);
+            }
+        }
+    }
+
+    /// Brings the gauges and externally kept totals up to date.
+    pub fn refresh(&self, datapath: &DatapathStats, inventory: &InventoryStatus, store: &StoreStats) {
+        self.interfaces.set(datapath.interfaces_attached as i64);
+        let mut seen = self.seen.lock().expect("metrics lock");
+        let lost = [datapath.ringbuf_full, datapath.drop_map_full, datapath.flow_map_full];
+        for (i, source) in ["ringbuf_full", "drop_map_full", "flow_map_full"].into_iter().enumerate() {
+            // Touch every cause so the series exist (at 0) before anything is lost.
+            let counter = self.lost_events.get_or_create(&SourceLabels { source: source.into() });
+            counter.inc_by(lost[i].saturating_sub(seen.lost[i]));
+        }
+        seen.lost = lost;
+        self.ring_events.inc_by(datapath.ring_events.saturating_sub(seen.ring_events));
+        seen.ring_events = datapath.ring_events;
+        self.store_evictions.inc_by(store.evictions.saturating_sub(seen.evictions));
+        seen.evictions = store.evictions;
+        for (kind, count) in &inventory.objects {
+            self.inventory_objects.get_or_create(&KindLabels { kind: kind.to_string() }).set(*count as i64);
+        }
+        let since = inventory
+            .last_sync
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        self.inventory_since_sync.set(since);
+        self.inventory_stale.set(i64::from(inventory.stale));
+        self.store_records.set(store.records as i64);
+        self.store_bytes.set(store.bytes as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding into a String cannot fail");
+        out
+    }
+}
