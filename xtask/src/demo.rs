@@ -1,32 +1,16 @@
 //! `cargo xtask demo`: the whole story in one command.
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::lab::{self, Lab};
 
-fn show(r: &serde_json::Value) -> String {
-    let endpoint = |ip: &serde_json::Value, port: &serde_json::Value| {
-        let ip = ip.as_str().unwrap_or("?");
-        if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
-    };
-    let flow = format!(
-        "{} -> {} {}",
-        endpoint(&r["src_ip"], &r["src_port"]),
-        endpoint(&r["dst_ip"], &r["dst_port"]),
-        r["protocol"].as_str().unwrap_or("?")
-    );
-    if r["event"] == "drop" {
-        format!(
-            "DROPPED   {flow:60} reason={} at {}",
-            r["reason"].as_str().unwrap_or("?"),
-            r["location"].as_str().unwrap_or("?")
-        )
-    } else {
-        format!("DELIVERED {flow:60} {} pkts into the pod on {}", r["packets"], r["interface"].as_str().unwrap_or("?"))
-    }
+fn run_cli(lab: &Lab, netiso: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = lab.in_node_output(netiso, args)?;
+    anyhow::ensure!(out.status.success(), "netiso {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn run(lab: &Lab) -> anyhow::Result<ExitCode> {
@@ -42,7 +26,10 @@ pub fn run(lab: &Lab) -> anyhow::Result<ExitCode> {
 }
 
 fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
-    println!("== starting `netiso run` in the node namespace {}", lab.node_ns());
+    println!(
+        "== starting `netiso run` in the node namespace {} (API and metrics on 127.0.0.1:9963 there)",
+        lab.node_ns()
+    );
     let mut observer = lab.observe(netiso, &[])?;
     println!("== driving the scenario's traffic (expected verdicts come from the policies)");
     let results = lab.traffic()?;
@@ -50,31 +37,90 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
         println!("   {:8} {}", if r.observed { "ALLOWED" } else { "BLOCKED" }, r.probe);
     }
     anyhow::ensure!(results.iter().all(|r| r.observed == r.expected), "some flows behaved contrary to the policies");
-    // Give the datapath one drain interval to report the last keys.
+    // One drain interval and one store flush, so the last flows are queryable.
     std::thread::sleep(Duration::from_secs(2));
+
+    println!("\n== what was blocked: netiso observe --verdict dropped");
+    print!("{}", run_cli(lab, netiso, &["observe", "--verdict", "dropped", "--last", "10"])?);
+    println!("\n== what was allowed: netiso observe --verdict forwarded");
+    print!("{}", run_cli(lab, netiso, &["observe", "--verdict", "forwarded", "--last", "12"])?);
+
+    let listing = run_cli(
+        lab,
+        netiso,
+        &[
+            "observe",
+            "--verdict",
+            "dropped",
+            "--from-pod",
+            "develop/debug",
+            "--to-pod",
+            "production/api",
+            "--port",
+            "8080",
+            "--protocol",
+            "TCP",
+            "-o",
+            "json",
+            "--last",
+            "1",
+        ],
+    )?;
+    let blocked: serde_json::Value =
+        serde_json::from_str(listing.lines().next().context("the blocked flow was not recorded")?)?;
+    let id = blocked["id"].as_str().context("record without id")?;
+    println!("\n== the evidence for the blocked flow develop/debug -> production/api:8080: netiso evidence {id}");
+    let bundle: serde_json::Value = serde_json::from_str(&run_cli(lab, netiso, &["evidence", id])?)?;
+    println!(
+        "   kernel: {} at {}",
+        bundle["kernel"]["reason"].as_str().unwrap_or("?"),
+        bundle["kernel"]["location"].as_str().unwrap_or("?")
+    );
+    println!("   attribution: {}", bundle["record"]["policy"]["attribution"].as_str().unwrap_or("?"));
+    for side in ["egress", "ingress"] {
+        let report = &bundle["evaluation"][side];
+        println!("   {side}: {}", report["summary"].as_str().unwrap_or("?"));
+        for miss in report["nearest_misses"].as_array().into_iter().flatten() {
+            println!("     nearest miss: {}", miss["summary"].as_str().unwrap_or("?"));
+        }
+    }
+    let in_force: Vec<String> = bundle["policies_in_force"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{}/{} (resourceVersion {})",
+                p["metadata"]["namespace"].as_str().unwrap_or("?"),
+                p["metadata"]["name"].as_str().unwrap_or("?"),
+                p["metadata"]["resourceVersion"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!("   policies in force: {}", in_force.join(", "));
+    println!("   suggested minimal allow policy:");
+    for line in bundle["suggested_policy"]["yaml"].as_str().unwrap_or("").lines() {
+        println!("     {line}");
+    }
+
+    let metrics = run_cli(lab, std::path::Path::new("curl"), &["-s", "127.0.0.1:9963/metrics"])?;
+    println!("\n== metrics (excerpt of http://127.0.0.1:9963/metrics in {})", lab.node_ns());
+    for line in
+        metrics.lines().filter(|l| l.starts_with("netiso_policy_drops_total") || l.starts_with("netiso_drops_total"))
+    {
+        println!("   {line}");
+    }
     let status = observer.stop()?;
     anyhow::ensure!(status.success(), "netiso run exited with {status}");
-    let records = observer.records();
-    let lab_record = |r: &&serde_json::Value| {
-        r["src_ip"].as_str().is_some_and(|ip| ip.starts_with("10.244.") || ip.starts_with("fd00:10:244:"))
-    };
-    println!("\n== what netiso reported from the kernel (lab addresses only)");
-    for r in records.iter().filter(lab_record).filter(|r| r["event"] == "drop") {
-        println!("   {}", show(r));
-    }
-    // A flow seen entering its destination pod got through; one only seen leaving its source may
-    // have been dropped on the way.
-    for r in records.iter().filter(lab_record).filter(|r| r["event"] == "flow" && r["direction"] == "to_pod") {
-        println!("   {}", show(r));
-    }
-    println!("\n== why develop/debug -> production/api:8080 was dropped (netiso explain)");
-    let out = Command::new(netiso)
-        .args(["explain", "--manifests"])
-        .arg(lab.manifests_path())
-        .args(["--from", "develop/debug", "--to", "production/api", "--port", "8080"])
-        .output()
-        .context("running netiso explain")?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("\nThe lab's manifests are in {}; run `cargo xtask lab up` to keep a lab running.", lab.out_dir.display());
+    println!("\nThe demo removes its lab now. To keep one running and query it yourself:");
+    println!("  cargo xtask lab up && cargo xtask lab traffic");
+    println!(
+        "  ip netns exec ni-lab-node {} run --manifests lab-out/lab/cluster.yaml --store lab-out/lab/evidence.redb",
+        netiso.display()
+    );
+    println!(
+        "  ip netns exec ni-lab-node {} observe --verdict dropped   # API http://127.0.0.1:9963/v1/flows, metrics /metrics",
+        netiso.display()
+    );
     Ok(())
 }

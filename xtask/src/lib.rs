@@ -5,6 +5,7 @@ pub mod bench;
 pub mod build;
 pub mod demo;
 pub mod lab;
+pub mod netns;
 pub mod nft;
 pub mod observer;
 pub mod probe;

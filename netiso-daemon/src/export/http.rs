@@ -225,12 +225,25 @@ async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> 
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// OpenMetrics for clients that ask for it (Prometheus does), the classic text format otherwise.
+async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
     let datapath = shared.datapath.lock().expect("stats lock").clone();
     let store = shared.store.stats().unwrap_or_default();
     shared.metrics.refresh(&datapath, &shared.inventory.status(), &store);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], shared.metrics.encode())
-        .into_response()
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            shared.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.metrics.encode_text())
+            .into_response()
+    }
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {

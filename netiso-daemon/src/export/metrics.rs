@@ -252,10 +252,88 @@ impl Metrics {
         self.store_bytes.set(store.bytes as i64);
     }
 
+    /// The classic Prometheus text format (0.0.4), for clients that do not ask for OpenMetrics:
+    /// the same samples, with counter families named by their `_total` samples and no `# EOF`.
+    pub fn encode_text(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("encoding into a String cannot fail");
         out
+    }
+}
+
+/// Rewrites an OpenMetrics exposition into the Prometheus text format.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counters_by_their_samples() {
+        let om = "# HELP netiso_drops Packets dropped.\n# TYPE netiso_drops counter\nnetiso_drops_total{reason=\"X\"} 3\n# HELP netiso_store_records Records.\n# TYPE netiso_store_records gauge\nnetiso_store_records 7\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP netiso_drops_total Packets dropped.\n# TYPE netiso_drops_total counter\nnetiso_drops_total{reason=\"X\"} 3\n# HELP netiso_store_records Records.\n# TYPE netiso_store_records gauge\nnetiso_store_records 7\n"
+        );
+    }
+
+    #[test]
+    fn flows_and_drops_are_counted_by_namespace_and_policy() {
+        use crate::evidence::correlate::{FlowFacts, Handled, StoreOp};
+        use crate::policy::PolicyRef;
+        let m = Metrics::new();
+        let facts = std::sync::Arc::new(FlowFacts {
+            verdict: FlowVerdict::Dropped,
+            reason: Some("NETFILTER_DROP".into()),
+            reason_class: Some(crate::datapath::reasons::ReasonClass::Policy),
+            source_namespace: "develop".into(),
+            destination_namespace: "production".into(),
+            attribution: Attribution::DeniedByNetworkPolicy,
+            policy_direction: Some("ingress".into()),
+            policies: vec![PolicyRef {
+                namespace: "production".into(),
+                name: "default-deny-all".into(),
+                resource_version: None,
+            }],
+        });
+        let h = Handled {
+            op: StoreOp::Count { id: 1, packets: 3, bytes: 180, last_seen: SystemTime::now() },
+            facts,
+            delta_packets: 3,
+            delta_bytes: 180,
+            evaluation: Some(Duration::from_micros(20)),
+        };
+        m.observe(&h);
+        let text = m.encode();
+        assert!(text.contains(r#"netiso_policy_drops_total{policy_namespace="production",policy="default-deny-all",direction="ingress"} 3"#), "{text}");
+        assert!(text.contains(r#"netiso_namespace_drops_total{source_namespace="develop",destination_namespace="production",direction="ingress"} 3"#), "{text}");
+        assert!(text.contains(r#"netiso_drops_total{reason_class="policy",reason="NETFILTER_DROP"} 3"#), "{text}");
+        assert!(!text.contains("10.244."), "no addresses in labels");
     }
 }

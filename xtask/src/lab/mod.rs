@@ -78,13 +78,44 @@ impl Lab {
         self.out_dir.join("evidence.redb")
     }
 
-    /// Starts `netiso run` in the node namespace with the lab's manifests as its inventory.
+    /// Starts `netiso run` in the node namespace with the lab's manifests as its inventory,
+    /// its API on 127.0.0.1:9963 of that namespace.
     pub fn observe(&self, netiso: &Path, extra_args: &[&str]) -> anyhow::Result<crate::observer::Observer> {
+        self.observe_as(netiso, "lab", "127.0.0.1:9963", extra_args)
+    }
+
+    /// As [`Lab::observe`], as node `name` with its own store and API address, so that several
+    /// daemons can watch the same lab.
+    pub fn observe_as(
+        &self,
+        netiso: &Path,
+        name: &str,
+        listen: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<crate::observer::Observer> {
         let manifests = self.manifests_path();
-        let mut args =
-            vec!["--manifests", manifests.to_str().context("manifests path is not UTF-8")?, "--node-name", "lab"];
+        let manifests = manifests.to_str().context("manifests path is not UTF-8")?;
+        let mut args = vec!["--manifests", manifests, "--node-name", name, "--listen", listen];
         args.extend_from_slice(extra_args);
-        crate::observer::Observer::start(netiso, &self.node_ns(), &self.store_path(), &args)
+        let store = if name == "lab" { self.store_path() } else { self.out_dir.join(format!("evidence-{name}.redb")) };
+        crate::observer::Observer::start(netiso, &self.node_ns(), &store, &args)
+    }
+
+    /// One probe from a lab pod: whether it got through.
+    pub fn probe_from(&self, pod: &str, kind: ProbeKind, target: SocketAddr, source_port: u16) -> bool {
+        let sport = source_port.to_string();
+        let args = [kind.command(), &target.to_string(), "--source-port", &sport];
+        self.in_netns(&self.pod_ns(scenario::pod(pod)), &args)
+    }
+
+    /// A command inside the node namespace (netiso's CLI, ...): its output.
+    pub fn in_node_output(&self, program: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.node_ns()])
+            .arg(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {} in the node namespace", program.display()))
     }
 
     /// Builds the scenario from scratch (removing any earlier instance with the same id).
@@ -137,8 +168,16 @@ impl Lab {
         for pod in scenario::pods() {
             docs.push(serde_yaml::to_string(&pod)?);
         }
+        // A resourceVersion per apply, as the API server would give, so evidence can cite it.
+        let version = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            .to_string();
         for policy in policies {
-            docs.push(serde_yaml::to_string(policy)?);
+            let mut policy = policy.clone();
+            policy.metadata.resource_version = Some(version.clone());
+            docs.push(serde_yaml::to_string(&policy)?);
         }
         let manifests = self.manifests_path();
         std::fs::write(&manifests, docs.join("---\n")).with_context(|| format!("writing {}", manifests.display()))?;

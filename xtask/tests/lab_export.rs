@@ -1,0 +1,316 @@
+//! What users touch, in the lab: a real Prometheus scraping `netiso run`, every PromQL
+//! expression of the dashboard and the alerts, promtool, and the CLI against two daemons.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xtask::lab::{self, Lab, ProbeKind};
+use xtask::netns;
+
+fn unique_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("e{}{}", std::process::id() % 10000, nanos % 1000)
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn repo() -> PathBuf {
+    lab::repo_root()
+}
+
+/// Every PromQL expression of the dashboard (with Grafana's interval filled in) and the alerts.
+fn expressions() -> Vec<(String, String)> {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/netiso/base/dashboards/netiso.json")).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap().replace("$__rate_interval", "1m");
+            out.push((format!("panel {}", panel["title"]), expr));
+        }
+    }
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap())
+            .unwrap();
+    for group in rules["spec"]["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            out.push((format!("alert {}", rule["alert"].as_str().unwrap()), rule["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    out
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn prom_query(node: &str, expr: &str) -> Value {
+    let (status, body) =
+        netns::get(node, "127.0.0.1:9090".parse().unwrap(), &format!("/api/v1/query?query={}", encode(expr))).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{status}: {body}"));
+    assert_eq!(v["status"], "success", "{expr}: {body}");
+    v
+}
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup installs prometheus)");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn cli(lab: &Lab, netiso: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = lab.in_node_output(netiso, args).unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
+    let id = unique_id();
+    let out = std::env::temp_dir().join(format!("netiso-export-{id}"));
+    let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
+    let netiso = xtask::build::netiso(false).expect("netiso builds");
+    let guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
+    let node = lab.node_ns();
+    let mut a = lab.observe_as(&netiso, "lab-a", "127.0.0.1:9963", &[]).expect("first netiso");
+    let mut b = lab.observe_as(&netiso, "lab-b", "127.0.0.1:9964", &[]).expect("second netiso");
+
+    let config = out.join("prometheus.yml");
+    std::fs::write(&config, "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n- job_name: netiso\n  static_configs:\n  - targets: ['127.0.0.1:9963', '127.0.0.1:9964']\n").unwrap();
+    let prometheus = Killed(
+        Command::new("ip")
+            .args(["netns", "exec", &node, "prometheus", "--web.listen-address=127.0.0.1:9090"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", out.join("tsdb").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (scripts/setup installs it)"),
+    );
+
+    for r in lab.traffic().unwrap() {
+        assert_eq!(r.observed, r.expected, "{}", r.probe);
+    }
+
+    // The blocked flow shows in the policy-drop metric, with the policy's name.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metric = r#"sum(netiso_policy_drops_total{policy_namespace="production",policy="default-deny-all"})"#;
+    loop {
+        let v = prom_query(&node, metric);
+        let value = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        if value > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the policy drop never reached Prometheus: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for (what, expr) in expressions() {
+        prom_query(&node, &expr);
+        eprintln!("ok: {what}");
+    }
+    let _ = &prometheus;
+
+    // promtool: the rules and the exposition are clean.
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap())
+            .unwrap();
+    let rules_file = out.join("rules.yml");
+    std::fs::write(&rules_file, serde_yaml::to_string(&rules["spec"]).unwrap()).unwrap();
+    let check = promtool(&["check", "rules", rules_file.to_str().unwrap()], None);
+    assert!(
+        check.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let (status, exposition) = netns::get(&node, "127.0.0.1:9963".parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let check = promtool(&["check", "metrics"], Some(&exposition));
+    let complaints = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(check.status.success() && complaints.trim().is_empty(), "promtool check metrics: {complaints}");
+    for family in [
+        "netiso_drops_total",
+        "netiso_forwarded_packets_total",
+        "netiso_datapath_lost_events_total",
+        "netiso_inventory_objects",
+        "netiso_store_records",
+        "netiso_build_info",
+    ] {
+        assert!(exposition.contains(family), "{family} missing from /metrics");
+    }
+
+    // Health, readiness, and a bad parameter named in a 400.
+    let api: SocketAddr = "127.0.0.1:9963".parse().unwrap();
+    assert_eq!(netns::get(&node, api, "/healthz").unwrap().0, 200);
+    assert_eq!(netns::get(&node, api, "/readyz").unwrap().0, 200);
+    let (status, body) = netns::get(&node, api, "/v1/flows?port=eighty").unwrap();
+    assert_eq!(status, 400);
+    assert!(body.contains("parameter `port`"), "{body}");
+
+    // observe: two servers merged and ordered by time, with filters.
+    let servers = ["--server", "http://127.0.0.1:9963", "--server", "http://127.0.0.1:9964"];
+    let mut args = vec!["observe"];
+    args.extend(servers);
+    args.extend([
+        "--verdict",
+        "dropped",
+        "--from-namespace",
+        "develop",
+        "--to-pod",
+        "production/api",
+        "--port",
+        "8080",
+        "--protocol",
+        "TCP",
+        "--last",
+        "50",
+        "-o",
+        "json",
+    ]);
+    let (ok, stdout, stderr) = cli(&lab, &netiso, &args);
+    assert!(ok, "{stderr}");
+    let flows = json_lines(&stdout);
+    assert!(
+        flows.iter().any(|f| f["node"] == "lab-a") && flows.iter().any(|f| f["node"] == "lab-b"),
+        "both servers answered: {stdout}"
+    );
+    let ids: Vec<u64> = flows.iter().map(|f| f["id"].as_str().unwrap().parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] <= w[1]), "ordered by time");
+    for f in &flows {
+        assert_eq!(f["verdict"], "dropped");
+        assert_eq!(f["source"]["namespace"], "develop");
+        assert_eq!(f["destination"]["pod"], "api");
+        assert_eq!(f["destination"]["port"], 8080);
+        assert_eq!(f["reason"], "NETFILTER_DROP");
+        assert_eq!(f["policy"]["attribution"], "denied_by_network_policy");
+        for key in ["namespace", "pod", "workload", "ip", "port"] {
+            assert!(f["source"].get(key).is_some() && f["destination"].get(key).is_some(), "{key} missing");
+        }
+    }
+    let (ok, table, _) = cli(
+        &lab,
+        &netiso,
+        &[
+            "observe",
+            "--server",
+            "http://127.0.0.1:9963",
+            "--verdict",
+            "forwarded",
+            "--to-namespace",
+            "kube-system",
+            "-o",
+            "table",
+        ],
+    );
+    assert!(ok && table.starts_with("TIME") && table.contains("kube-system/coredns:53"), "{table}");
+
+    // evidence: the bundle for the blocked flow.
+    let blocked = flows.iter().find(|f| f["node"] == "lab-a").unwrap();
+    let (ok, bundle, stderr) =
+        cli(&lab, &netiso, &["evidence", blocked["id"].as_str().unwrap(), "--server", "http://127.0.0.1:9963"]);
+    assert!(ok, "{stderr}");
+    let bundle: Value = serde_json::from_str(&bundle).unwrap();
+    assert_eq!(bundle["kernel"]["reason"], "NETFILTER_DROP");
+    assert!(bundle["kernel"]["location"].as_str().unwrap().starts_with("nft_do_chain"));
+    let in_force = bundle["policies_in_force"].as_array().unwrap();
+    assert!(
+        in_force
+            .iter()
+            .any(|p| p["metadata"]["name"] == "default-deny-all" && p["metadata"]["resourceVersion"].is_string()),
+        "{in_force:?}"
+    );
+    assert_eq!(bundle["labels"]["source"]["app"], "debug");
+    assert_eq!(bundle["labels"]["destination_namespace"]["kubernetes.io/metadata.name"], "production");
+    assert_eq!(bundle["evaluation"]["ingress"]["nearest_misses"][0]["policy"]["name"], "allow-from-ingress-nginx");
+    assert!(bundle["suggested_policy"]["yaml"].as_str().unwrap().contains("kind: NetworkPolicy"));
+
+    // follow: a new blocked flow arrives on the open stream.
+    let mut follow = Killed(
+        Command::new("ip")
+            .args(["netns", "exec", &node])
+            .arg(&netiso)
+            .args([
+                "observe",
+                "--server",
+                "http://127.0.0.1:9963",
+                "--follow",
+                "--verdict",
+                "dropped",
+                "--last",
+                "1",
+                "-o",
+                "json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let api_ip = lab::scenario::pod("production/api").ipv4();
+    assert!(!lab.probe_from("develop/debug", ProbeKind::Tcp, SocketAddr::new(api_ip, 8080), 45555));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            seen = v["source"]["port"] == 45555;
+        }
+    }
+    assert!(seen, "the new drop arrived on the follow stream");
+    drop(follow);
+
+    a.stop().unwrap();
+    b.stop().unwrap();
+    drop(prometheus);
+    guard.down().unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+}
