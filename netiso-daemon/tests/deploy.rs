@@ -1,0 +1,223 @@
+//! Everything under deploy/ renders (with kustomize v5, installed by scripts/setup) into valid
+//! Kubernetes objects that meet netiso's security bar, and the course baseline gives exactly the
+//! intended reachability when netiso's own engine evaluates it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use netiso::inventory::manifests::{Manifests, parse_into};
+use netiso::policy::{Flow, PolicyEngine, Protocol, Verdict};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn kubectl() -> PathBuf {
+    let installed = PathBuf::from("/opt/netiso-tools/kubectl");
+    if installed.exists() { installed } else { PathBuf::from("kubectl") }
+}
+
+/// `kubectl kustomize DIR` as JSON values, one per object.
+fn render(dir: &Path) -> Vec<Value> {
+    let out = Command::new(kubectl()).arg("kustomize").arg(dir).output().expect("kubectl (scripts/setup installs it)");
+    assert!(out.status.success(), "kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+use serde::Deserialize;
+
+fn kustomizations() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![repo().join("deploy")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                found.push(dir.clone());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]))
+}
+
+#[test]
+fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
+    let dirs = kustomizations();
+    assert_eq!(dirs.len(), 6, "{dirs:?}");
+    let mut daemonsets = 0;
+    for dir in &dirs {
+        for object in render(dir) {
+            let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "Namespace" => drop(typed::<Namespace>(&object)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(&object)),
+                "Service" => drop(typed::<Service>(&object)),
+                "ConfigMap" => {
+                    let dashboard = &object["data"]["netiso.json"];
+                    let parsed: Value = serde_json::from_str(dashboard.as_str().expect("dashboard in the ConfigMap")).unwrap();
+                    assert!(!parsed["panels"].as_array().unwrap().is_empty());
+                    assert_eq!(object["metadata"]["labels"]["grafana_dashboard"], "1");
+                }
+                "NetworkPolicy" => {
+                    let p: NetworkPolicy = typed(&object);
+                    let engine = PolicyEngine::new(netiso::policy::ClusterState { policies: vec![p], ..Default::default() });
+                    assert!(engine.errors().is_empty(), "{:?}", engine.errors());
+                }
+                "ClusterRole" | "Role" => {
+                    let rules = if kind == "Role" { typed::<Role>(&object).rules } else { typed::<ClusterRole>(&object).rules };
+                    for rule in rules.unwrap_or_default() {
+                        for verb in &rule.verbs {
+                            assert!(["get", "list", "watch"].contains(&verb.as_str()), "{kind} {name} grants `{verb}`: read-only only");
+                        }
+                    }
+                }
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&object)),
+                "RoleBinding" => drop(typed::<RoleBinding>(&object)),
+                "DaemonSet" => {
+                    daemonsets += 1;
+                    let ds: DaemonSet = typed(&object);
+                    let spec = ds.spec.unwrap();
+                    assert_eq!(spec.update_strategy.unwrap().type_.as_deref(), Some("RollingUpdate"));
+                    let pod = spec.template.spec.unwrap();
+                    assert_eq!(pod.host_network, Some(true));
+                    assert!(pod.tolerations.is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists"))), "runs on every node");
+                    let mounts: Vec<String> = pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone())).collect();
+                    for path in ["/sys/kernel/btf", "/sys/kernel/tracing", "/var/lib/netiso"] {
+                        assert!(mounts.contains(&path.to_owned()), "{path} is mounted");
+                    }
+                    for c in pod.containers {
+                        let image = c.image.unwrap();
+                        let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{image} has no tag"));
+                        assert!(image.contains("@sha256:") || (tag != "latest" && !tag.contains('/')), "{image} is not pinned");
+                        let sc = c.security_context.unwrap();
+                        assert_ne!(sc.privileged, Some(true), "no privileged container");
+                        assert_eq!(sc.read_only_root_filesystem, Some(true));
+                        assert_eq!(sc.allow_privilege_escalation, Some(false));
+                        let caps = sc.capabilities.unwrap();
+                        assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
+                        for cap in caps.add.unwrap() {
+                            assert!(["BPF", "PERFMON", "NET_ADMIN", "SYSLOG"].contains(&cap.as_str()), "capability {cap} is not on the list");
+                        }
+                        assert_eq!(c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/healthz"));
+                        assert_eq!(c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/readyz"));
+                        let resources = c.resources.unwrap();
+                        assert!(resources.requests.is_some() && resources.limits.is_some(), "requests and limits");
+                    }
+                }
+                "ServiceMonitor" => assert_eq!(object["spec"]["endpoints"][0]["path"], "/metrics"),
+                "PrometheusRule" => {
+                    let alerts: Vec<&str> =
+                        object["spec"]["groups"][0]["rules"].as_array().unwrap().iter().filter_map(|r| r["alert"].as_str()).collect();
+                    for a in ["NetisoDropSurge", "NetisoPolicyDropsInProduction", "NetisoDatapathLosses", "NetisoInventoryStale", "NetisoDown"] {
+                        assert!(alerts.contains(&a), "alert {a}");
+                    }
+                }
+                "GitRepository" => assert!(object["spec"]["url"].is_string()),
+                "Kustomization" => {
+                    let path = object["spec"]["path"].as_str().unwrap();
+                    assert!(repo().join(path.trim_start_matches("./")).join("kustomization.yaml").exists(), "{name}: {path} exists");
+                    if name.starts_with("network-policies-") {
+                        assert_eq!(object["spec"]["dependsOn"][0]["name"], "netiso", "{name} waits for netiso");
+                    }
+                }
+                other => panic!("{} renders an unexpected {other} {name}", dir.display()),
+            }
+        }
+    }
+    assert_eq!(daemonsets, 1);
+    let names: Vec<String> = render(&repo().join("deploy/flux")).iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    for n in ["network-policies-develop", "network-policies-staging", "network-policies-production", "netiso"] {
+        assert!(names.contains(&n.to_owned()), "Flux Kustomization {n}");
+    }
+    // The rollback manifest is applied by hand, outside any kustomization.
+    let rollback: NetworkPolicy = serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/network-policies/rollback/allow-all.yaml")).unwrap()).unwrap();
+    assert_eq!(rollback.spec.unwrap().policy_types.unwrap(), ["Ingress", "Egress"]);
+}
+
+/// The course's namespaces and pods, with the baseline as the overlays render it.
+fn course_with_baseline() -> PolicyEngine {
+    let model = r#"
+kind: Namespace
+metadata: {name: develop, labels: {kubernetes.io/metadata.name: develop}}
+---
+kind: Namespace
+metadata: {name: staging, labels: {kubernetes.io/metadata.name: staging}}
+---
+kind: Namespace
+metadata: {name: production, labels: {kubernetes.io/metadata.name: production}}
+---
+kind: Namespace
+metadata: {name: ingress-nginx, labels: {kubernetes.io/metadata.name: ingress-nginx}}
+---
+kind: Namespace
+metadata: {name: kube-system, labels: {kubernetes.io/metadata.name: kube-system}}
+---
+kind: Pod
+metadata: {name: web, namespace: develop, labels: {app: web}}
+status: {podIP: 10.0.1.1}
+---
+kind: Pod
+metadata: {name: web, namespace: staging, labels: {app: web}}
+status: {podIP: 10.0.2.1}
+---
+kind: Pod
+metadata: {name: api, namespace: production, labels: {app: api}}
+status: {podIP: 10.0.3.1}
+---
+kind: Pod
+metadata: {name: controller, namespace: ingress-nginx, labels: {app.kubernetes.io/name: ingress-nginx}}
+status: {podIP: 10.0.4.1}
+---
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+status: {podIP: 10.0.5.1}
+"#;
+    let mut m = Manifests::default();
+    parse_into(Path::new("model.yaml"), model, &mut m).unwrap();
+    for ns in ["develop", "staging", "production"] {
+        for object in render(&repo().join("deploy/network-policies/overlays").join(ns)) {
+            let p: NetworkPolicy = typed(&object);
+            assert_eq!(p.metadata.namespace.as_deref(), Some(ns));
+            m.state.policies.push(p);
+        }
+    }
+    let engine = PolicyEngine::new(m.state);
+    assert!(engine.errors().is_empty(), "{:?}", engine.errors());
+    engine
+}
+
+fn verdict(e: &PolicyEngine, from: &str, to: &str, port: u16, protocol: Protocol) -> Verdict {
+    e.verdict(&Flow { from: from.parse().unwrap(), to: to.parse().unwrap(), port, protocol }).unwrap()
+}
+
+#[test]
+fn the_baseline_gives_the_intended_reachability() {
+    let e = course_with_baseline();
+    for app in ["develop/web", "staging/web", "production/api"] {
+        assert_eq!(verdict(&e, app, "kube-system/coredns", 53, Protocol::Udp), Verdict::Allowed, "DNS/UDP from {app}");
+        assert_eq!(verdict(&e, app, "kube-system/coredns", 53, Protocol::Tcp), Verdict::Allowed, "DNS/TCP from {app}");
+        assert_eq!(verdict(&e, app, "kube-system/coredns", 80, Protocol::Tcp), Verdict::Denied, "only DNS to kube-dns from {app}");
+        assert_eq!(verdict(&e, "ingress-nginx/controller", app, 8080, Protocol::Tcp), Verdict::Allowed, "ingress-nginx -> {app}");
+    }
+    assert_eq!(verdict(&e, "develop/web", "production/api", 8080, Protocol::Tcp), Verdict::Denied);
+    assert_eq!(verdict(&e, "staging/web", "production/api", 8080, Protocol::Tcp), Verdict::Denied);
+    assert_eq!(verdict(&e, "production/api", "develop/web", 8080, Protocol::Tcp), Verdict::Denied);
+    assert_eq!(verdict(&e, "production/api", "203.0.113.10", 443, Protocol::Tcp), Verdict::Denied, "no egress to the world");
+}
