@@ -71,20 +71,26 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                 "Service" => drop(typed::<Service>(&object)),
                 "ConfigMap" => {
                     let dashboard = &object["data"]["netiso.json"];
-                    let parsed: Value = serde_json::from_str(dashboard.as_str().expect("dashboard in the ConfigMap")).unwrap();
+                    let parsed: Value =
+                        serde_json::from_str(dashboard.as_str().expect("dashboard in the ConfigMap")).unwrap();
                     assert!(!parsed["panels"].as_array().unwrap().is_empty());
                     assert_eq!(object["metadata"]["labels"]["grafana_dashboard"], "1");
                 }
                 "NetworkPolicy" => {
                     let p: NetworkPolicy = typed(&object);
-                    let engine = PolicyEngine::new(netiso::policy::ClusterState { policies: vec![p], ..Default::default() });
+                    let engine =
+                        PolicyEngine::new(netiso::policy::ClusterState { policies: vec![p], ..Default::default() });
                     assert!(engine.errors().is_empty(), "{:?}", engine.errors());
                 }
                 "ClusterRole" | "Role" => {
-                    let rules = if kind == "Role" { typed::<Role>(&object).rules } else { typed::<ClusterRole>(&object).rules };
+                    let rules =
+                        if kind == "Role" { typed::<Role>(&object).rules } else { typed::<ClusterRole>(&object).rules };
                     for rule in rules.unwrap_or_default() {
                         for verb in &rule.verbs {
-                            assert!(["get", "list", "watch"].contains(&verb.as_str()), "{kind} {name} grants `{verb}`: read-only only");
+                            assert!(
+                                ["get", "list", "watch"].contains(&verb.as_str()),
+                                "{kind} {name} grants `{verb}`: read-only only"
+                            );
                         }
                     }
                 }
@@ -97,15 +103,26 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                     assert_eq!(spec.update_strategy.unwrap().type_.as_deref(), Some("RollingUpdate"));
                     let pod = spec.template.spec.unwrap();
                     assert_eq!(pod.host_network, Some(true));
-                    assert!(pod.tolerations.is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists"))), "runs on every node");
-                    let mounts: Vec<String> = pod.volumes.iter().flatten().filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone())).collect();
+                    assert!(
+                        pod.tolerations.is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists"))),
+                        "runs on every node"
+                    );
+                    let mounts: Vec<String> = pod
+                        .volumes
+                        .iter()
+                        .flatten()
+                        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
+                        .collect();
                     for path in ["/sys/kernel/btf", "/sys/kernel/tracing", "/var/lib/netiso"] {
                         assert!(mounts.contains(&path.to_owned()), "{path} is mounted");
                     }
                     for c in pod.containers {
                         let image = c.image.unwrap();
                         let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{image} has no tag"));
-                        assert!(image.contains("@sha256:") || (tag != "latest" && !tag.contains('/')), "{image} is not pinned");
+                        assert!(
+                            image.contains("@sha256:") || (tag != "latest" && !tag.contains('/')),
+                            "{image} is not pinned"
+                        );
                         let sc = c.security_context.unwrap();
                         assert_ne!(sc.privileged, Some(true), "no privileged container");
                         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -113,7 +130,10 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         let caps = sc.capabilities.unwrap();
                         assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
                         for cap in caps.add.unwrap() {
-                            assert!(["BPF", "PERFMON", "NET_ADMIN", "SYSLOG"].contains(&cap.as_str()), "capability {cap} is not on the list");
+                            assert!(
+                                ["BPF", "PERFMON", "NET_ADMIN", "SYSLOG"].contains(&cap.as_str()),
+                                "capability {cap} is not on the list"
+                            );
                         }
                         assert_eq!(c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/healthz"));
                         assert_eq!(c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/readyz"));
@@ -123,16 +143,29 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                 }
                 "ServiceMonitor" => assert_eq!(object["spec"]["endpoints"][0]["path"], "/metrics"),
                 "PrometheusRule" => {
-                    let alerts: Vec<&str> =
-                        object["spec"]["groups"][0]["rules"].as_array().unwrap().iter().filter_map(|r| r["alert"].as_str()).collect();
-                    for a in ["NetisoDropSurge", "NetisoPolicyDropsInProduction", "NetisoDatapathLosses", "NetisoInventoryStale", "NetisoDown"] {
+                    let alerts: Vec<&str> = object["spec"]["groups"][0]["rules"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(|r| r["alert"].as_str())
+                        .collect();
+                    for a in [
+                        "NetisoDropSurge",
+                        "NetisoPolicyDropsInProduction",
+                        "NetisoDatapathLosses",
+                        "NetisoInventoryStale",
+                        "NetisoDown",
+                    ] {
                         assert!(alerts.contains(&a), "alert {a}");
                     }
                 }
                 "GitRepository" => assert!(object["spec"]["url"].is_string()),
                 "Kustomization" => {
                     let path = object["spec"]["path"].as_str().unwrap();
-                    assert!(repo().join(path.trim_start_matches("./")).join("kustomization.yaml").exists(), "{name}: {path} exists");
+                    assert!(
+                        repo().join(path.trim_start_matches("./")).join("kustomization.yaml").exists(),
+                        "{name}: {path} exists"
+                    );
                     if name.starts_with("network-policies-") {
                         assert_eq!(object["spec"]["dependsOn"][0]["name"], "netiso", "{name} waits for netiso");
                     }
@@ -142,12 +175,18 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
         }
     }
     assert_eq!(daemonsets, 1);
-    let names: Vec<String> = render(&repo().join("deploy/flux")).iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_owned()).collect();
+    let names: Vec<String> = render(&repo().join("deploy/flux"))
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
     for n in ["network-policies-develop", "network-policies-staging", "network-policies-production", "netiso"] {
         assert!(names.contains(&n.to_owned()), "Flux Kustomization {n}");
     }
     // The rollback manifest is applied by hand, outside any kustomization.
-    let rollback: NetworkPolicy = serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/network-policies/rollback/allow-all.yaml")).unwrap()).unwrap();
+    let rollback: NetworkPolicy = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/network-policies/rollback/allow-all.yaml")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(rollback.spec.unwrap().policy_types.unwrap(), ["Ingress", "Egress"]);
 }
 
@@ -213,11 +252,23 @@ fn the_baseline_gives_the_intended_reachability() {
     for app in ["develop/web", "staging/web", "production/api"] {
         assert_eq!(verdict(&e, app, "kube-system/coredns", 53, Protocol::Udp), Verdict::Allowed, "DNS/UDP from {app}");
         assert_eq!(verdict(&e, app, "kube-system/coredns", 53, Protocol::Tcp), Verdict::Allowed, "DNS/TCP from {app}");
-        assert_eq!(verdict(&e, app, "kube-system/coredns", 80, Protocol::Tcp), Verdict::Denied, "only DNS to kube-dns from {app}");
-        assert_eq!(verdict(&e, "ingress-nginx/controller", app, 8080, Protocol::Tcp), Verdict::Allowed, "ingress-nginx -> {app}");
+        assert_eq!(
+            verdict(&e, app, "kube-system/coredns", 80, Protocol::Tcp),
+            Verdict::Denied,
+            "only DNS to kube-dns from {app}"
+        );
+        assert_eq!(
+            verdict(&e, "ingress-nginx/controller", app, 8080, Protocol::Tcp),
+            Verdict::Allowed,
+            "ingress-nginx -> {app}"
+        );
     }
     assert_eq!(verdict(&e, "develop/web", "production/api", 8080, Protocol::Tcp), Verdict::Denied);
     assert_eq!(verdict(&e, "staging/web", "production/api", 8080, Protocol::Tcp), Verdict::Denied);
     assert_eq!(verdict(&e, "production/api", "develop/web", 8080, Protocol::Tcp), Verdict::Denied);
-    assert_eq!(verdict(&e, "production/api", "203.0.113.10", 443, Protocol::Tcp), Verdict::Denied, "no egress to the world");
+    assert_eq!(
+        verdict(&e, "production/api", "203.0.113.10", 443, Protocol::Tcp),
+        Verdict::Denied,
+        "no egress to the world"
+    );
 }

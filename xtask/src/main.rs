@@ -94,7 +94,11 @@ enum LabAction {
         with_baseline: bool,
     },
     /// Drive the scenario's traffic and check each flow against the policies.
-    Traffic,
+    Traffic {
+        /// Only the traffic the course means to keep (DNS, ingress-nginx to the apps).
+        #[arg(long)]
+        legitimate: bool,
+    },
     /// Remove every namespace, link, nft table and process of the lab.
     Down,
 }
@@ -202,8 +206,8 @@ fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {
             lab.apply_policies(&policies(path.as_ref(), with_baseline)?)?;
             println!("lab `{id}` now enforces the policies in {}", lab.manifests_path().display());
         }
-        LabAction::Traffic => {
-            let results = lab.traffic()?;
+        LabAction::Traffic { legitimate } => {
+            let results = if legitimate { lab.traffic_of(lab::legitimate_probes())? } else { lab.traffic()? };
             let mut mismatches = 0;
             for r in &results {
                 let verdict = if r.observed { "ALLOWED" } else { "BLOCKED" };

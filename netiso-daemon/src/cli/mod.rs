@@ -4,6 +4,7 @@ mod client;
 mod explain;
 mod observe;
 mod run;
+mod whatif;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,11 @@ pub enum Command {
     Observe(observe::ObserveArgs),
     /// The evidence bundle of one flow record.
     Evidence(observe::EvidenceArgs),
+    /// Replay recorded traffic against proposed NetworkPolicies: what would become denied.
+    Whatif(whatif::WhatIfArgs),
+    /// Propose the minimal allow policies that keep a namespace's recorded traffic working under
+    /// a default deny, checked against that traffic.
+    Advise(whatif::AdviseArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -44,5 +50,7 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain(args) => explain::explain(args),
         Command::Observe(args) => observe::observe(args),
         Command::Evidence(args) => observe::evidence(args),
+        Command::Whatif(args) => whatif::whatif(args),
+        Command::Advise(args) => whatif::advise(args),
     }
 }

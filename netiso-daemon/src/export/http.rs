@@ -35,9 +35,22 @@ pub struct Shared {
 pub const MAX_LIMIT: usize = 10_000;
 const DEFAULT_LIMIT: usize = 100;
 
-fn bad(parameter: &str, message: impl std::fmt::Display) -> Response {
-    (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("parameter `{parameter}`: {message}")})))
-        .into_response()
+/// A request parameter that cannot be used, answered with 400.
+#[derive(Debug)]
+pub struct BadParameter {
+    pub parameter: String,
+    pub message: String,
+}
+
+impl IntoResponse for BadParameter {
+    fn into_response(self) -> Response {
+        let error = format!("parameter `{}`: {}", self.parameter, self.message);
+        (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": error }))).into_response()
+    }
+}
+
+fn bad(parameter: &str, message: impl std::fmt::Display) -> BadParameter {
+    BadParameter { parameter: parameter.to_owned(), message: message.to_string() }
 }
 
 /// RFC 3339 (`2026-01-02T03:04:05Z`) or a duration ago (`5m`, `1h30m`).
@@ -51,7 +64,7 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
 }
 
 /// The query a request's parameters describe, or the response naming the bad parameter.
-pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), Response> {
+pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), BadParameter> {
     let mut q = Query { limit: DEFAULT_LIMIT, ..Default::default() };
     let mut follow = false;
     for (name, value) in params {
@@ -122,7 +135,7 @@ fn listed(r: &FlowRecord) -> Value {
 async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<HashMap<String, String>>) -> Response {
     let (query, follow) = match parse_query(&params) {
         Ok(q) => q,
-        Err(response) => return response,
+        Err(bad) => return bad.into_response(),
     };
     // Subscribe before reading history, so nothing falls in between.
     let mut live = shared.inserted.subscribe();
@@ -210,7 +223,7 @@ pub fn bundle(r: &FlowRecord) -> Value {
 
 async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<u64>() else {
-        return bad("id", format!("`{id}` is not a record id"));
+        return bad("id", format!("`{id}` is not a record id")).into_response();
     };
     let store = shared.store.clone();
     match tokio::task::spawn_blocking(move || store.get(id)).await {
@@ -260,8 +273,27 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// The inventory as the engine sees it, for `netiso whatif` and `netiso advise`: namespaces,
+/// pods, the NetworkPolicies in force, and the kube-dns Service's selector.
+async fn inventory(State(shared): State<Arc<Shared>>) -> Response {
+    let state = shared.inventory.cluster_state();
+    let dns = shared
+        .inventory
+        .service_selector("kube-system", "kube-dns")
+        .unwrap_or_else(|| [("k8s-app".to_owned(), "kube-dns".to_owned())].into());
+    axum::Json(json!({
+        "namespaces": state.namespaces,
+        "pods": state.pods,
+        "policies": state.policies,
+        "dns_selector": dns,
+        "status": {"synced": shared.inventory.status().synced, "stale": shared.inventory.status().stale},
+    }))
+    .into_response()
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/v1/inventory", get(inventory))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -277,4 +309,49 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        for (pairs, parameter) in [
+            (vec![("port", "eighty")], "port"),
+            (vec![("verdict", "blocked")], "verdict"),
+            (vec![("from-pod", "nopod")], "from-pod"),
+            (vec![("limit", "0")], "limit"),
+            (vec![("limit", "20000")], "limit"),
+            (vec![("since", "yesterday-ish")], "since"),
+            (vec![("colour", "red")], "colour"),
+        ] {
+            let err = parse_query(&params(&pairs)).unwrap_err();
+            assert_eq!(err.parameter, parameter);
+        }
+    }
+
+    #[test]
+    fn good_parameters_become_a_query() {
+        let (q, follow) = parse_query(&params(&[
+            ("verdict", "dropped"),
+            ("to-pod", "prod/api"),
+            ("port", "8080"),
+            ("since", "5m"),
+            ("follow", "true"),
+        ]))
+        .unwrap();
+        assert!(follow);
+        assert_eq!(q.verdict, Some(FlowVerdict::Dropped));
+        assert_eq!(q.to_pod.as_deref(), Some("prod/api"));
+        assert_eq!(q.port, Some(8080));
+        let since = q.since.unwrap();
+        let ago = SystemTime::now().duration_since(since).unwrap();
+        assert!(ago >= std::time::Duration::from_secs(299) && ago <= std::time::Duration::from_secs(301));
+        assert_eq!(q.limit, DEFAULT_LIMIT);
+    }
 }

@@ -427,6 +427,17 @@ impl Inventory {
         (Identity::world(ip, port), None)
     }
 
+    /// The engine's view of the whole cluster now (for what-if and advice elsewhere).
+    pub fn cluster_state(&self) -> ClusterState {
+        self.state.read().expect("inventory lock").cluster_state(&[])
+    }
+
+    /// The selector of Service `namespace/name`, if it exists and has one.
+    pub fn service_selector(&self, namespace: &str, name: &str) -> Option<crate::policy::Labels> {
+        let s = self.state.read().expect("inventory lock");
+        s.services.get(&(namespace.to_owned(), name.to_owned()))?.spec.as_ref()?.selector.clone()
+    }
+
     /// The policy objects as they are now, for evidence.
     pub fn policy_objects(&self, refs: &[PolicyRef]) -> Vec<NetworkPolicy> {
         let s = self.state.read().expect("inventory lock");

@@ -7,6 +7,7 @@ pub mod model;
 pub mod render;
 pub mod selector;
 pub mod suggest;
+pub mod whatif;
 
 pub use compile::{PolicyError, PolicyRef};
 pub use engine::{

@@ -168,6 +168,9 @@ impl Lab {
         for pod in scenario::pods() {
             docs.push(serde_yaml::to_string(&pod)?);
         }
+        for service in scenario::services() {
+            docs.push(serde_yaml::to_string(&service)?);
+        }
         // A resourceVersion per apply, as the API server would give, so evidence can cite it.
         let version = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -271,9 +274,14 @@ impl Lab {
     /// Drives the scenario's traffic and checks every flow against the engine's verdict under
     /// the lab's current policies.
     pub fn traffic(&self) -> anyhow::Result<Vec<ProbeResult>> {
+        self.traffic_of(probes())
+    }
+
+    /// Drives these probes; each result carries the engine's verdict for it.
+    pub fn traffic_of(&self, probes: Vec<Probe>) -> anyhow::Result<Vec<ProbeResult>> {
         let engine = self.engine()?;
         let results: Vec<ProbeResult> = std::thread::scope(|scope| {
-            let handles: Vec<_> = probes()
+            let handles: Vec<_> = probes
                 .into_iter()
                 .map(|p| {
                     let engine = &engine;
@@ -455,6 +463,14 @@ pub fn probes() -> Vec<Probe> {
         probe.source_port = FIRST_SOURCE_PORT + i as u16;
     }
     list
+}
+
+/// The traffic the course means to keep: DNS from the app pods and ingress-nginx to the apps.
+pub fn legitimate_probes() -> Vec<Probe> {
+    probes()
+        .into_iter()
+        .filter(|p| p.to.key() == "kube-system/coredns" || p.from.key() == "ingress-nginx/controller")
+        .collect()
 }
 
 /// Probes send from FIRST_SOURCE_PORT + their index in [`probes`].

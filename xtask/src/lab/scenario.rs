@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub const V4_PREFIX: &str = "10.244.0";
@@ -123,6 +125,23 @@ pub fn namespaces() -> Vec<Namespace> {
             }
         })
         .collect()
+}
+
+/// The cluster DNS Service: advice selects DNS pods by its selector.
+pub fn services() -> Vec<Service> {
+    vec![Service {
+        metadata: ObjectMeta {
+            name: Some("kube-dns".into()),
+            namespace: Some("kube-system".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(labels(&[("k8s-app", "kube-dns")])),
+            cluster_ip: Some("10.96.0.10".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]
 }
 
 pub fn pods() -> Vec<Pod> {
