@@ -27,7 +27,7 @@ pub fn run(lab: &Lab) -> anyhow::Result<ExitCode> {
 
 fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
     println!(
-        "== starting `netiso run` in the node namespace {} (API and metrics on 127.0.0.1:9963 there)",
+        "== starting `netiso run` in the node namespace {} (API on 127.0.0.1:9963, metrics on 127.0.0.1:9962 there)",
         lab.node_ns()
     );
     let mut observer = lab.observe(netiso, &[])?;
@@ -103,8 +103,8 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
         println!("     {line}");
     }
 
-    let metrics = run_cli(lab, std::path::Path::new("curl"), &["-s", "127.0.0.1:9963/metrics"])?;
-    println!("\n== metrics (excerpt of http://127.0.0.1:9963/metrics in {})", lab.node_ns());
+    let metrics = run_cli(lab, std::path::Path::new("curl"), &["-s", "127.0.0.1:9962/metrics"])?;
+    println!("\n== metrics (excerpt of http://127.0.0.1:9962/metrics in {})", lab.node_ns());
     for line in
         metrics.lines().filter(|l| l.starts_with("netiso_policy_drops_total") || l.starts_with("netiso_drops_total"))
     {
@@ -119,7 +119,7 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
         netiso.display()
     );
     println!(
-        "  ip netns exec ni-lab-node {} observe --verdict dropped   # API http://127.0.0.1:9963/v1/flows, metrics /metrics",
+        "  ip netns exec ni-lab-node {} observe --verdict dropped   # API http://127.0.0.1:9963/v1/flows, metrics http://127.0.0.1:9962/metrics",
         netiso.display()
     );
     Ok(())

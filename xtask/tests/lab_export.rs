@@ -111,11 +111,11 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     let netiso = xtask::build::netiso(false).expect("netiso builds");
     let guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
     let node = lab.node_ns();
-    let mut a = lab.observe_as(&netiso, "lab-a", "127.0.0.1:9963", &[]).expect("first netiso");
-    let mut b = lab.observe_as(&netiso, "lab-b", "127.0.0.1:9964", &[]).expect("second netiso");
+    let mut a = lab.observe_as(&netiso, "lab-a", "127.0.0.1:9963", "127.0.0.1:9962", &[]).expect("first netiso");
+    let mut b = lab.observe_as(&netiso, "lab-b", "127.0.0.1:9964", "127.0.0.1:9965", &[]).expect("second netiso");
 
     let config = out.join("prometheus.yml");
-    std::fs::write(&config, "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n- job_name: netiso\n  static_configs:\n  - targets: ['127.0.0.1:9963', '127.0.0.1:9964']\n").unwrap();
+    std::fs::write(&config, "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n- job_name: netiso\n  static_configs:\n  - targets: ['127.0.0.1:9962', '127.0.0.1:9965']\n").unwrap();
     let prometheus = Killed(
         Command::new("ip")
             .args(["netns", "exec", &node, "prometheus", "--web.listen-address=127.0.0.1:9090"])
@@ -162,7 +162,7 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    let (status, exposition) = netns::get(&node, "127.0.0.1:9963".parse().unwrap(), "/metrics").unwrap();
+    let (status, exposition) = netns::get(&node, "127.0.0.1:9962".parse().unwrap(), "/metrics").unwrap();
     assert_eq!(status, 200);
     let check = promtool(&["check", "metrics"], Some(&exposition));
     let complaints = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
@@ -178,10 +178,11 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
         assert!(exposition.contains(family), "{family} missing from /metrics");
     }
 
-    // Health, readiness, and a bad parameter named in a 400.
+    // Health and readiness on the metrics listener, and a bad parameter named in a 400.
+    let metrics: SocketAddr = "127.0.0.1:9962".parse().unwrap();
+    assert_eq!(netns::get(&node, metrics, "/healthz").unwrap().0, 200);
+    assert_eq!(netns::get(&node, metrics, "/readyz").unwrap().0, 200);
     let api: SocketAddr = "127.0.0.1:9963".parse().unwrap();
-    assert_eq!(netns::get(&node, api, "/healthz").unwrap().0, 200);
-    assert_eq!(netns::get(&node, api, "/readyz").unwrap().0, 200);
     let (status, body) = netns::get(&node, api, "/v1/flows?port=eighty").unwrap();
     assert_eq!(status, 400);
     assert!(body.contains("parameter `port`"), "{body}");

@@ -1,6 +1,7 @@
 //! Talking to netiso daemons: directly by URL, or through the Kubernetes API server's pod proxy
 //! (`--kube`), which needs no extra component and only kubectl-level RBAC.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -28,19 +29,37 @@ pub struct Target {
     /// Port of the netiso API in its pods (with --kube).
     #[arg(long, default_value_t = 9963)]
     pub kube_port: u16,
+    /// Bearer token for an API with Kubernetes authentication (default: the kubeconfig's user
+    /// token, then the in-cluster service account's).
+    #[arg(long, env = "NETISO_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the API's certificate, e.g. the api-ca.pem a daemon
+    /// generated.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Do not verify the API's certificate (the connection is encrypted but not authenticated).
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
+}
+
+/// How to reach a daemon over HTTPS: whom to trust, and the token to present.
+#[derive(Clone)]
+pub struct Credentials {
+    pub tls: Arc<rustls::ClientConfig>,
+    pub token: Option<String>,
 }
 
 /// One daemon to ask: a base URL, or a pod reached through the API server.
 #[derive(Clone)]
 pub enum Endpoint {
-    Url(String),
+    Url(String, Arc<Credentials>),
     Pod { client: kube::Client, namespace: String, name: String, port: u16 },
 }
 
 impl Endpoint {
     pub fn name(&self) -> String {
         match self {
-            Endpoint::Url(u) => u.clone(),
+            Endpoint::Url(u, _) => u.clone(),
             Endpoint::Pod { namespace, name, .. } => format!("{namespace}/{name}"),
         }
     }
@@ -49,7 +68,12 @@ impl Endpoint {
 impl Target {
     pub async fn endpoints(&self) -> anyhow::Result<Vec<Endpoint>> {
         if !self.kube {
-            return Ok(self.servers.iter().map(|s| Endpoint::Url(s.trim_end_matches('/').to_owned())).collect());
+            let credentials = Arc::new(self.credentials()?);
+            return Ok(self
+                .servers
+                .iter()
+                .map(|s| Endpoint::Url(s.trim_end_matches('/').to_owned(), credentials.clone()))
+                .collect());
         }
         let client =
             kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
@@ -77,17 +101,129 @@ impl Target {
     }
 }
 
-fn http_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
+impl Target {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder =
+            rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+        let tls = if self.insecure_skip_tls_verify {
+            eprintln!("netiso: warning: --insecure-skip-tls-verify: the server's certificate is not checked");
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            match &self.ca_file {
+                Some(path) => {
+                    use rustls::pki_types::pem::PemObject;
+                    for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                    {
+                        roots.add(cert.with_context(|| format!("parsing {}", path.display()))?)?;
+                    }
+                }
+                None => {
+                    for cert in rustls_native_certs::load_native_certs().certs {
+                        let _ = roots.add(cert);
+                    }
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        Ok(Credentials { tls: Arc::new(tls), token: self.token.clone().or_else(ambient_token) })
+    }
+}
+
+/// The token of the kubeconfig's current user, or of the in-cluster service account.
+fn ambient_token() -> Option<String> {
+    use secrecy::ExposeSecret;
+    if let Ok(config) = kube::config::Kubeconfig::read() {
+        let context = config.current_context.as_ref().and_then(|c| config.contexts.iter().find(|n| &n.name == c));
+        let user = context.and_then(|c| c.context.as_ref()).and_then(|c| c.user.as_ref());
+        let auth =
+            user.and_then(|u| config.auth_infos.iter().find(|a| &a.name == u)).and_then(|a| a.auth_info.as_ref());
+        if let Some(auth) = auth {
+            if let Some(token) = &auth.token {
+                return Some(token.expose_secret().to_owned());
+            }
+            if let Some(file) = &auth.token_file {
+                return std::fs::read_to_string(file).ok().map(|t| t.trim().to_owned());
+            }
+        }
+    }
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/token").ok().map(|t| t.trim().to_owned())
+}
+
+/// Accepts any certificate but still checks the handshake signatures (for
+/// --insecure-skip-tls-verify).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+type HttpsClient =
+    Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>;
+
+fn http_client(credentials: &Credentials) -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*credentials.tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// A GET request; the token goes only over HTTPS.
+fn request(base: &str, path_and_query: &str, credentials: &Credentials) -> anyhow::Result<http::Request<Empty<Bytes>>> {
+    let mut builder = http::Request::get(format!("{base}{path_and_query}"));
+    if base.starts_with("https://")
+        && let Some(token) = &credentials.token
+    {
+        builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    builder.body(Empty::new()).with_context(|| format!("`{base}` is not a URL"))
 }
 
 /// GET `path_and_query` (`/v1/flows?...`): status and body.
 pub async fn get(endpoint: &Endpoint, path_and_query: &str) -> anyhow::Result<(u16, Bytes)> {
     match endpoint {
-        Endpoint::Url(base) => {
-            let uri: hyper::Uri =
-                format!("{base}{path_and_query}").parse().with_context(|| format!("`{base}` is not a URL"))?;
-            let response = tokio::time::timeout(Duration::from_secs(30), http_client().get(uri))
+        Endpoint::Url(base, credentials) => {
+            let request = request(base, path_and_query, credentials)?;
+            let response = tokio::time::timeout(Duration::from_secs(30), http_client(credentials).request(request))
                 .await
                 .with_context(|| format!("{base} did not answer within 30 s"))?
                 .with_context(|| format!("cannot reach {base}"))?;
@@ -112,10 +248,10 @@ pub async fn get(endpoint: &Endpoint, path_and_query: &str) -> anyhow::Result<(u
 /// GET a streaming endpoint and call `line` for each line until the stream ends.
 pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: impl FnMut(&str)) -> anyhow::Result<()> {
     match endpoint {
-        Endpoint::Url(base) => {
-            let uri: hyper::Uri =
-                format!("{base}{path_and_query}").parse().with_context(|| format!("`{base}` is not a URL"))?;
-            let response = http_client().get(uri).await.with_context(|| format!("cannot reach {base}"))?;
+        Endpoint::Url(base, credentials) => {
+            let request = request(base, path_and_query, credentials)?;
+            let response =
+                http_client(credentials).request(request).await.with_context(|| format!("cannot reach {base}"))?;
             if !response.status().is_success() {
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();

@@ -19,6 +19,7 @@ use crate::evidence::store::{self, Retention, Store};
 use crate::export::http::{self, Shared};
 use crate::export::log::{self, BlockedFlowLog, RecordWriter};
 use crate::export::metrics::Metrics;
+use crate::export::tls;
 use crate::inventory::{Inventory, Kind, kubernetes, manifests};
 
 #[derive(Debug, Args)]
@@ -64,12 +65,36 @@ pub struct RunArgs {
     /// Keep at most this many bytes of evidence (e.g. 512MiB, 2GiB).
     #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
     pub store_max_bytes: u64,
-    /// Address of the HTTP listener: /metrics, /healthz, /readyz and the query API (/v1/...).
+    /// Address of the query API (/v1/...).
     #[arg(long, default_value = "127.0.0.1:9963")]
     pub listen: std::net::SocketAddr,
+    /// Address of /metrics, /healthz and /readyz (never behind credentials, for Prometheus and
+    /// probes).
+    #[arg(long, default_value = "127.0.0.1:9962")]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Authentication of query API requests: `kubernetes` checks bearer tokens with TokenReview
+    /// and requires `get nodes/proxy` on this node (SubjectAccessReview); `none` trusts every
+    /// caller (only sensible on loopback).
+    #[arg(long, value_enum, default_value = "none")]
+    pub api_auth: ApiAuth,
+    /// How long an authentication/authorization decision is reused.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub auth_cache_ttl: Duration,
+    /// TLS certificate (PEM, chain) of the API; reloaded when it changes. With --api-auth
+    /// kubernetes and no certificate, one is generated at start.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log a blocked flow at most once per this interval (repeats are counted).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub blocked_log_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiAuth {
+    None,
+    Kubernetes,
 }
 
 /// `512MiB`, `2GiB`, `100MB`, `4096`.
@@ -109,16 +134,8 @@ fn node_name(args: &RunArgs) -> String {
     })
 }
 
-/// Starts the inventory's source: manifests when given, else the Kubernetes API when a
-/// configuration is found. Without either, flows are recorded with addresses only.
-async fn start_inventory(args: &RunArgs) -> anyhow::Result<Arc<Inventory>> {
-    if let Some(path) = &args.manifests {
-        // Read once up front so a bad path fails the start instead of a background task.
-        manifests::load(path).with_context(|| format!("reading manifests from {}", path.display()))?;
-        let inventory = Inventory::new(&Kind::ALL, args.retention);
-        tokio::spawn(manifests::follow(path.clone(), inventory.clone(), Duration::from_secs(1)));
-        return Ok(inventory);
-    }
+/// The Kubernetes client from --kubeconfig, else in-cluster config or KUBECONFIG, if any.
+async fn kube_client(args: &RunArgs) -> anyhow::Result<Option<kube::Client>> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -131,9 +148,21 @@ async fn start_inventory(args: &RunArgs) -> anyhow::Result<Arc<Inventory>> {
         }
         None => kube::Config::infer().await.ok(),
     };
-    match config {
-        Some(config) => {
-            let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+    config.map(|c| kube::Client::try_from(c).context("creating the Kubernetes client")).transpose()
+}
+
+/// Starts the inventory's source: manifests when given, else the Kubernetes API when a
+/// configuration is found. Without either, flows are recorded with addresses only.
+async fn start_inventory(args: &RunArgs, client: Option<kube::Client>) -> anyhow::Result<Arc<Inventory>> {
+    if let Some(path) = &args.manifests {
+        // Read once up front so a bad path fails the start instead of a background task.
+        manifests::load(path).with_context(|| format!("reading manifests from {}", path.display()))?;
+        let inventory = Inventory::new(&Kind::ALL, args.retention);
+        tokio::spawn(manifests::follow(path.clone(), inventory.clone(), Duration::from_secs(1)));
+        return Ok(inventory);
+    }
+    match client {
+        Some(client) => {
             let inventory = Inventory::new(&Kind::ALL, args.retention);
             kubernetes::spawn(client, inventory.clone());
             Ok(inventory)
@@ -157,7 +186,29 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         idle_timeout: args.idle_timeout,
     };
     let datapath = Datapath::load(config).await?;
-    let inventory = start_inventory(&args).await?;
+    let client = kube_client(&args).await?;
+    let authorizer = match args.api_auth {
+        ApiAuth::None => None,
+        ApiAuth::Kubernetes => {
+            let client = client.clone().context(
+                "--api-auth kubernetes needs a Kubernetes configuration (in-cluster, KUBECONFIG or --kubeconfig)",
+            )?;
+            Some(Arc::new(crate::export::auth::Authorizer::new(client, node_name(&args), args.auth_cache_ttl)))
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key, args.api_auth) {
+        (Some(cert), Some(key), _) => {
+            Some(tls::server_config(tls::Source::Files { cert: cert.clone(), key: key.clone() })?)
+        }
+        (_, _, ApiAuth::Kubernetes) => {
+            let mut names = vec!["localhost".to_owned(), node_name(&args), args.listen.ip().to_string()];
+            names.dedup();
+            let ca_out = args.store.parent().unwrap_or(std::path::Path::new(".")).join("api-ca.pem");
+            Some(tls::server_config(tls::Source::Generated { names, ca_out })?)
+        }
+        _ => None,
+    };
+    let inventory = start_inventory(&args, client).await?;
     let retention = Retention { max_age: args.retention, max_bytes: args.store_max_bytes };
     let store = Arc::new(Store::open(&args.store, retention)?);
     let mut correlator = Correlator::new(inventory.clone(), node_name(&args), store.last_id()?, args.idle_timeout * 2);
@@ -167,6 +218,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
     let shared = Arc::new(Shared {
         metrics: Metrics::new(),
         store: store.clone(),
@@ -175,11 +229,28 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         datapath_ready: Default::default(),
         inserted: writer.inserted.clone(),
     });
-    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let http_task = tokio::spawn(http::serve(listener, shared.clone(), async move {
-        let _ = http_stop_rx.await;
-    }));
-    tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz and /v1/flows");
+    let (http_stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stopped = |tx: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = tx.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    };
+    let api_task = tokio::spawn(http::serve(
+        listener,
+        http::api_router(shared.clone(), authorizer.clone()),
+        tls.clone(),
+        stopped(&http_stop_tx),
+    ));
+    let metrics_task =
+        tokio::spawn(http::serve(metrics_listener, http::metrics_router(shared.clone()), None, stopped(&http_stop_tx)));
+    tracing::info!(
+        api = %args.listen,
+        api_tls = tls.is_some(),
+        api_auth = ?args.api_auth,
+        metrics = %args.metrics_listen,
+        "serving the query API (/v1/...) and /metrics, /healthz, /readyz"
+    );
     let mut blocked = BlockedFlowLog::new(args.blocked_log_interval);
     let (records_tx, mut records_rx) = mpsc::channel(4096);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -238,7 +309,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     writer_task.await.context("evidence writer")?;
     let _ = http_stop_tx.send(());
     // Follow streams end with the process; do not wait on them.
-    let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(api_task, metrics_task) }).await;
     result?;
     let stats = stats.lock().expect("stats lock").clone();
     tracing::info!(

@@ -291,24 +291,62 @@ async fn inventory(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// Metrics and health: for Prometheus and probes, no credentials.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/inventory", get(inventory))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/v1/flows", get(flows))
-        .route("/v1/flows/{id}/evidence", get(evidence))
         .with_state(shared)
 }
 
-/// Serves until `shutdown` resolves.
+/// The query API, behind Kubernetes-delegated authentication and authorization when given.
+pub fn api_router(shared: Arc<Shared>, authorizer: Option<Arc<super::auth::Authorizer>>) -> Router {
+    let router = Router::new()
+        .route("/v1/inventory", get(inventory))
+        .route("/v1/flows", get(flows))
+        .route("/v1/flows/{id}/evidence", get(evidence))
+        .with_state(shared);
+    match authorizer {
+        Some(a) => router.layer(axum::middleware::from_fn_with_state(a, super::auth::require)),
+        None => router,
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, over TLS when a configuration is given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+    let Some(tls) = tls else {
+        return axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+                tracing::debug!(peer = %peer, error = %e, "API connection ended with an error");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

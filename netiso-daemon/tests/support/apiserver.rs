@@ -34,6 +34,12 @@ struct Objects {
     by_resource: BTreeMap<String, BTreeMap<String, Value>>,
     /// Every event so far: (resourceVersion, resource, event JSON), for watches that resume.
     log: Vec<(u64, String, Value)>,
+    /// Bearer tokens the fake TokenReview accepts: token → (username, groups).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// Users the fake SubjectAccessReview allows (`get nodes/proxy`).
+    grants: std::collections::BTreeSet<String>,
+    /// TokenReviews and SubjectAccessReviews answered.
+    reviews: usize,
     /// Resources whose next watch is answered with `410 Gone`.
     expire_watches: std::collections::BTreeSet<String>,
 }
@@ -64,6 +70,39 @@ fn kind_of(resource: &str) -> &'static str {
 fn key(object: &Value) -> String {
     let meta = &object["metadata"];
     format!("{}/{}", meta["namespace"].as_str().unwrap_or(""), meta["name"].as_str().unwrap_or(""))
+}
+
+/// POST of a TokenReview or SubjectAccessReview: answered from the configured tokens and grants.
+async fn review(
+    State((shared, requests)): State<(Shared, Arc<Mutex<Vec<String>>>)>,
+    Path(path): Path<String>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    requests.lock().unwrap().push(format!("POST /{path}"));
+    let mut objects = shared.objects.lock().unwrap();
+    objects.reviews += 1;
+    match path.as_str() {
+        "apis/authentication.k8s.io/v1/tokenreviews" => {
+            let token = body["spec"]["token"].as_str().unwrap_or_default();
+            let status = match objects.tokens.get(token) {
+                Some((user, groups)) => {
+                    json!({"authenticated": true, "user": {"username": user, "groups": groups, "uid": format!("uid-{user}")}})
+                }
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            axum::Json(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": body["spec"], "status": status})).into_response()
+        }
+        "apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+            let user = body["spec"]["user"].as_str().unwrap_or_default();
+            let attrs = &body["spec"]["resourceAttributes"];
+            let asks_node_proxy =
+                attrs["verb"] == "get" && attrs["resource"] == "nodes" && attrs["subresource"] == "proxy";
+            let allowed = asks_node_proxy && objects.grants.contains(user);
+            let reason = if allowed { "granted" } else { "no RBAC rule" };
+            axum::Json(json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "metadata": {}, "spec": body["spec"], "status": {"allowed": allowed, "reason": reason}})).into_response()
+        }
+        _ => (StatusCode::NOT_FOUND, axum::Json(json!({"kind": "Status", "code": 404}))).into_response(),
+    }
 }
 
 async fn handle(
@@ -206,7 +245,9 @@ impl FakeApiServer {
     }
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let app = Router::new().route("/{*path}", get(handle)).with_state((self.shared.clone(), self.requests.clone()));
+        let app = Router::new()
+            .route("/{*path}", get(handle).post(review))
+            .with_state((self.shared.clone(), self.requests.clone()));
         self.server = Some(tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         }));
@@ -232,6 +273,27 @@ impl FakeApiServer {
             }
         };
         self.serve(listener);
+    }
+
+    /// TokenReview accepts `token` as `user` (in `groups`).
+    pub fn add_token(&self, token: &str, user: &str, groups: &[&str]) {
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        self.shared.objects.lock().unwrap().tokens.insert(token.into(), (user.into(), groups));
+    }
+
+    /// SubjectAccessReview allows (or no longer allows) `user` to get nodes/proxy.
+    pub fn grant(&self, user: &str, allowed: bool) {
+        let mut objects = self.shared.objects.lock().unwrap();
+        if allowed {
+            objects.grants.insert(user.into());
+        } else {
+            objects.grants.remove(user);
+        }
+    }
+
+    /// Reviews answered so far.
+    pub fn reviews(&self) -> usize {
+        self.shared.objects.lock().unwrap().reviews
     }
 
     /// The next watch of every resource gets `410 Gone`, forcing a relist.

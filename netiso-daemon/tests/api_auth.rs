@@ -1,0 +1,122 @@
+//! The query API protects itself: bearer tokens checked with TokenReview, `get nodes/proxy`
+//! checked with SubjectAccessReview (against a fake API server), cached decisions that expire,
+//! failing closed when the API server is gone, TLS with a generated certificate, and a metrics
+//! listener that needs no credentials.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use support::apiserver::{FakeApiServer, namespace};
+use support::{Daemon, node_and_pod, tag};
+
+/// curl inside the node namespace: (HTTP status, body).
+fn curl(node: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", node, "curl", "-s", "-k", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl (scripts/setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn api(node: &str, token: Option<&str>) -> (u16, String) {
+    let header = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec!["https://127.0.0.1:9963/v1/flows"];
+    if let Some(h) = &header {
+        args.extend(["-H", h.as_str()]);
+    }
+    curl(node, &args)
+}
+
+fn netiso_cli(node: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip").args(["netns", "exec", node, env!("CARGO_BIN_EXE_netiso")]).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_requires_a_granted_token_and_fails_closed() {
+    let tag = tag("na");
+    let (node, _pod, mut cleanup) = node_and_pod(&tag);
+    let mut fake = FakeApiServer::start_in(Some(&node)).await;
+    fake.apply(namespace("default", json!({"kubernetes.io/metadata.name": "default"})));
+    fake.add_token("good-token-1", "alice", &["responders"]);
+    fake.add_token("good-token-2", "bob", &[]);
+    fake.add_token("good-token-3", "carol", &[]);
+    fake.grant("alice", true);
+    fake.grant("carol", true);
+
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    fake.kubeconfig(&kubeconfig);
+    let store = dir.join("evidence.redb");
+    let args = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--node-name",
+        "n1",
+        "--api-auth",
+        "kubernetes",
+        "--auth-cache-ttl",
+        "2s",
+    ];
+    let mut daemon = Daemon::start(&node, &store, &args);
+    cleanup.files.push(store.clone());
+    assert!(daemon.wait_log("generated a certificate for the API", Duration::from_secs(5)));
+
+    // Metrics need no credentials; the API refuses anonymous and invalid callers, with no data.
+    assert_eq!(curl(&node, &["http://127.0.0.1:9962/metrics"]).0, 200);
+    let (status, body) = api(&node, None);
+    assert_eq!(status, 401);
+    assert!(!body.contains("flows"), "{body}");
+    assert_eq!(api(&node, Some("not-a-token")).0, 401);
+    let (status, body) = api(&node, Some("good-token-2"));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("user bob may not get nodes/proxy n1") && !body.contains("\"flows\""), "{body}");
+    let (status, body) = api(&node, Some("good-token-1"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"flows\""));
+
+    // Decisions are cached, and expire: a revoked grant stops working within the TTL.
+    let reviews = fake.reviews();
+    assert_eq!(api(&node, Some("good-token-1")).0, 200);
+    assert_eq!(fake.reviews(), reviews, "answered from the cache");
+    fake.grant("alice", false);
+    assert_eq!(api(&node, Some("good-token-1")).0, 200, "still cached");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(api(&node, Some("good-token-1")).0, 403, "the revocation took effect after the TTL");
+
+    // TLS: the CLI trusts the generated CA when given it, and refuses without it.
+    let ca = dir.join("api-ca.pem");
+    assert!(ca.exists(), "the generated CA is written beside the store");
+    let server = ["--server", "https://127.0.0.1:9963", "--token", "good-token-3"];
+    let with_ca =
+        netiso_cli(&node, &[&["observe", "-o", "json", "--ca-file", ca.to_str().unwrap()][..], &server[..]].concat());
+    assert!(with_ca.status.success(), "{}", String::from_utf8_lossy(&with_ca.stderr));
+    let without = netiso_cli(&node, &[&["observe", "-o", "json"][..], &server[..]].concat());
+    assert!(!without.status.success(), "an unknown certificate is refused");
+    let insecure =
+        netiso_cli(&node, &[&["observe", "-o", "json", "--insecure-skip-tls-verify"][..], &server[..]].concat());
+    assert!(insecure.status.success());
+    assert!(String::from_utf8_lossy(&insecure.stderr).contains("warning: --insecure-skip-tls-verify"));
+
+    // The API server goes away: uncached tokens fail closed with 503; the daemon stays up and
+    // metrics keep working.
+    fake.go_away();
+    fake.add_token("good-token-4", "dave", &[]);
+    let (status, body) = api(&node, Some("good-token-4"));
+    assert_eq!(status, 503, "{body}");
+    assert!(daemon.is_running());
+    assert_eq!(curl(&node, &["http://127.0.0.1:9962/metrics"]).0, 200);
+
+    daemon.stop();
+    let logs = daemon.stderr.lock().unwrap().join("\n");
+    for token in ["good-token-1", "good-token-2", "good-token-3", "good-token-4", "not-a-token"] {
+        assert!(!logs.contains(token), "the daemon logged a token");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
