@@ -120,3 +120,84 @@ async fn the_api_requires_a_granted_token_and_fails_closed() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `netiso observe --kube`: the CLI finds the netiso pods and reads each through the API
+/// server's pod proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_through_the_api_servers_pod_proxy() {
+    let tag = tag("nq");
+    let (node, pod_ns, mut cleanup) = node_and_pod(&tag);
+    let fake = FakeApiServer::start_in(Some(&node)).await;
+    let netiso_pod = |name: &str| json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "netiso", "uid": name, "labels": {"app.kubernetes.io/name": "netiso"}}, "status": {"podIP": "10.99.0.1"}});
+    fake.apply(netiso_pod("netiso-a"));
+    fake.apply(netiso_pod("netiso-b"));
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    fake.kubeconfig(&kubeconfig);
+    support::connect(&node, &pod_ns);
+    let (store_a, store_b) = (dir.join("a.redb"), dir.join("b.redb"));
+    cleanup.files.extend([store_a.clone(), store_b.clone()]);
+    let mut a = Daemon::start(
+        &node,
+        &store_a,
+        &[
+            "--node-name",
+            "node-a",
+            "--listen",
+            "127.0.0.1:9971",
+            "--metrics-listen",
+            "127.0.0.1:9981",
+            "--drain-interval",
+            "200ms",
+        ],
+    );
+    let mut b = Daemon::start(
+        &node,
+        &store_b,
+        &[
+            "--node-name",
+            "node-b",
+            "--listen",
+            "127.0.0.1:9972",
+            "--metrics-listen",
+            "127.0.0.1:9982",
+            "--drain-interval",
+            "200ms",
+        ],
+    );
+    fake.proxy("netiso/netiso-a:9963", "127.0.0.1:9971".parse().unwrap());
+    fake.proxy("netiso/netiso-b:9963", "127.0.0.1:9972".parse().unwrap());
+    support::udp_from_pod(&pod_ns, 43001, 9301);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node,
+            env!("CARGO_BIN_EXE_netiso"),
+            "observe",
+            "--kube",
+            "--verdict",
+            "dropped",
+            "--port",
+            "9301",
+            "-o",
+            "json",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let flows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let nodes: Vec<&str> = flows.iter().filter_map(|f| f["node"].as_str()).collect();
+    assert!(
+        nodes.contains(&"node-a") && nodes.contains(&"node-b"),
+        "both daemons answered through the proxy: {flows:#?}"
+    );
+    a.stop();
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

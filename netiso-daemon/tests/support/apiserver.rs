@@ -42,12 +42,16 @@ struct Objects {
     reviews: usize,
     /// Resources whose next watch is answered with `410 Gone`.
     expire_watches: std::collections::BTreeSet<String>,
+    /// Pod proxy: "namespace/name:port" → the address the request is forwarded to.
+    proxies: BTreeMap<String, SocketAddr>,
 }
 
 #[derive(Clone)]
 struct Shared {
     objects: Arc<Mutex<Objects>>,
     events: broadcast::Sender<(u64, String, Value)>,
+    /// The network namespace the server answers in (pod proxy upstreams are there too).
+    netns: Option<String>,
 }
 
 pub struct FakeApiServer {
@@ -121,6 +125,52 @@ async fn handle(
         }))
         .into_response();
     }
+    // Namespaced list: /api/v1/namespaces/NS/pods?labelSelector=k=v
+    if let Some(rest) = path.strip_prefix("api/v1/namespaces/")
+        && let Some((ns, "pods")) = rest.split_once('/')
+    {
+        let selector: Vec<(String, String)> = query
+            .get("labelSelector")
+            .map(|s| {
+                s.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+            })
+            .unwrap_or_default();
+        let objects = shared.objects.lock().unwrap();
+        let items: Vec<Value> = objects
+            .by_resource
+            .get("api/v1/pods")
+            .map(|m| {
+                m.values()
+                    .filter(|p| p["metadata"]["namespace"] == ns)
+                    .filter(|p| selector.iter().all(|(k, v)| p["metadata"]["labels"][k] == v.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        return axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": objects.resource_version.to_string()}, "items": items})).into_response();
+    }
+    // Pod proxy: /api/v1/namespaces/NS/pods/NAME:PORT/proxy/REST
+    if let Some(rest) = path.strip_prefix("api/v1/namespaces/")
+        && let Some((target, tail)) = rest.split_once("/proxy")
+        && let Some((ns, pod)) = target.split_once("/pods/")
+    {
+        let upstream = shared.objects.lock().unwrap().proxies.get(&format!("{ns}/{pod}")).copied();
+        let Some(upstream) = upstream else {
+            return (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"kind": "Status", "code": 404, "message": "no such pod"})),
+            )
+                .into_response();
+        };
+        let query_string: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let path = format!("{tail}?{}", query_string.join("&"));
+        let netns = shared.netns.clone();
+        let body = tokio::task::spawn_blocking(move || proxy_get(upstream, &path, netns.as_deref())).await.unwrap();
+        return match body {
+            Ok((status, body)) => (StatusCode::from_u16(status).unwrap(), body).into_response(),
+            Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        };
+    }
     let Some(resource) = resource_of(&path) else {
         return (StatusCode::NOT_FOUND, axum::Json(json!({"kind": "Status", "code": 404}))).into_response();
     };
@@ -179,6 +229,27 @@ async fn handle(
     Response::builder().header("content-type", "application/json").body(Body::from_stream(stream)).unwrap()
 }
 
+/// The pod proxy's upstream request (plain HTTP/1.0 GET).
+fn proxy_get(upstream: SocketAddr, path: &str, netns: Option<&str>) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let name = netns.map(str::to_owned);
+    let mut stream = std::thread::spawn(move || {
+        if let Some(name) = name {
+            let ns = std::fs::File::open(format!("/run/netns/{name}"))?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        }
+        std::net::TcpStream::connect(upstream)
+    })
+    .join()
+    .expect("connect thread")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {upstream}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(502);
+    Ok((status, body.to_owned()))
+}
+
 /// A body stream fed by a task.
 fn async_stream<F, Fut>(f: F) -> tokio_stream_shim::ReceiverStream
 where
@@ -235,7 +306,7 @@ impl FakeApiServer {
     /// Serves on 127.0.0.1 of network namespace `netns` (where the daemon under test runs).
     pub async fn start_in(netns: Option<&str>) -> Self {
         let (events, _) = broadcast::channel(1024);
-        let shared = Shared { objects: Arc::default(), events };
+        let shared = Shared { objects: Arc::default(), events, netns: netns.map(str::to_owned) };
         let listener = bind("127.0.0.1:0".parse().unwrap(), netns).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut server =
@@ -289,6 +360,11 @@ impl FakeApiServer {
         } else {
             objects.grants.remove(user);
         }
+    }
+
+    /// The pod proxy forwards requests for `namespace/name:port` to `upstream`.
+    pub fn proxy(&self, pod_and_port: &str, upstream: SocketAddr) {
+        self.shared.objects.lock().unwrap().proxies.insert(pod_and_port.into(), upstream);
     }
 
     /// Reviews answered so far.
