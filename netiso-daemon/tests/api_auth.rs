@@ -201,3 +201,50 @@ async fn observe_through_the_api_servers_pod_proxy() {
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, written as PEM files.
+fn write_certificate(dir: &std::path::Path, tag: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("test CA {tag}"));
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key)).unwrap();
+    let (ca_file, cert_file, key_file) = (dir.join(format!("ca-{tag}.pem")), dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (ca_file, cert_file, key_file)
+}
+
+/// A certificate from files is used, and replaced without a restart when the files change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_certificate_is_reloaded_when_its_files_change() {
+    let tag = tag("nt");
+    let (node, _pod, mut cleanup) = node_and_pod(&tag);
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (first_ca, cert, key) = write_certificate(&dir, "one");
+    let store = dir.join("evidence.redb");
+    cleanup.files.push(store.clone());
+    let mut daemon =
+        Daemon::start(&node, &store, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let observe = |ca: &std::path::Path| {
+        netiso_cli(
+            &node,
+            &["observe", "--server", "https://127.0.0.1:9963", "--ca-file", ca.to_str().unwrap(), "-o", "json"],
+        )
+        .status
+        .success()
+    };
+    assert!(observe(&first_ca));
+    let (second_ca, _, _) = write_certificate(&dir, "two");
+    assert!(!observe(&second_ca), "not yet: the first certificate is served");
+    assert!(daemon.wait_log("API TLS certificate reloaded", Duration::from_secs(15)));
+    assert!(observe(&second_ca), "the new certificate is served");
+    assert!(!observe(&first_ca));
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
