@@ -375,7 +375,14 @@ mod tests {
         inv
     }
 
-    fn raw(event: EventKind, src: &str, sport: u16, dst: &str, dport: u16, protocol: &str) -> DatapathRecord {
+    pub(super) fn raw(
+        event: EventKind,
+        src: &str,
+        sport: u16,
+        dst: &str,
+        dport: u16,
+        protocol: &str,
+    ) -> DatapathRecord {
         let now = SystemTime::now();
         DatapathRecord {
             event,
@@ -509,31 +516,10 @@ mod reuse_tests {
         inv.apply_at(Change::Apply(pod("search", "uid-b", "10.3.0.9")), t0 + Duration::from_secs(110));
         let mut c = Correlator::new(inv, "n".into(), 0, Duration::from_secs(300));
         let at = t0 + Duration::from_secs(50);
-        let r = DatapathRecord {
-            event: EventKind::Drop,
-            time: at,
-            last_seen: at,
-            src_ip: "10.3.0.9".parse().unwrap(),
-            dst_ip: "203.0.113.1".parse().unwrap(),
-            src_port: 1234,
-            dst_port: 443,
-            protocol: "TCP".into(),
-            icmp_type: None,
-            icmp_code: None,
-            reason: Some("NETFILTER_DROP".into()),
-            reason_class: Some(ReasonClass::Policy),
-            location: None,
-            direction: None,
-            ifindex: 1,
-            interface: None,
-            packets: 1,
-            bytes: 60,
-            tcp_flags: None,
-            overflow: false,
-            new_key: true,
-            delta_packets: 1,
-            delta_bytes: 60,
-        };
+        let mut r = super::tests::raw(EventKind::Drop, "10.3.0.9", 1234, "203.0.113.1", 443, "TCP");
+        (r.time, r.last_seen) = (at, at);
+        r.reason = Some("NETFILTER_DROP".into());
+        r.reason_class = Some(ReasonClass::Policy);
         let Some(StoreOp::Insert(record)) = c.handle(&r).map(|h| h.op) else { panic!("stored") };
         assert_eq!(record.source.pod.as_deref(), Some("cart"), "the pod that held the address at the time");
         assert_eq!(record.source.labels.unwrap()["app"], "cart");

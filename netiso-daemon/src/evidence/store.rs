@@ -131,6 +131,47 @@ fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// The four indexes of a write transaction, kept in step with the records.
+struct Indexes<'t> {
+    tables: [redb::MultimapTable<'t, &'static str, u64>; 4],
+}
+
+impl<'t> Indexes<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Indexes {
+            tables: [
+                txn.open_multimap_table(BY_NAMESPACE)?,
+                txn.open_multimap_table(BY_POD)?,
+                txn.open_multimap_table(BY_VERDICT)?,
+                txn.open_multimap_table(BY_POLICY)?,
+            ],
+        })
+    }
+
+    /// (index, key) pairs under which a record is found, in the order of `tables`.
+    fn entries(r: &FlowRecord) -> Vec<(usize, String)> {
+        let mut out: Vec<(usize, String)> = r.namespaces().into_iter().map(|ns| (0, ns.to_owned())).collect();
+        out.extend(r.pods().into_iter().map(|p| (1, p)));
+        out.push((2, r.verdict.as_str().to_owned()));
+        out.extend(r.policy_keys().into_iter().map(|p| (3, p)));
+        out
+    }
+
+    fn add(&mut self, r: &FlowRecord) -> Result<(), StoreError> {
+        for (table, key) in Self::entries(r) {
+            self.tables[table].insert(key.as_str(), r.id)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, r: &FlowRecord) -> Result<(), StoreError> {
+        for (table, key) in Self::entries(r) {
+            self.tables[table].remove(key.as_str(), r.id)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Store {
     db: Database,
     path: PathBuf,
@@ -179,9 +220,7 @@ impl Store {
         {
             txn.open_table(RECORDS)?;
             txn.open_table(META)?;
-            for t in [BY_NAMESPACE, BY_POD, BY_VERDICT, BY_POLICY] {
-                txn.open_multimap_table(t)?;
-            }
+            Indexes::open(&txn)?;
         }
         txn.commit()?;
         Ok(store)
@@ -212,10 +251,7 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
-            let mut by_ns = txn.open_multimap_table(BY_NAMESPACE)?;
-            let mut by_pod = txn.open_multimap_table(BY_POD)?;
-            let mut by_verdict = txn.open_multimap_table(BY_VERDICT)?;
-            let mut by_policy = txn.open_multimap_table(BY_POLICY)?;
+            let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
             for op in ops {
                 match op {
@@ -225,16 +261,7 @@ impl Store {
                             bytes = bytes.saturating_sub(old.value().len() as u64);
                         }
                         bytes += encoded.len() as u64;
-                        for ns in r.namespaces() {
-                            by_ns.insert(ns, r.id)?;
-                        }
-                        for pod in r.pods() {
-                            by_pod.insert(pod.as_str(), r.id)?;
-                        }
-                        by_verdict.insert(r.verdict.as_str(), r.id)?;
-                        for p in r.policy_keys() {
-                            by_policy.insert(p.as_str(), r.id)?;
-                        }
+                        indexes.add(r)?;
                     }
                     StoreOp::Count { id, packets, bytes: b, last_seen } => {
                         let Some(existing) = records.get(*id)?.map(|v| v.value().to_vec()) else { continue };
@@ -263,10 +290,7 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
-            let mut by_ns = txn.open_multimap_table(BY_NAMESPACE)?;
-            let mut by_pod = txn.open_multimap_table(BY_POD)?;
-            let mut by_verdict = txn.open_multimap_table(BY_VERDICT)?;
-            let mut by_policy = txn.open_multimap_table(BY_POLICY)?;
+            let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
             let mut count = 0u64;
             loop {
@@ -278,16 +302,7 @@ impl Store {
                 bytes = bytes.saturating_sub(encoded.len() as u64);
                 count += 1;
                 if let Ok(r) = serde_json::from_slice::<FlowRecord>(&encoded) {
-                    for ns in r.namespaces() {
-                        by_ns.remove(ns, id)?;
-                    }
-                    for pod in r.pods() {
-                        by_pod.remove(pod.as_str(), id)?;
-                    }
-                    by_verdict.remove(r.verdict.as_str(), id)?;
-                    for p in r.policy_keys() {
-                        by_policy.remove(p.as_str(), id)?;
-                    }
+                    indexes.remove(&r)?;
                 }
             }
             let evictions = meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0) + count;
