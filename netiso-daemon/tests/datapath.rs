@@ -52,3 +52,39 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
     );
     assert_eq!(stats["ringbuf_full"].as_u64(), Some(0));
 }
+
+/// One log line per newly blocked flow, carrying the evidence fields; repeats of the same flow
+/// (any source port) within the interval are counted and reported with the next line.
+#[test]
+fn blocked_flows_are_logged_once_per_interval_with_suppressed_repeats() {
+    let tag = tag("nl");
+    let (node, pod, mut cleanup) = node_and_pod(&tag);
+    let store = std::env::temp_dir().join(format!("{tag}.redb"));
+    cleanup.files.push(store.clone());
+    connect(&node, &pod);
+    let mut daemon = Daemon::start(&node, &store, &["--drain-interval", "200ms", "--blocked-log-interval", "3s"]);
+    for sport in [44001, 44002] {
+        support::udp_from_pod(&pod, sport, 9401);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    std::thread::sleep(Duration::from_millis(2800));
+    support::udp_from_pod(&pod, 44003, 9401);
+    std::thread::sleep(Duration::from_millis(800));
+    daemon.stop();
+    let lines: Vec<serde_json::Value> = daemon
+        .stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "flow blocked" && v["destination_port"] == 9401)
+        .collect();
+    assert_eq!(lines.len(), 2, "the repeat within the interval is not logged: {lines:#?}");
+    assert_eq!(lines[0]["suppressed_repeats"], 0);
+    assert_eq!(lines[1]["suppressed_repeats"], 1, "the next line counts the suppressed repeat");
+    for key in ["id", "source", "destination", "protocol", "reason", "location", "attribution"] {
+        assert!(lines[0].get(key).is_some(), "{key} missing: {}", lines[0]);
+    }
+    assert_eq!(lines[0]["reason"], "NO_SOCKET");
+    assert_eq!(lines[0]["destination"], "10.77.0.1");
+}
