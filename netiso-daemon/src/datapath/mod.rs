@@ -478,25 +478,31 @@ impl Datapath {
     async fn drain(&self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
         let now = monotonic_ns();
         let idle = self.config.idle_timeout.as_nanos() as u64;
-        let mut drops = drains.drops.drain(now, idle);
-        let mut flows = drains.flows.drain(now, idle);
-        // In order of first packet, so that downstream a reply follows the flow it answers.
-        drops.sort_by_key(|c| c.counters.first_seen_ns);
-        flows.sort_by_key(|c| c.counters.first_seen_ns);
+        let drops = drains.drops.drain(now, idle);
+        let flows = drains.flows.drain(now, idle);
         {
             let mut stats = self.stats.lock().expect("stats lock");
             stats.dropped_packets += drops.iter().map(|c| c.delta_packets).sum::<u64>();
             stats.flow_packets += flows.iter().map(|c| c.delta_packets).sum::<u64>();
         }
+        let mut batch: Vec<(u64, DatapathRecord)> = Vec::with_capacity(drops.len() + flows.len());
         for change in drops {
             let mut record = self.record(EventKind::Drop, &change.key.tuple, &change.counters);
             self.add_drop_fields(&mut record, change.key.reason, change.key.location);
-            self.emit(records, record.with_change(change.new_key, change.delta_packets, change.delta_bytes)).await;
+            let record = record.with_change(change.new_key, change.delta_packets, change.delta_bytes);
+            batch.push((change.counters.first_seen_ns, record));
         }
         for change in flows {
             let mut record = self.record(EventKind::Flow, &change.key.tuple, &change.counters);
             record.direction = Direction::from_raw(change.key.direction);
-            self.emit(records, record.with_change(change.new_key, change.delta_packets, change.delta_bytes)).await;
+            let record = record.with_change(change.new_key, change.delta_packets, change.delta_bytes);
+            batch.push((change.counters.first_seen_ns, record));
+        }
+        // Drops and flows together in order of first packet, so that downstream a reply follows
+        // the request it answers whichever map each came from.
+        batch.sort_by_key(|(first_seen, _)| *first_seen);
+        for (_, record) in batch {
+            self.emit(records, record).await;
         }
     }
 

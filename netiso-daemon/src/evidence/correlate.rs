@@ -190,8 +190,13 @@ impl Correlator {
             self.seen.insert(conversation(r), r.last_seen);
             return None;
         }
-        let is_reply = r.event == EventKind::Flow && self.seen.contains_key(&reverse(r));
-        self.seen.insert(conversation(r), r.last_seen);
+        // A reply, forwarded or dropped (a late packet after the peer closed), answers a
+        // conversation already seen.
+        let is_reply = self.seen.contains_key(&reverse(r));
+        // Only forwarded traffic opens a conversation: a dropped packet has no reply to expect.
+        if r.event == EventKind::Flow {
+            self.seen.insert(conversation(r), r.last_seen);
+        }
 
         let stale = self.inventory.status().stale;
         let (policy, evidence) = self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply);
@@ -241,17 +246,19 @@ impl Correlator {
             return (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None);
         };
         if is_reply {
-            let summary = "reply within a connection already admitted".to_owned();
-            return (
-                PolicyVerdict {
-                    verdict: None,
-                    direction: None,
-                    attribution: Attribution::Reply,
-                    policies: vec![],
-                    summary,
-                },
-                None,
-            );
+            let (attribution, summary) = match (dropped, policy_drop) {
+                (false, _) => (Attribution::Reply, "reply within a connection already admitted".to_owned()),
+                (true, false) => (
+                    Attribution::DroppedByKernelForNonPolicyReason,
+                    "reply within a connection already admitted, dropped by the kernel".to_owned(),
+                ),
+                // NetworkPolicy is stateful: replies of admitted connections are allowed.
+                (true, true) => (
+                    Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
+                    "reply within a connection NetworkPolicy admitted, dropped by a firewall rule".to_owned(),
+                ),
+            };
+            return (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None);
         }
         let end = |id: &Identity| match (&id.namespace, &id.pod) {
             (Some(namespace), Some(name)) if id.kind == EndpointKind::Pod => {
@@ -478,6 +485,34 @@ mod tests {
         more.new_key = false;
         more.packets = 9;
         assert!(matches!(c.handle(&more).map(|h| h.op), Some(StoreOp::Count { packets: 9, .. })));
+    }
+
+    #[test]
+    fn a_drop_in_the_reverse_direction_does_not_make_a_request_a_reply() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut late = raw(EventKind::Drop, "10.244.0.30", 8080, "10.244.0.40", 36054, "TCP");
+        late.reason = Some("NO_SOCKET".into());
+        late.reason_class = Some(ReasonClass::Socket);
+        assert!(c.handle(&late).is_some());
+        let mut request = raw(EventKind::Flow, "10.244.0.40", 36054, "10.244.0.30", 8080, "TCP");
+        request.direction = Some(PacketDirection::ToPod);
+        let Some(StoreOp::Insert(rec)) = c.handle(&request).map(|h| h.op) else { panic!() };
+        assert!(!rec.is_reply);
+        assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy);
+    }
+
+    #[test]
+    fn a_late_packet_dropped_after_the_peer_closed_is_a_reply() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut request = raw(EventKind::Flow, "10.244.0.40", 36054, "10.244.0.30", 8080, "TCP");
+        request.direction = Some(PacketDirection::ToPod);
+        c.handle(&request);
+        let mut late = raw(EventKind::Drop, "10.244.0.30", 8080, "10.244.0.40", 36054, "TCP");
+        late.reason = Some("NO_SOCKET".into());
+        late.reason_class = Some(ReasonClass::Socket);
+        let Some(StoreOp::Insert(rec)) = c.handle(&late).map(|h| h.op) else { panic!() };
+        assert!(rec.is_reply);
+        assert_eq!(rec.policy.attribution, Attribution::DroppedByKernelForNonPolicyReason);
     }
 
     #[test]
