@@ -42,8 +42,13 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
 
     println!("\n== what was blocked: netiso observe --verdict dropped");
     print!("{}", run_cli(lab, netiso, &["observe", "--verdict", "dropped", "--last", "10"])?);
-    println!("\n== what was allowed: netiso observe --verdict forwarded");
-    print!("{}", run_cli(lab, netiso, &["observe", "--verdict", "forwarded", "--last", "12"])?);
+    for protocol in ["TCP", "UDP"] {
+        println!("\n== what was allowed: netiso observe --verdict forwarded --protocol {protocol}");
+        print!(
+            "{}",
+            run_cli(lab, netiso, &["observe", "--verdict", "forwarded", "--protocol", protocol, "--last", "12"])?
+        );
+    }
 
     let listing = run_cli(
         lab,

@@ -120,9 +120,13 @@ impl Lab {
             .with_context(|| format!("running {} in the node namespace", program.display()))
     }
 
-    /// Builds the scenario from scratch (removing any earlier instance with the same id).
+    /// Builds the scenario from scratch (removing any earlier instance with the same id, and its
+    /// files: manifests, logs, evidence).
     pub fn up(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
         self.down()?;
+        if self.out_dir.exists() {
+            std::fs::remove_dir_all(&self.out_dir).with_context(|| format!("removing {}", self.out_dir.display()))?;
+        }
         std::fs::create_dir_all(&self.out_dir).with_context(|| format!("creating {}", self.out_dir.display()))?;
         let result = self.build(policies);
         if result.is_err() {
