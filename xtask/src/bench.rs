@@ -120,14 +120,8 @@ impl Bench {
     fn teardown(&self) {
         let _ = std::fs::remove_file(&self.store);
         for ns in [&self.sender_ns, &self.receiver_ns] {
-            for pid in sh::netns_pids(ns) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-            for _ in 0..20 {
-                if sh::ip(&["netns", "delete", ns]).is_ok() || !sh::netns_list().unwrap_or_default().contains(ns) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if let Err(e) = sh::delete_netns(ns) {
+                eprintln!("removing {ns}: {e:#}");
             }
         }
     }

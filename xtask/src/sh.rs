@@ -42,3 +42,21 @@ pub fn netns_pids(name: &str) -> Vec<i32> {
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
 }
+
+/// Kills every process in network namespace `name` and deletes it (with its links and nft
+/// tables). A process still exiting can hold the namespace briefly, so deletion is retried.
+pub fn delete_netns(name: &str) -> anyhow::Result<()> {
+    for pid in netns_pids(name) {
+        // A pid that exited meanwhile gets ESRCH, which is fine.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    let mut last = Ok(());
+    for _ in 0..20 {
+        last = ip(&["netns", "delete", name]);
+        if last.is_ok() || !netns_list()?.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    last
+}

@@ -8,11 +8,6 @@ use std::time::Duration;
 use serde_json::Value;
 use xtask::lab::{self, Lab, ProbeKind};
 
-fn unique_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("t{}{}", std::process::id() % 10000, nanos % 1000)
-}
-
 /// Names of loaded BPF programs and maps, from bpftool.
 fn loaded_bpf_names() -> Vec<String> {
     let mut names = Vec::new();
@@ -36,7 +31,7 @@ fn matches(r: &Value, event: &str, src: &str, dst: &str, dst_port: u16, protocol
 
 #[test]
 fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
-    let id = unique_id();
+    let id = lab::unique_id("t");
     let out = std::env::temp_dir().join(format!("netiso-lab-{id}"));
     let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
     let netiso = xtask::build::netiso(false).expect("netiso builds");

@@ -11,11 +11,6 @@ use serde_json::Value;
 use xtask::lab::{self, Lab, ProbeKind};
 use xtask::netns;
 
-fn unique_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("e{}{}", std::process::id() % 10000, nanos % 1000)
-}
-
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -105,7 +100,7 @@ fn json_lines(text: &str) -> Vec<Value> {
 
 #[test]
 fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
-    let id = unique_id();
+    let id = lab::unique_id("e");
     let out = std::env::temp_dir().join(format!("netiso-export-{id}"));
     let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
     let netiso = xtask::build::netiso(false).expect("netiso builds");

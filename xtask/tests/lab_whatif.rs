@@ -8,11 +8,6 @@ use std::time::Duration;
 use serde_json::Value;
 use xtask::lab::{self, Lab};
 
-fn unique_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("w{}{}", std::process::id() % 10000, nanos % 1000)
-}
-
 fn run(lab: &Lab, netiso: &Path, args: &[&str]) -> (i32, String, String) {
     let out = lab.in_node_output(netiso, args).unwrap();
     (
@@ -37,7 +32,7 @@ fn write_default_deny(dir: &Path) {
 
 #[test]
 fn whatif_predicts_the_default_deny_and_advice_keeps_recorded_traffic_working() {
-    let id = unique_id();
+    let id = lab::unique_id("w");
     let out = std::env::temp_dir().join(format!("netiso-whatif-{id}"));
     let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
     let netiso = xtask::build::netiso(false).expect("netiso builds");

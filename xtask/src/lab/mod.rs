@@ -325,22 +325,7 @@ impl Lab {
         let prefix = self.prefix();
         let mine: Vec<String> = sh::netns_list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
         for ns in &mine {
-            for pid in sh::netns_pids(ns) {
-                // A pid that exited meanwhile gets ESRCH, which is fine.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        for ns in &mine {
-            // A process still exiting can hold the namespace briefly; retry.
-            let mut last = Ok(());
-            for _ in 0..20 {
-                last = sh::ip(&["netns", "delete", ns]);
-                if last.is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            last?;
+            sh::delete_netns(ns)?;
         }
         Ok(())
     }
@@ -477,6 +462,13 @@ pub fn legitimate_probes() -> Vec<Probe> {
         .into_iter()
         .filter(|p| p.to.key() == "kube-system/coredns" || p.from.key() == "ingress-nginx/controller")
         .collect()
+}
+
+/// A lab id unique to this process and moment, short enough for namespace names.
+pub fn unique_id(prefix: &str) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{prefix}{}{}", std::process::id() % 10000, nanos % 1000)
 }
 
 /// Probes send from FIRST_SOURCE_PORT + their index in [`probes`].
