@@ -1,5 +1,5 @@
 //! Every expectation of the upstream NetworkPolicy conformance cases in
-//! ../shared/conformance/netpol-cases.json must hold.
+//! tests/fixtures/conformance/netpol-cases.json must hold.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -60,18 +60,39 @@ fn endpoint(e: &CaseEndpoint) -> EndpointRef {
     }
 }
 
-fn cases_path() -> PathBuf {
-    std::env::var_os("NETISO_CONFORMANCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/netpol-cases.json"))
+fn fixture_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conformance/netpol-cases.json")
+}
+
+/// The reference copy of the cases, where a checkout keeps one beside the project.
+fn reference_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/netpol-cases.json")
+}
+
+#[test]
+fn the_fixture_equals_the_reference_cases_where_they_exist() {
+    let reference = reference_path();
+    let expected = match std::fs::read(&reference) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no reference cases at {}: nothing to compare", reference.display());
+            return;
+        }
+        Err(e) => panic!("{}: {e}", reference.display()),
+    };
+    let fixture = std::fs::read(fixture_path()).expect("the conformance fixture is readable");
+    assert!(
+        fixture == expected,
+        "{} differs from {}: copy the reference over the fixture",
+        fixture_path().display(),
+        reference.display()
+    );
 }
 
 #[test]
 fn upstream_conformance_cases_all_hold() {
-    let path = cases_path();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{}: {e} (the conformance cases live in ../shared/conformance beside the project)", path.display())
-    });
+    let path = fixture_path();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let cases: Vec<Case> = serde_json::from_str(&text).expect("conformance file parses");
     let mut checked = 0;
     let mut failures = Vec::new();
