@@ -227,13 +227,13 @@ const ETH_HLEN: usize = 14;
 const ETH_P_8021Q: u16 = 0x8100;
 
 #[classifier]
-fn flows_from_pod(ctx: TcContext) -> i32 {
+fn netiso_from_pod(ctx: TcContext) -> i32 {
     observe(&ctx, DIRECTION_FROM_POD);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
-fn flows_to_pod(ctx: TcContext) -> i32 {
+fn netiso_to_pod(ctx: TcContext) -> i32 {
     observe(&ctx, DIRECTION_TO_POD);
     TC_ACT_UNSPEC
 }

@@ -66,8 +66,8 @@ struct Bench {
 impl Bench {
     fn setup(id: &str, helper: &Path) -> anyhow::Result<Self> {
         let bench = Bench {
-            sender_ns: format!("nb-{id}-tx"),
-            receiver_ns: format!("nb-{id}-rx"),
+            sender_ns: format!("{}bench{id}-tx", crate::leftovers::PREFIX),
+            receiver_ns: format!("{}bench{id}-rx", crate::leftovers::PREFIX),
             helper: helper.into(),
             store: std::env::temp_dir().join(format!("netiso-bench-{id}.redb")),
         };
@@ -280,7 +280,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
         let _stats = BpfStats::enable()?;
         let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
         bench.blast(SINK_PORT, seconds, PACKET_SIZES[0])?;
-        let (runs, ns) = program_stats("flows_from_pod")?;
+        let (runs, ns) = program_stats("netiso_from_pod")?;
         observer.stop()?;
         ns as f64 / runs.max(1) as f64
     };

@@ -13,6 +13,25 @@ pub fn netiso(release: bool) -> anyhow::Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
+    // Run from a test, this process carries the test crate's package variables; build scripts
+    // that watch them (ring's) would then rebuild here and again in the next plain `cargo` run.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+            || name == "OUT_DIR"
+        {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     let out = cmd.output().context("running cargo build")?;
     if !out.status.success() {
         bail!("building netiso failed:\n{}", String::from_utf8_lossy(&out.stderr));

@@ -1,10 +1,12 @@
 //! netiso's developer tooling: the local lab (the course scenario in network namespaces, with
-//! NetworkPolicies enforced by nftables), its traffic probes, and the benchmark driver.
+//! NetworkPolicies enforced by nftables), its traffic probes, the benchmark driver, and the removal
+//! of what a killed run leaves behind.
 
 pub mod bench;
 pub mod build;
 pub mod demo;
 pub mod lab;
+pub mod leftovers;
 pub mod netns;
 pub mod nft;
 pub mod observer;

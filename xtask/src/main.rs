@@ -34,6 +34,14 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// What killed runs left behind (network namespaces, their processes and tc programs, links,
+    /// nft tables, pinned BPF objects named with the project's prefix), removed with --remove.
+    Leftovers {
+        #[arg(long)]
+        remove: bool,
+        #[arg(long, default_value = xtask::leftovers::PREFIX)]
+        prefix: String,
+    },
     /// Internal: UDP sender of the benchmark.
     #[command(hide = true)]
     BenchBlast {
@@ -133,6 +141,7 @@ fn main() -> ExitCode {
         Cmd::Lab { action, id } => lab_action(action, &id),
         Cmd::Demo { id } => lab_for(&id).and_then(|lab| xtask::demo::run(&lab)),
         Cmd::Bench { rounds, seconds } => bench(rounds, seconds),
+        Cmd::Leftovers { remove, prefix } => leftovers(remove, &prefix),
         Cmd::BenchBlast { addr, seconds, size } => xtask::bench::blast(addr, seconds, size).map(|sent| {
             println!("{sent}");
             ExitCode::SUCCESS
@@ -186,6 +195,19 @@ fn bench(rounds: usize, seconds: f64) -> anyhow::Result<ExitCode> {
     println!("  unaccounted         {:>12}", unaccounted);
     println!("  netiso CPU          {:>11.1}% of one core", f.flood_cpu_percent);
     println!("  tracepoint program  {:>12.0} ns/drop", f.tracepoint_ns_per_drop);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn leftovers(remove: bool, prefix: &str) -> anyhow::Result<ExitCode> {
+    use xtask::leftovers;
+    let (found, verb) =
+        if remove { (leftovers::remove(prefix)?, "removed") } else { (leftovers::find(prefix)?, "found") };
+    if found.is_empty() {
+        println!("leftovers: nothing named {prefix}* left behind");
+    }
+    for item in &found {
+        println!("leftovers: {verb} {item}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

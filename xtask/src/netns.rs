@@ -1,5 +1,6 @@
-//! Plain HTTP/1.0 GETs to servers that listen inside a network namespace (the lab's node): the
-//! socket is created in that namespace by a short-lived thread and used from anywhere.
+//! Work inside a network namespace from a short-lived thread that entered it, and plain HTTP/1.0
+//! GETs to servers that listen there (the lab's node): the socket is created in the namespace and
+//! used from anywhere.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -7,17 +8,24 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-/// A TCP connection opened from inside network namespace `netns`.
-pub fn connect(netns: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+/// Runs `f` on a thread that entered network namespace `netns`: sockets it creates (netlink
+/// included) and interface indexes it uses belong to that namespace.
+pub fn run_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     let name = netns.to_owned();
-    std::thread::spawn(move || -> anyhow::Result<TcpStream> {
+    std::thread::spawn(move || -> anyhow::Result<T> {
         let ns = std::fs::File::open(format!("/run/netns/{name}"))
             .with_context(|| format!("no network namespace {name}"))?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).context("entering the network namespace")?;
-        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {name}"))?;
+        Ok(f())
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+    .map_err(|_| anyhow::anyhow!("the thread in network namespace {netns} panicked"))?
+}
+
+/// A TCP connection opened from inside network namespace `netns`.
+pub fn connect(netns: &str, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    Ok(run_in(netns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??)
 }
 
 /// GET `path` from `addr` in `netns`: the status code and body.

@@ -143,7 +143,7 @@ struct Attached {
 }
 
 const FLOW_PROGRAMS: [(&str, TcAttachType); 2] =
-    [("flows_from_pod", TcAttachType::Ingress), ("flows_to_pod", TcAttachType::Egress)];
+    [("netiso_from_pod", TcAttachType::Ingress), ("netiso_to_pod", TcAttachType::Egress)];
 
 /// Loaded and attached programs. Dropping it detaches everything and frees the maps.
 pub struct Datapath {

@@ -16,10 +16,14 @@ pub fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
-/// A unique short tag for names (network namespaces, files) of one test run.
+/// A short tag for the names (network namespaces, files) of one test, unique across tests and
+/// concurrent runs. It starts with `ni-`, the prefix `cargo xtask leftovers` removes when a killed
+/// run left something behind.
 pub fn tag(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let sequence = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}{}x{}", std::process::id() % 100_000, nanos % 10_000)
+    format!("ni-{prefix}{}x{}{sequence}", std::process::id() % 100_000, nanos % 10_000)
 }
 
 /// Network namespaces and files removed on drop, also when the test fails.

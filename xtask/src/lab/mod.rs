@@ -58,7 +58,7 @@ impl Lab {
     }
 
     fn prefix(&self) -> String {
-        format!("ni-{}-", self.id)
+        format!("{}{}-", crate::leftovers::PREFIX, self.id)
     }
 
     /// The network namespace that plays the Kubernetes node: bridge, nftables, netiso.
@@ -464,11 +464,13 @@ pub fn legitimate_probes() -> Vec<Probe> {
         .collect()
 }
 
-/// A lab id unique to this process and moment, short enough for namespace names.
+/// A lab id unique across tests and concurrent runs, short enough for namespace names.
 pub fn unique_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let sequence = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("{prefix}{}{}", std::process::id() % 10000, nanos % 1000)
+    format!("{prefix}{}{}{sequence}", std::process::id() % 10000, nanos % 1000)
 }
 
 /// Probes send from FIRST_SOURCE_PORT + their index in [`probes`].
