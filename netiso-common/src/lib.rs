@@ -33,7 +33,8 @@ pub const IPPROTO_SCTP: u8 = 132;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DropKey {
     pub tuple: FlowTuple,
-    /// The kernel's `enum skb_drop_reason` value; names are resolved from the running kernel.
+    /// The kernel's `enum skb_drop_reason` value (names are resolved from the running kernel), or
+    /// [`REASON_NONE`] on kernels that pass no reason (before 5.17).
     pub reason: u32,
     pub _pad: u32,
     /// Kernel address of the code that freed the packet (symbolised from /proc/kallsyms).
@@ -122,8 +123,12 @@ pub struct KernelOffsets {
     pub skb_dev: u32,
     pub skb_iif: u32,
     pub net_device_ifindex: u32,
-    pub _pad: u32,
+    /// `sk_buff.protocol`, the ethertype in network byte order.
+    pub skb_protocol: u32,
 }
+
+/// The drop reason of kernels that give none: outside the filter array, so never filtered.
+pub const REASON_NONE: u32 = u32::MAX;
 
 /// Size of the reason filter array: larger than any `enum skb_drop_reason` so far (128 on 6.18).
 pub const MAX_DROP_REASONS: u32 = 512;

@@ -4,14 +4,14 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{classifier, map, tracepoint},
+    macros::{btf_tracepoint, classifier, map},
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{TcContext, TracePointContext},
+    programs::{BtfTracePointContext, TcContext},
 };
 use netiso_common::{
     Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY,
     EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS, LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL,
-    LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS,
+    LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS, REASON_NONE,
 };
 
 use crate::headers::{ETH_P_IP, ETH_P_IPV6, HeaderSource, Parsed, parse_ip};
@@ -26,7 +26,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     skb_dev: 0,
     skb_iif: 0,
     net_device_ifindex: 0,
-    _pad: 0,
+    skb_protocol: 0,
 });
 
 /// Sizes are defaults; user space sets them at load time.
@@ -127,14 +127,12 @@ fn record<K>(
     }
 }
 
-// ---- drops: tracepoint/skb/kfree_skb ----
-
-/// Offsets of the tracepoint's fields (stable since the reason was added in 5.17; checked against
-/// the format file by user space before attaching).
-const TP_SKBADDR: usize = 8;
-const TP_LOCATION: usize = 16;
-const TP_PROTOCOL: usize = 32;
-const TP_REASON: usize = 36;
+// ---- drops: tp_btf/kfree_skb ----
+//
+// The BTF-typed tracepoint passes the tracepoint's arguments by position, and kernels only ever
+// append to them: (skb, location) before 5.17, + reason from 5.17, + rx_sk from 6.11. Reading an
+// argument the kernel does not pass is refused by the verifier, so there are two programs; user
+// space loads the one that matches the argument count in the running kernel's BTF.
 
 struct KernelMemory(u64);
 
@@ -150,27 +148,32 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
 }
 
-#[tracepoint(category = "skb", name = "kfree_skb")]
-fn kfree_skb(ctx: TracePointContext) -> u32 {
-    let _ = try_kfree_skb(&ctx);
-    0
-}
-
-fn try_kfree_skb(ctx: &TracePointContext) -> Option<()> {
-    // SAFETY: the offsets are those of the kfree_skb format, which user space verified.
-    let reason: u32 = unsafe { ctx.read_at(TP_REASON).ok()? };
+/// For kernels from 5.17: `kfree_skb(skb, location, reason, ...)`.
+#[btf_tracepoint(function = "kfree_skb")]
+fn netiso_drop(ctx: BtfTracePointContext) -> i32 {
+    let reason: u32 = ctx.arg(2);
     if let Some(keep) = DROP_REASON_FILTER.get(reason)
         && *keep == 0
     {
-        return None;
+        return 0;
     }
-    // SAFETY: as above.
-    let (skb, location, protocol): (u64, u64, u16) =
-        unsafe { (ctx.read_at(TP_SKBADDR).ok()?, ctx.read_at(TP_LOCATION).ok()?, ctx.read_at(TP_PROTOCOL).ok()?) };
+    let _ = record_drop(ctx.arg(0), ctx.arg(1), reason);
+    0
+}
+
+/// For kernels before 5.17, which pass no reason: `kfree_skb(skb, location)`.
+#[btf_tracepoint(function = "kfree_skb")]
+fn netiso_drop_loc(ctx: BtfTracePointContext) -> i32 {
+    let _ = record_drop(ctx.arg(0), ctx.arg(1), REASON_NONE);
+    0
+}
+
+fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
+    let off = OFFSETS.load();
+    let protocol = u16::from_be(read_kernel(skb + off.skb_protocol as u64)?);
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
         return None;
     }
-    let off = OFFSETS.load();
     let head: u64 = read_kernel(skb + off.skb_head as u64)?;
     let network_header: u16 = read_kernel(skb + off.skb_network_header as u64)?;
     if network_header == HEADER_UNSET || head == 0 {

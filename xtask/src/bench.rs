@@ -300,7 +300,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
     let start = Instant::now();
     let flood_pps = bench.blast(FLOOD_PORT, seconds, PACKET_SIZES[0])?;
     let cpu = cpu_seconds(pid)? - cpu_before;
-    let (tracepoint_runs, tracepoint_ns) = program_stats("kfree_skb")?;
+    let (tracepoint_runs, tracepoint_ns) = program_stats("netiso_drop")?;
     drop(stats);
     let window = start.elapsed().as_secs_f64();
     // Let one drain interval pass so the map's counts are read before stopping.

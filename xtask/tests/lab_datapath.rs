@@ -19,7 +19,8 @@ fn loaded_bpf_names() -> Vec<String> {
     names
 }
 
-const OURS: &[&str] = &["kfree_skb", "netiso_from_pod", "netiso_to_pod", "DROPS", "FLOWS", "EVENTS", "LOSSES"];
+const OURS: &[&str] =
+    &["netiso_drop", "netiso_drop_loc", "netiso_from_pod", "netiso_to_pod", "DROPS", "FLOWS", "EVENTS", "LOSSES"];
 
 fn matches(r: &Value, event: &str, src: &str, dst: &str, dst_port: u16, protocol: &str) -> bool {
     r["event"] == event

@@ -1,6 +1,7 @@
 //! A minimal reader of the kernel's BTF (/sys/kernel/btf/vmlinux): just enough to find struct
 //! member offsets (descending into anonymous unions and structs, as `sk_buff`'s header fields
-//! sit inside a `struct_group`) and enum values. aya does not expose these.
+//! sit inside a `struct_group`), enum values and how many arguments a BTF-typed tracepoint
+//! passes. aya does not expose these.
 
 use std::collections::HashMap;
 
@@ -56,9 +57,16 @@ enum Type {
         name: u32,
         values: Vec<(u32, i64)>,
     },
-    /// typedef, const, volatile, restrict, type tag: resolve through `target`.
+    /// typedef (named), const, volatile, restrict, type tag: resolve through `target`.
     Alias {
+        name: u32,
         target: u32,
+    },
+    Pointer {
+        target: u32,
+    },
+    FuncProto {
+        params: usize,
     },
     Other,
 }
@@ -144,8 +152,9 @@ impl Btf {
                     Type::Enum { name, values }
                 }
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias { target: size_or_type }
+                    Type::Alias { name: if kind == KIND_TYPEDEF { name } else { 0 }, target: size_or_type }
                 }
+                KIND_PTR => Type::Pointer { target: size_or_type },
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => {
                     at += 4;
                     Type::Other
@@ -156,13 +165,13 @@ impl Btf {
                 }
                 KIND_FUNC_PROTO => {
                     at += vlen * 8;
-                    Type::Other
+                    Type::FuncProto { params: vlen }
                 }
                 KIND_DATASEC => {
                     at += vlen * 12;
                     Type::Other
                 }
-                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
             types.push(ty);
@@ -172,6 +181,7 @@ impl Btf {
             let (kind, name) = match ty {
                 Type::Composite { name, .. } => (KIND_STRUCT, *name),
                 Type::Enum { name, .. } => (KIND_ENUM, *name),
+                Type::Alias { name, .. } => (KIND_TYPEDEF, *name),
                 _ => continue,
             };
             if name != 0 {
@@ -193,7 +203,7 @@ impl Btf {
         // Alias chains are short; the bound guards against a malformed cycle.
         for _ in 0..32 {
             match self.types.get(id as usize)? {
-                Type::Alias { target } => id = *target,
+                Type::Alias { target, .. } => id = *target,
                 ty => return Some(ty),
             }
         }
@@ -233,6 +243,22 @@ impl Btf {
         None
     }
 
+    /// How many arguments the BTF-typed tracepoint `name` passes to a program: its probe's
+    /// parameters (`btf_trace_NAME` is a pointer to the probe's prototype) without the leading
+    /// `void *` the kernel passes internally.
+    pub fn tracepoint_args(&self, name: &str) -> Result<usize, BtfError> {
+        let typedef = format!("btf_trace_{name}");
+        let missing = || BtfError::MissingType { kind: "typedef", name: typedef.clone() };
+        let id = self.by_name.get(&(KIND_TYPEDEF, typedef.clone())).ok_or_else(missing)?;
+        let Some(Type::Pointer { target }) = self.resolve(*id) else {
+            return Err(BtfError::Malformed("a btf_trace_ typedef that is not a function pointer"));
+        };
+        match self.resolve(*target) {
+            Some(Type::FuncProto { params }) if *params > 0 => Ok(params - 1),
+            _ => Err(BtfError::Malformed("a btf_trace_ typedef that is not a function pointer")),
+        }
+    }
+
     /// The values of enum `name`, as (enumerator name, value).
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>, BtfError> {
         let id = self
@@ -251,9 +277,10 @@ mod tests {
     use super::*;
 
     /// Builds a tiny BTF blob: `struct outer { int a; union { int b; struct { int c; }; }; }`
-    /// with `b` at byte 8 and `c` at byte 12, and `enum e { X = 3 }`.
+    /// with `b` at byte 8 and `c` at byte 12, `enum e { X = 3 }`, and
+    /// `typedef void (*btf_trace_tp)(void *, int, int)`.
     fn sample() -> Vec<u8> {
-        let strings = b"\0outer\0a\0b\0c\0int\0e\0X\0";
+        let strings = b"\0outer\0a\0b\0c\0int\0e\0X\0btf_trace_tp\0";
         let s = |name: &str| -> u32 {
             let hay = std::str::from_utf8(strings).unwrap();
             hay.find(&format!("\0{name}\0")).unwrap() as u32 + 1
@@ -270,6 +297,10 @@ mod tests {
         push(&[s("outer"), KIND_STRUCT << 24 | 2, 16, s("a"), 1, 0, 0, 3, 64]);
         // 5: enum e { X = 3 }
         push(&[s("e"), KIND_ENUM << 24 | 1, 4, s("X"), 3]);
+        // 6: void (void *, int, int); 7: pointer to 6; 8: typedef btf_trace_tp = 7
+        push(&[0, KIND_FUNC_PROTO << 24 | 3, 0, 0, 0, 0, 1, 0, 1]);
+        push(&[0, KIND_PTR << 24, 6]);
+        push(&[s("btf_trace_tp"), KIND_TYPEDEF << 24, 7]);
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
@@ -290,6 +321,8 @@ mod tests {
         assert!(matches!(btf.member_offset("outer", "d"), Err(BtfError::MissingMember { .. })));
         assert!(matches!(btf.member_offset("inner", "a"), Err(BtfError::MissingType { .. })));
         assert_eq!(btf.enum_values("e").unwrap(), vec![("X".to_owned(), 3)]);
+        assert_eq!(btf.tracepoint_args("tp").unwrap(), 2);
+        assert!(matches!(btf.tracepoint_args("other"), Err(BtfError::MissingType { .. })));
     }
 
     #[test]
@@ -311,5 +344,7 @@ mod tests {
         assert!(head > 0 && network > 0 && head != network);
         let reasons = btf.enum_values("skb_drop_reason").unwrap();
         assert!(reasons.iter().any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));
+        // skb and location; the reason since 5.17, which brought the enum; rx_sk since 6.11.
+        assert!((3..=4).contains(&btf.tracepoint_args("kfree_skb").unwrap()));
     }
 }

@@ -8,7 +8,6 @@ pub mod kallsyms;
 pub mod privileges;
 pub mod reasons;
 pub mod record;
-pub mod tracefs;
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -17,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType};
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TracePoint};
+use aya::programs::{BtfTracePoint, LinkOrder, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use netiso_common::{
     Counters, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets,
@@ -48,10 +47,10 @@ pub enum DatapathError {
     NoBtf(std::io::Error),
     #[error("kernel BTF: {0}")]
     Btf(#[from] BtfError),
+    #[error("kernel BTF: {0}")]
+    KernelBtf(#[source] aya::BtfError),
     #[error(transparent)]
     Reasons(#[from] ReasonError),
-    #[error(transparent)]
-    Tracefs(#[from] tracefs::TracefsError),
     #[error("loading the eBPF programs was refused ({0}); run as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")]
     Privilege(String),
     #[error(
@@ -133,8 +132,13 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         skb_dev: btf.member_offset("sk_buff", "dev")?,
         skb_iif: btf.member_offset("sk_buff", "skb_iif")?,
         net_device_ifindex: btf.member_offset("net_device", "ifindex")?,
-        _pad: 0,
+        skb_protocol: btf.member_offset("sk_buff", "protocol")?,
     })
+}
+
+/// The drop program for a kernel whose `kfree_skb` tracepoint passes `args` arguments.
+fn drop_program(args: usize) -> &'static str {
+    if args >= 3 { "netiso_drop" } else { "netiso_drop_loc" }
 }
 
 struct Attached {
@@ -193,13 +197,13 @@ impl Datapath {
         let btf_data = std::fs::read(BTF_PATH).map_err(DatapathError::NoBtf)?;
         let btf = Btf::parse(&btf_data)?;
         let offsets = kernel_offsets(&btf)?;
-        let format_path = tracefs::format_path("skb", "kfree_skb")?;
-        let format = std::fs::read_to_string(&format_path).unwrap_or_default();
-        tracefs::check_kfree_skb_layout(&format, &format_path)?;
-        let reasons = DropReasons::from_kernel(Some(&btf), &format_path)?;
+        let drop_program = drop_program(btf.tracepoint_args("kfree_skb")?);
+        let reasons = DropReasons::from_btf(&btf);
         let keep = reasons.select(&config.drop_reasons)?;
+        let kernel_btf = aya::Btf::parse(&btf_data, aya::Endianness::default()).map_err(DatapathError::KernelBtf)?;
 
         let mut ebpf = EbpfLoader::new()
+            .btf(&kernel_btf)
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("DROPS", config.drop_map_entries)
             .map_max_entries("FLOWS", config.flow_map_entries)
@@ -214,10 +218,10 @@ impl Datapath {
             filter.set(value, &1, 0).map_err(map_err("DROP_REASON_FILTER"))?;
         }
 
-        let tp: &mut TracePoint =
-            ebpf.program_mut("kfree_skb").expect("program in object").try_into().map_err(prog_err("kfree_skb"))?;
-        tp.load().map_err(prog_err("kfree_skb"))?;
-        tp.attach("skb", "kfree_skb").map_err(prog_err("kfree_skb"))?;
+        let tp: &mut BtfTracePoint =
+            ebpf.program_mut(drop_program).expect("program in object").try_into().map_err(prog_err(drop_program))?;
+        tp.load("kfree_skb", &kernel_btf).map_err(prog_err(drop_program))?;
+        tp.attach().map_err(prog_err(drop_program))?;
         for (name, _) in FLOW_PROGRAMS {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).expect("program in object").try_into().map_err(prog_err(name))?;

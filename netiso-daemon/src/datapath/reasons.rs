@@ -13,10 +13,6 @@ const PREFIX: &str = "SKB_DROP_REASON_";
 #[derive(Debug, Error)]
 pub enum ReasonError {
     #[error(
-        "the kernel's BTF has no enum skb_drop_reason and {format} does not list the reasons: netiso needs Linux >= 5.17"
-    )]
-    Unavailable { format: String },
-    #[error(
         "unknown drop reason or class `{0}`: use a kernel reason name (e.g. NETFILTER_DROP), a class (policy, socket, routing, other, routine), `default` or `all`"
     )]
     UnknownSelector(String),
@@ -132,24 +128,18 @@ pub struct DropReasons {
 }
 
 impl DropReasons {
-    /// From BTF when it has the enum, otherwise from the tracepoint's format file.
-    pub fn from_kernel(btf: Option<&Btf>, format_path: &str) -> Result<Self, ReasonError> {
-        if let Some(values) = btf.and_then(|b| b.enum_values("skb_drop_reason").ok()) {
-            let names = values
-                .into_iter()
-                .filter_map(|(name, value)| {
-                    let short = name.strip_prefix(PREFIX).unwrap_or(&name).to_owned();
-                    u32::try_from(value).ok().map(|v| (v, short))
-                })
-                .collect();
-            return Ok(DropReasons { names });
-        }
-        let format = std::fs::read_to_string(format_path).unwrap_or_default();
-        let names = parse_print_symbolic(&format);
-        if names.is_empty() {
-            return Err(ReasonError::Unavailable { format: format_path.to_owned() });
-        }
-        Ok(DropReasons { names })
+    /// The running kernel's `enum skb_drop_reason`: empty before 5.17, which has none.
+    pub fn from_btf(btf: &Btf) -> Self {
+        let names = btf
+            .enum_values("skb_drop_reason")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let short = name.strip_prefix(PREFIX).unwrap_or(&name).to_owned();
+                u32::try_from(value).ok().map(|v| (v, short))
+            })
+            .collect();
+        DropReasons { names }
     }
 
     pub fn name(&self, value: u32) -> String {
@@ -186,38 +176,18 @@ impl DropReasons {
     }
 }
 
-/// Extracts `{ 2, "NOT_SPECIFIED" }` pairs from a tracepoint format's `__print_symbolic`.
-fn parse_print_symbolic(format: &str) -> BTreeMap<u32, String> {
-    let mut names = BTreeMap::new();
-    let Some(start) = format.find("__print_symbolic") else {
-        return names;
-    };
-    for pair in format[start..].split('{').skip(1) {
-        let Some(body) = pair.split('}').next() else {
-            continue;
-        };
-        let mut parts = body.splitn(2, ',');
-        let (Some(value), Some(name)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        if let Ok(value) = value.trim().parse::<u32>() {
-            names.insert(value, name.trim().trim_matches('"').to_owned());
-        }
-    }
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sample() -> DropReasons {
-        let format = r#"print fmt: "reason: %s", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 12, "NETFILTER_DROP" }, { 47, "TCP_CLOSE" }, { 54, "IP_OUTNOROUTES" })"#;
-        DropReasons { names: parse_print_symbolic(format) }
+        let names =
+            [(2, "NOT_SPECIFIED"), (3, "NO_SOCKET"), (12, "NETFILTER_DROP"), (47, "TCP_CLOSE"), (54, "IP_OUTNOROUTES")];
+        DropReasons { names: names.into_iter().map(|(v, n)| (v, n.to_owned())).collect() }
     }
 
     #[test]
-    fn parses_the_tracepoint_format() {
+    fn names_by_value() {
         let r = sample();
         assert_eq!(r.name(12), "NETFILTER_DROP");
         assert_eq!(r.name(3), "NO_SOCKET");
@@ -244,13 +214,10 @@ mod tests {
     }
 
     #[test]
-    fn running_kernel_names_agree_between_btf_and_format() {
+    fn the_running_kernels_reasons_come_from_btf() {
         let btf = Btf::parse(&std::fs::read("/sys/kernel/btf/vmlinux").unwrap()).unwrap();
-        let from_btf = DropReasons::from_kernel(Some(&btf), "/nonexistent").unwrap();
-        let format = super::super::tracefs::format_path("skb", "kfree_skb").unwrap();
-        let from_format = DropReasons::from_kernel(None, &format).unwrap();
-        for (value, name) in from_format.iter() {
-            assert_eq!(from_btf.name(value), name, "reason {value}");
-        }
+        let reasons = DropReasons::from_btf(&btf);
+        assert!(reasons.iter().any(|(_, n)| n == "NETFILTER_DROP"));
+        assert!(reasons.iter().any(|(_, n)| n == "NO_SOCKET"));
     }
 }
