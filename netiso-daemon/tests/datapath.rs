@@ -6,7 +6,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Daemon, connect, ip, node_and_pod, tag};
+use support::{Daemon, connect, ip, node_and_pod, tag, tc_programs, wait_until};
 
 #[test]
 fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
@@ -87,4 +87,46 @@ fn blocked_flows_are_logged_once_per_interval_with_suppressed_repeats() {
     }
     assert_eq!(lines[0]["reason"], "NO_SOCKET");
     assert_eq!(lines[0]["destination"], "10.77.0.1");
+}
+
+/// A daemon killed with SIGKILL leaves nothing the next start does not clean up: TCX links go with
+/// the process; clsact filters (kernels before 6.6) stay, and the next start replaces them.
+#[test]
+fn a_killed_daemons_attachments_are_replaced_by_the_next_start() {
+    let tag = tag("nx");
+    let (node, pod, mut cleanup) = node_and_pod(&tag);
+    let store = std::env::temp_dir().join(format!("{tag}.redb"));
+    cleanup.files.push(store.clone());
+    connect(&node, &pod);
+    let one_set = |programs: &[String]| {
+        let hooks: Vec<&str> = programs.iter().filter_map(|p| p.split_once(' ').map(|(_, rest)| rest)).collect();
+        hooks == ["egress netiso_to_pod", "ingress netiso_from_pod"]
+    };
+
+    let mut first = Daemon::start(&node, &store, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || one_set(&tc_programs(&node, "vpod"))),
+        "{:?}",
+        tc_programs(&node, "vpod")
+    );
+    first.kill();
+    let left = tc_programs(&node, "vpod");
+    assert!(left.iter().all(|p| p.starts_with("clsact ")), "TCX links go with the process: {left:?}");
+
+    let mut second = Daemon::start(&node, &store, &["--drain-interval", "200ms"]);
+    let attached = tc_programs(&node, "vpod");
+    assert!(one_set(&attached), "one set of programs, the stale filters replaced: {attached:?}");
+    if !left.is_empty() {
+        assert!(second.wait_log("replacing a stale clsact filter", Duration::from_secs(5)));
+    }
+    support::udp_from_pod(&pod, 44201, 9421);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            second.stdout.lock().unwrap().iter().any(|r| r["event"] == "drop" && r["dst_port"] == 9421)
+        }),
+        "the new daemon records drops: {:?}",
+        second.stderr.lock().unwrap()
+    );
+    second.stop();
+    assert_eq!(tc_programs(&node, "vpod"), Vec::<String>::new(), "a clean stop detaches everything");
 }

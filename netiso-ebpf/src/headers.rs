@@ -16,6 +16,10 @@ const MAX_IPV6_EXTENSIONS: usize = 4;
 /// Reads `N` bytes at an offset from some base (a kernel address or the start of a packet).
 pub trait HeaderSource {
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+
+    /// As `read`, straight into `out`: kernels before 6.x allow programs 512 bytes of stack,
+    /// which temporary copies of headers use up.
+    fn read_into<const N: usize>(&self, offset: usize, out: &mut [u8; N]) -> Option<()>;
 }
 
 pub struct Parsed {
@@ -23,39 +27,44 @@ pub struct Parsed {
     pub tcp_flags: u8,
 }
 
+#[inline(always)]
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 /// Parses an IP packet whose network header is at `l3`. Returns `None` when the headers cannot be
 /// read (truncated) and for non-IP protocols.
+#[inline(always)]
 pub fn parse_ip<S: HeaderSource>(src: &S, ethertype: u16, l3: usize) -> Option<Parsed> {
     let mut tuple = FlowTuple::default();
     let (l4, protocol, first_fragment) = match ethertype {
         ETH_P_IP => {
-            let ip: [u8; 20] = src.read(l3)?;
+            let ip: [u8; 12] = src.read(l3)?;
             if ip[0] >> 4 != 4 {
                 return None;
             }
             tuple.family = 4;
             tuple.src_addr[10] = 0xff;
             tuple.src_addr[11] = 0xff;
-            tuple.src_addr[12..16].copy_from_slice(&ip[12..16]);
             tuple.dst_addr[10] = 0xff;
             tuple.dst_addr[11] = 0xff;
-            tuple.dst_addr[12..16].copy_from_slice(&ip[16..20]);
+            let mut addr = [0u8; 4];
+            src.read_into(l3 + 12, &mut addr)?;
+            tuple.src_addr[12..16].copy_from_slice(&addr);
+            src.read_into(l3 + 16, &mut addr)?;
+            tuple.dst_addr[12..16].copy_from_slice(&addr);
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
             let fragment_offset = be16(&ip, 6) & 0x1fff;
             (l3 + ihl, ip[9], fragment_offset == 0)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; 40] = src.read(l3)?;
+            let ip: [u8; 8] = src.read(l3)?;
             if ip[0] >> 4 != 6 {
                 return None;
             }
             tuple.family = 6;
-            tuple.src_addr.copy_from_slice(&ip[8..24]);
-            tuple.dst_addr.copy_from_slice(&ip[24..40]);
+            src.read_into(l3 + 8, &mut tuple.src_addr)?;
+            src.read_into(l3 + 24, &mut tuple.dst_addr)?;
             let mut next = ip[6];
             let mut offset = l3 + 40;
             let mut first_fragment = true;

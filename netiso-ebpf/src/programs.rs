@@ -1,9 +1,13 @@
 //! Program entry points, maps and the aggregation logic.
+//!
+//! Everything a program calls is `#[inline(always)]`, so each program is one function: Linux 6.1
+//! and 5.10 refuse a called function that takes a pointer argument ("reg type unsupported for
+//! arg#0"), and add each call frame's stack rounded up to 32 bytes against the 512-byte limit.
 
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, classifier, map},
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, TcContext},
@@ -29,6 +33,12 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     skb_protocol: 0,
 });
 
+/// Whether the kernel has `bpf_ktime_get_coarse_ns` (from 5.11); set by user space before
+/// loading. The verifier reads the frozen value and never visits the branch not taken, so the
+/// programs load where the helper does not exist.
+#[unsafe(no_mangle)]
+static COARSE_CLOCK: Global<u8> = Global::new(1);
+
 /// Sizes are defaults; user space sets them at load time.
 #[map]
 static DROPS: PerCpuHashMap<DropKey, Counters> = PerCpuHashMap::with_max_entries(16384, 0);
@@ -46,6 +56,7 @@ const EEXIST: i32 = 17;
 /// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
 const HEADER_UNSET: u16 = 0xffff;
 
+#[inline(always)]
 fn count_loss(index: u32) {
     if let Some(counter) = LOSSES.get_ptr_mut(index) {
         // SAFETY: a per-CPU array slot is only written by this CPU, and programs do not nest on
@@ -56,9 +67,22 @@ fn count_loss(index: u32) {
 
 /// First sightings are rare and order flows (a reply must sort after its request), so they get
 /// the precise clock even where later packets use the coarse one.
+#[inline(always)]
 fn precise_now() -> u64 {
     // SAFETY: a helper without preconditions.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// Flows need first/last seen to a tick, not a nanosecond; the coarse clock (the same
+/// CLOCK_MONOTONIC base) is several times cheaper on the per-packet path.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    if COARSE_CLOCK.load() != 0 {
+        // SAFETY: a helper without preconditions.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        precise_now()
+    }
 }
 
 /// What one packet adds to its key's counters.
@@ -70,6 +94,7 @@ struct Sample {
     tcp_flags: u8,
 }
 
+#[inline(always)]
 fn add(counters: *mut Counters, sample: Sample) {
     // SAFETY: `counters` points at this CPU's slot of a per-CPU hash entry, which only this CPU
     // writes (see `count_loss`).
@@ -88,6 +113,7 @@ fn add(counters: *mut Counters, sample: Sample) {
 /// event), otherwise by inserting it and announcing it once on the ring buffer. When the map is
 /// full the ring-buffer record is the only trace of the packet, and the loss is counted either
 /// way.
+#[inline(always)]
 fn record<K>(
     map: &PerCpuHashMap<K, Counters>,
     key: &K,
@@ -141,8 +167,14 @@ impl HeaderSource for KernelMemory {
         // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a bad one.
         unsafe { bpf_probe_read_kernel((self.0 + offset as u64) as *const [u8; N]).ok() }
     }
+
+    fn read_into<const N: usize>(&self, offset: usize, out: &mut [u8; N]) -> Option<()> {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel_buf((self.0 + offset as u64) as *const u8, out).ok() }
+    }
 }
 
+#[inline(always)]
 fn read_kernel<T>(addr: u64) -> Option<T> {
     // SAFETY: as above; `T` is a plain integer at every call site.
     unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
@@ -168,6 +200,7 @@ fn netiso_drop_loc(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+#[inline(always)]
 fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
     let off = OFFSETS.load();
     let protocol = u16::from_be(read_kernel(skb + off.skb_protocol as u64)?);
@@ -224,6 +257,19 @@ impl HeaderSource for Packet<'_> {
         }
         self.0.load(offset).ok()
     }
+
+    fn read_into<const N: usize>(&self, offset: usize, out: &mut [u8; N]) -> Option<()> {
+        let start = self.0.data() + offset;
+        if start + N <= self.0.data_end() {
+            // SAFETY: as in `read`.
+            *out = unsafe { core::ptr::read_unaligned(start as *const [u8; N]) };
+            return Some(());
+        }
+        // `load` passes the helper a constant size; Linux 6.1 and 5.10 refuse `load_bytes`,
+        // whose size the verifier cannot prove non-zero.
+        *out = self.0.load(offset).ok()?;
+        Some(())
+    }
 }
 
 const ETH_HLEN: usize = 14;
@@ -241,6 +287,7 @@ fn netiso_to_pod(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+#[inline(always)]
 fn observe(ctx: &TcContext, direction: u8) {
     let packet = Packet(ctx);
     let Some(eth) = packet.read::<{ ETH_HLEN + 4 }>(0) else {
@@ -263,10 +310,7 @@ fn observe(ctx: &TcContext, direction: u8) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: `skb` is the valid `__sk_buff` the program was called with.
     let (len, ifindex) = unsafe { ((*skb).len, (*skb).ifindex) };
-    // Flows need first/last seen to a tick, not a nanosecond; the coarse clock (the same
-    // CLOCK_MONOTONIC base) is several times cheaper on the per-packet path.
-    // SAFETY: a helper without preconditions.
-    let sample = Sample { now: unsafe { bpf_ktime_get_coarse_ns() }, len, ifindex, tcp_flags };
+    let sample = Sample { now: coarse_now(), len, ifindex, tcp_flags };
     record(&FLOWS, &key, sample, LOSS_FLOW_MAP_FULL, |flags| Event {
         kind: EVENT_FLOW,
         flags,

@@ -1,6 +1,6 @@
 //! netiso's developer tooling: the local lab (the course scenario in network namespaces, with
-//! NetworkPolicies enforced by nftables), its traffic probes, the benchmark driver, and the removal
-//! of what a killed run leaves behind.
+//! NetworkPolicies enforced by nftables), its traffic probes, the benchmark driver, the datapath
+//! suite in VMs of other kernels, and the removal of what a killed run leaves behind.
 
 pub mod bench;
 pub mod build;
@@ -12,3 +12,4 @@ pub mod nft;
 pub mod observer;
 pub mod probe;
 pub mod sh;
+pub mod vm;

@@ -34,6 +34,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// The datapath suite (real programs and packets in namespaces) in a VM of each kernel series,
+    /// booted by virtme-ng under QEMU (`scripts/setup --vm` installs them).
+    Vm {
+        /// Kernel series to run, e.g. 6.1; every one of 6.1 and 6.12 when not given.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
+        /// Seconds each VM may take, boot included.
+        #[arg(long, default_value_t = 240)]
+        timeout: u64,
+    },
     /// What killed runs left behind (network namespaces, their processes and tc programs, links,
     /// nft tables, pinned BPF objects named with the project's prefix), removed with --remove.
     Leftovers {
@@ -142,6 +152,7 @@ fn main() -> ExitCode {
         Cmd::Demo { id } => lab_for(&id).and_then(|lab| xtask::demo::run(&lab)),
         Cmd::Bench { rounds, seconds } => bench(rounds, seconds),
         Cmd::Leftovers { remove, prefix } => leftovers(remove, &prefix),
+        Cmd::Vm { kernels, timeout } => vm(kernels, timeout),
         Cmd::BenchBlast { addr, seconds, size } => xtask::bench::blast(addr, seconds, size).map(|sent| {
             println!("{sent}");
             ExitCode::SUCCESS
@@ -196,6 +207,20 @@ fn bench(rounds: usize, seconds: f64) -> anyhow::Result<ExitCode> {
     println!("  netiso CPU          {:>11.1}% of one core", f.flood_cpu_percent);
     println!("  tracepoint program  {:>12.0} ns/drop", f.tracepoint_ns_per_drop);
     Ok(ExitCode::SUCCESS)
+}
+
+fn vm(mut kernels: Vec<String>, timeout: u64) -> anyhow::Result<ExitCode> {
+    if kernels.is_empty() {
+        kernels = xtask::vm::SERIES.iter().map(|s| s.to_string()).collect();
+    }
+    let outcomes = xtask::vm::run(&kernels, std::time::Duration::from_secs(timeout))?;
+    let mut failed = 0;
+    for o in &outcomes {
+        let result = if o.passed { "passed" } else { "FAILED" };
+        failed += usize::from(!o.passed);
+        println!("vm: Linux {:<5} {:<24} {result} in {:.0} s", o.series, o.release, o.elapsed.as_secs_f64());
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn leftovers(remove: bool, prefix: &str) -> anyhow::Result<ExitCode> {

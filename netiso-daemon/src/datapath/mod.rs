@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType};
+use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType, TcError};
 use aya::programs::{BtfTracePoint, LinkOrder, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use netiso_common::{
@@ -136,6 +136,13 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     })
 }
 
+/// Whether the kernel has `bpf_ktime_get_coarse_ns` (Linux >= 5.11).
+fn coarse_clock_supported() -> bool {
+    use aya::sys::{BpfHelper, is_helper_supported};
+    is_helper_supported(aya::programs::ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_ktime_get_coarse_ns)
+        .unwrap_or(false)
+}
+
 /// The drop program for a kernel whose `kfree_skb` tracepoint passes `args` arguments.
 fn drop_program(args: usize) -> &'static str {
     if args >= 3 { "netiso_drop" } else { "netiso_drop_loc" }
@@ -205,6 +212,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .btf(&kernel_btf)
             .override_global("OFFSETS", &offsets, true)
+            .override_global("COARSE_CLOCK", &u8::from(coarse_clock_supported()), true)
             .map_max_entries("DROPS", config.drop_map_entries)
             .map_max_entries("FLOWS", config.flow_map_entries)
             .load(PROBES)
@@ -264,6 +272,17 @@ impl Datapath {
                 Err(ProgramError::SyscallError(_)) => {
                     if let Err(e) = aya::programs::tc::qdisc_add_clsact(link.index) {
                         tracing::debug!(interface = %link.name, error = %e, "clsact qdisc not added (it may exist already)");
+                    }
+                    // Unlike TCX links, clsact filters outlive the process: a daemon that was
+                    // killed left its filters, which this one replaces.
+                    match aya::programs::tc::qdisc_detach_program(link.index, hook.into(), name) {
+                        Ok(()) => {
+                            tracing::info!(interface = %link.name, program = name, "replacing a stale clsact filter")
+                        }
+                        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(interface = %link.name, program = name, error = %e, "cannot remove a stale clsact filter")
+                        }
                     }
                     prog.attach(link.index, TcAttach::Auto(hook)).map_err(prog_err(name))?
                 }

@@ -73,6 +73,56 @@ pub fn udp_from_pod(pod: &str, sport: u16, dport: u16) {
     assert!(status.success());
 }
 
+/// netiso's tc programs on interface `interface` of network namespace `netns`, as
+/// "HOOK DIRECTION PROGRAM": TCX links (Linux >= 6.6) and clsact filters, sorted.
+pub fn tc_programs(netns: &str, interface: &str) -> Vec<String> {
+    use aya::programs::SchedClassifier;
+    use aya::programs::tc::TcAttachType;
+    let directions = [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")];
+    let (ns, name) = (netns.to_owned(), std::ffi::CString::new(interface).unwrap());
+    let mut found = std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut found = Vec::new();
+        for (attach_type, direction) in directions {
+            // A kernel without TCX answers with an error: nothing attached there.
+            for program in SchedClassifier::query_tcx(name.as_c_str(), attach_type).map(|(_, p)| p).unwrap_or_default()
+            {
+                found.push(format!("tcx {direction} {}", program.name_as_str().unwrap_or_default()));
+            }
+        }
+        found
+    })
+    .join()
+    .unwrap();
+    for (_, direction) in directions {
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, "tc", "filter", "show", "dev", interface, direction])
+            .output()
+            .expect("tc runs");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(program) = line.split_whitespace().find(|w| w.starts_with("netiso_")) {
+                found.push(format!("clsact {direction} {program}"));
+            }
+        }
+    }
+    found.retain(|p| p.contains(" netiso_"));
+    found.sort();
+    found
+}
+
+/// Waits up to `timeout` for `condition`.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    condition()
+}
+
 pub struct Daemon {
     child: Child,
     pub stdout: Arc<Mutex<Vec<serde_json::Value>>>,
@@ -126,6 +176,12 @@ impl Daemon {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, as the OOM killer or a node's crash would: no chance to detach anything.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// SIGTERM; asserts a clean exit and returns the final log line.

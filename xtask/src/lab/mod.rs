@@ -143,7 +143,11 @@ impl Lab {
         sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", scenario::GATEWAY_V4), "dev", "br0"])?;
         sh::ip(&["-n", &node, "addr", "add", &format!("{}/64", scenario::GATEWAY_V6), "dev", "br0", "nodad"])?;
         sh::ip(&["-n", &node, "link", "set", "br0", "up"])?;
-        // Bridged traffic must traverse the IP forward hook, where the policies are enforced.
+        // Bridged traffic must traverse the IP forward hook, where the policies are enforced. The
+        // knobs come with br_netfilter, a module on distribution kernels (kube-proxy loads it too).
+        if !Path::new("/proc/sys/net/bridge").exists() {
+            sh::run("modprobe", &["br_netfilter"]).context("the lab needs the br_netfilter module")?;
+        }
         for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
             sh::run("ip", &["netns", "exec", &node, "sysctl", "-qw", &format!("net.bridge.{knob}=1")])?;
         }

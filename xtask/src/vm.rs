@@ -1,0 +1,121 @@
+//! The datapath suite on the kernels clusters run: Debian's 5.10, 6.1 and 6.12 kernels booted
+//! under QEMU by virtme-ng, with the host's files visible, running test binaries built on the
+//! host. `scripts/setup --vm` installs QEMU, virtme-ng and the kernels.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::build;
+
+/// Where `scripts/setup --vm` unpacks the kernels, one directory per release holding `boot/`
+/// and `lib/modules/` as the Debian package lays them out. Not under /var/cache: the guest
+/// mounts a fresh tmpfs there and would not find the modules.
+pub const KERNELS_DIR: &str = "/opt/netiso-vm/kernels";
+
+/// The kernel series the suite runs on (the host kernel runs the whole suite directly).
+pub const SERIES: [&str; 2] = ["6.1", "6.12"];
+
+/// Test binaries run in each VM: package, integration test.
+const SUITE: [(&str, &str); 2] = [("netiso-daemon", "datapath"), ("xtask", "lab_datapath")];
+
+pub struct Kernel {
+    pub release: String,
+    pub image: PathBuf,
+}
+
+/// The unpacked kernel of `series` ("6.1" matches 6.1.0-50-amd64, not 6.12.x).
+pub fn find_kernel(series: &str) -> anyhow::Result<Kernel> {
+    let missing =
+        || format!("no Linux {series} kernel in {KERNELS_DIR}: install the kernels with `scripts/setup --vm`");
+    let entries = std::fs::read_dir(KERNELS_DIR).with_context(missing)?;
+    let mut releases: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|release| in_series(release, series))
+        .collect();
+    releases.sort();
+    let release = releases.pop().with_context(missing)?;
+    let image = Path::new(KERNELS_DIR).join(&release).join("boot").join(format!("vmlinuz-{release}"));
+    if !image.exists() {
+        bail!("{} is missing: reinstall the kernels with `scripts/setup --vm`", image.display());
+    }
+    Ok(Kernel { release, image })
+}
+
+/// Whether kernel `release` belongs to `series`.
+fn in_series(release: &str, series: &str) -> bool {
+    release.strip_prefix(series).is_some_and(|rest| rest.starts_with(['.', '-', '+']))
+}
+
+pub struct Outcome {
+    pub series: String,
+    pub release: String,
+    pub passed: bool,
+    pub elapsed: Duration,
+}
+
+/// Builds netiso and the suite's test binaries, then runs them in one VM per kernel series, each
+/// within `timeout`. The guests' output goes to this process's stdout and stderr.
+pub fn run(series: &[String], timeout: Duration) -> anyhow::Result<Vec<Outcome>> {
+    let kernels = series.iter().map(|s| find_kernel(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let netiso = build::netiso(false)?;
+    let mut script = String::from("set -e");
+    for (package, test) in SUITE {
+        let binary = build::test_binary(package, test)?;
+        let dir = crate::lab::repo_root().join(package);
+        script.push_str(&format!(
+            "; cd {}; echo 'vm: running {package} --test {test}'; {}={} {} --test-threads=1",
+            quote(&dir),
+            build::PREBUILT_NETISO,
+            quote(&netiso),
+            quote(&binary)
+        ));
+    }
+    let mut outcomes = Vec::new();
+    for (series, kernel) in series.iter().zip(kernels) {
+        println!("vm: booting Linux {series} ({})", kernel.release);
+        let start = Instant::now();
+        let status = Command::new("timeout")
+            .args(["--kill-after=10", &timeout.as_secs().to_string(), "vng", "--disable-kvm", "--rw", "--run"])
+            .arg(&kernel.image)
+            .args(["--memory", "2G", "--cpus", "2", "--"])
+            .arg(&script)
+            // vng saves the terminal's settings and fails without a standard input.
+            .stdin(Stdio::null())
+            .status()
+            .context("running vng (install it with `scripts/setup --vm`)")?;
+        let elapsed = start.elapsed();
+        if status.code() == Some(124) {
+            println!("vm: Linux {series} did not finish within {} s", timeout.as_secs());
+        }
+        outcomes.push(Outcome { series: series.clone(), release: kernel.release, passed: status.success(), elapsed });
+    }
+    Ok(outcomes)
+}
+
+/// `path` quoted for the guest's shell.
+fn quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_belong_to_their_series_only() {
+        assert!(in_series("6.1.0-50-amd64", "6.1"));
+        assert!(!in_series("6.12.95+deb12-amd64", "6.1"));
+        assert!(in_series("6.12.95+deb12-amd64", "6.12"));
+        assert!(in_series("5.10.0-32-amd64", "5.10"));
+        assert!(!in_series("5.1.0-1-amd64", "5.10"));
+    }
+
+    #[test]
+    fn quotes_paths_for_the_shell() {
+        assert_eq!(quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
+    }
+}
