@@ -87,6 +87,11 @@ fn blocked_flows_are_logged_once_per_interval_with_suppressed_repeats() {
     }
     assert_eq!(lines[0]["reason"], "NO_SOCKET");
     assert_eq!(lines[0]["destination"], "10.77.0.1");
+    // Before 5.17 the reason is inferred from where the packet was dropped, and said so, once.
+    let given = support::kernel_gives_drop_reasons();
+    assert_eq!(lines[0]["reason_inferred"], !given, "{}", lines[0]);
+    let said = daemon.stderr.lock().unwrap().iter().filter(|l| l.contains("this kernel gives no drop reasons")).count();
+    assert_eq!(said, usize::from(!given));
 }
 
 /// A daemon killed with SIGKILL leaves nothing the next start does not clean up: TCX links go with

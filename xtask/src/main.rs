@@ -37,11 +37,11 @@ enum Cmd {
     /// The datapath suite (real programs and packets in namespaces) in a VM of each kernel series,
     /// booted by virtme-ng under QEMU (`scripts/setup --vm` installs them).
     Vm {
-        /// Kernel series to run, e.g. 6.1; every one of 6.1 and 6.12 when not given.
+        /// Kernel series to run, e.g. 6.1; every one of 5.10, 6.1 and 6.12 when not given.
         #[arg(long = "kernel", value_name = "SERIES")]
         kernels: Vec<String>,
         /// Seconds each VM may take, boot included.
-        #[arg(long, default_value_t = 240)]
+        #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
     /// What killed runs left behind (network namespaces, their processes and tc programs, links,

@@ -16,7 +16,7 @@ use crate::build;
 pub const KERNELS_DIR: &str = "/opt/netiso-vm/kernels";
 
 /// The kernel series the suite runs on (the host kernel runs the whole suite directly).
-pub const SERIES: [&str; 2] = ["6.1", "6.12"];
+pub const SERIES: [&str; 3] = ["5.10", "6.1", "6.12"];
 
 /// Test binaries run in each VM: package, integration test.
 const SUITE: [(&str, &str); 2] = [("netiso-daemon", "datapath"), ("xtask", "lab_datapath")];

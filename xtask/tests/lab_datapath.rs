@@ -92,6 +92,10 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
     // nftables drops in nft_do_chain; Linux 6.1 frees the packet in nf_hook_slow.
     let location = drop_record["location"].as_str().unwrap();
     assert!(["nft_do_chain+0x", "nf_hook_slow+0x"].iter().any(|f| location.starts_with(f)), "{drop_record}");
+    // Before 5.17 the kernel gives no reason: NETFILTER_DROP is inferred from the location.
+    let btf = netiso::datapath::btf::Btf::parse(&std::fs::read("/sys/kernel/btf/vmlinux").unwrap()).unwrap();
+    let reasons_given = netiso::datapath::reasons::DropReasons::from_btf(&btf).given();
+    assert_eq!(drop_record["reason_inferred"] == true, !reasons_given, "{drop_record}");
 
     assert!(status.success(), "netiso exited with {status}: {:?}", observer.diagnostics());
     assert!(observer.diagnostics().iter().any(|l| l.contains("all programs detached")));

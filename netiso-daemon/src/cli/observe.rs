@@ -147,6 +147,9 @@ fn compact(v: &Value) -> String {
     );
     if let Some(reason) = v["reason"].as_str() {
         line.push_str(&format!(" {reason}"));
+        if v["reason_inferred"] == true {
+            line.push_str(" (inferred)");
+        }
     }
     line.push_str(&format!(" ({})", v["policy"]["attribution"].as_str().unwrap_or("?")));
     let p = policies(v);
@@ -278,4 +281,33 @@ pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
         }
         bail!("no server has record {}; last answer: {last_error}", args.id)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::compact;
+
+    #[test]
+    fn compact_lines_say_when_a_reason_was_inferred() {
+        let mut record = json!({
+            "time": "2026-12-05T04:17:21Z",
+            "node": "n1",
+            "source": {"namespace": "develop", "pod": "debug", "ip": "10.244.0.10", "port": 40009},
+            "destination": {"namespace": "production", "pod": "api", "ip": "10.244.0.30", "port": 8080},
+            "protocol": "TCP",
+            "verdict": "dropped",
+            "reason": "NETFILTER_DROP",
+            "policy": {"attribution": "denied_by_network_policy", "policies": []},
+            "id": "1",
+        });
+        assert!(compact(&record).contains(" NETFILTER_DROP (denied_by_network_policy)"), "{}", compact(&record));
+        record["reason_inferred"] = json!(true);
+        assert!(
+            compact(&record).contains(" NETFILTER_DROP (inferred) (denied_by_network_policy)"),
+            "{}",
+            compact(&record)
+        );
+    }
 }

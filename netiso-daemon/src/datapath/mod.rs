@@ -20,7 +20,7 @@ use aya::programs::{BtfTracePoint, LinkOrder, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use netiso_common::{
     Counters, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets,
-    LOSS_COUNTERS, MAX_DROP_REASONS,
+    LOSS_COUNTERS, MAX_DROP_REASONS, REASON_NONE,
 };
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use self::btf::{Btf, BtfError};
 use self::interfaces::{Link, LinkChange};
 use self::kallsyms::Kallsyms;
-use self::reasons::{DropReasons, ReasonError, classify};
+use self::reasons::{DropReasons, ReasonClass, ReasonError, ReasonSelection, classify, infer};
 pub use self::record::{DatapathRecord, Direction, EventKind};
 use self::record::{protocol_name, tcp_flag_names, tuple_addrs};
 
@@ -160,6 +160,8 @@ const FLOW_PROGRAMS: [(&str, TcAttachType); 2] =
 pub struct Datapath {
     ebpf: Ebpf,
     reasons: DropReasons,
+    /// Applied in user space where the kernel gives no reasons to filter by.
+    selection: ReasonSelection,
     symbols: Kallsyms,
     patterns: Vec<glob::Pattern>,
     attached: HashMap<u32, Attached>,
@@ -206,7 +208,17 @@ impl Datapath {
         let offsets = kernel_offsets(&btf)?;
         let drop_program = drop_program(btf.tracepoint_args("kfree_skb")?);
         let reasons = DropReasons::from_btf(&btf);
-        let keep = reasons.select(&config.drop_reasons)?;
+        let selection = ReasonSelection::parse(&config.drop_reasons, &reasons)?;
+        let keep = reasons.kept_values(&selection);
+        if !reasons.given() {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            tracing::warn!(
+                kernel = release.trim(),
+                "this kernel gives no drop reasons (they came with Linux 5.17): a drop's reason is inferred from \
+                 where the packet was dropped when that says it (netfilter, tc, no socket), marked reason_inferred, \
+                 and left unknown otherwise; --drop-reasons applies to the inferred reasons"
+            );
+        }
         let kernel_btf = aya::Btf::parse(&btf_data, aya::Endianness::default()).map_err(DatapathError::KernelBtf)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -240,7 +252,16 @@ impl Datapath {
             tracing::warn!(error = %e, "cannot read /proc/kallsyms; drop locations will be raw addresses");
             Kallsyms::parse(std::io::empty())
         });
-        Ok(Datapath { ebpf, reasons, symbols, patterns, attached: HashMap::new(), config, stats: Arc::default() })
+        Ok(Datapath {
+            ebpf,
+            reasons,
+            selection,
+            symbols,
+            patterns,
+            attached: HashMap::new(),
+            config,
+            stats: Arc::default(),
+        })
     }
 
     pub fn stats(&self) -> Arc<Mutex<DatapathStats>> {
@@ -392,9 +413,10 @@ impl Datapath {
                         let Some(event) = read_event(&item) else { continue };
                         self.stats.lock().expect("stats lock").ring_events += 1;
                         if event.flags & EVENT_FLAG_MAP_FULL != 0 {
-                            let record = self.overflow_record(&event);
-                            self.count_overflow(record.event);
-                            self.emit(&records, record).await;
+                            if let Some(record) = self.overflow_record(&event) {
+                                self.count_overflow(record.event);
+                                self.emit(&records, record).await;
+                            }
                         } else if event.flags & EVENT_FLAG_NEW_KEY != 0 {
                             new_keys = true;
                         }
@@ -440,7 +462,8 @@ impl Datapath {
         self.attached.get(&ifindex).map(|a| a.name.clone())
     }
 
-    fn overflow_record(&self, event: &Event) -> DatapathRecord {
+    /// The record of a packet the map had no room for; None for a drop the reason selection skips.
+    fn overflow_record(&self, event: &Event) -> Option<DatapathRecord> {
         let kind = if event.kind == EVENT_DROP { EventKind::Drop } else { EventKind::Flow };
         let counters = Counters {
             packets: 1,
@@ -453,12 +476,14 @@ impl Datapath {
         };
         let mut record = self.record(kind, &event.tuple, &counters).with_change(true, 1, event.len as u64);
         if kind == EventKind::Drop {
-            self.add_drop_fields(&mut record, event.reason, event.location);
+            if !self.add_drop_fields(&mut record, event.reason, event.location) {
+                return None;
+            }
         } else {
             record.direction = Direction::from_raw(event.direction);
         }
         record.overflow = true;
-        record
+        Some(record)
     }
 
     fn record(&self, event: EventKind, tuple: &FlowTuple, c: &Counters) -> DatapathRecord {
@@ -477,6 +502,7 @@ impl Datapath {
             icmp_code: icmp.then_some(tuple.icmp_code),
             reason: None,
             reason_class: None,
+            reason_inferred: false,
             location: None,
             direction: None,
             ifindex: c.ifindex,
@@ -491,11 +517,23 @@ impl Datapath {
         }
     }
 
-    fn add_drop_fields(&self, record: &mut DatapathRecord, reason: u32, location: u64) {
-        let name = self.reasons.name(reason);
-        record.reason_class = Some(classify(&name));
-        record.reason = Some(name);
-        record.location = Some(self.symbols.symbolize(location));
+    /// Names a drop's reason, the kernel's or, where it gives none, one inferred from the
+    /// location; returns whether the reason selection keeps the drop.
+    fn add_drop_fields(&self, record: &mut DatapathRecord, reason: u32, location: u64) -> bool {
+        let location = self.symbols.symbolize(location);
+        let (name, kept) = if reason == REASON_NONE {
+            let inferred = infer(&location).map(str::to_owned);
+            let kept = self.selection.keeps(inferred.as_deref());
+            (inferred, kept)
+        } else {
+            // The kernel's filter already applied the selection.
+            (Some(self.reasons.name(reason)), true)
+        };
+        record.reason_class = Some(name.as_deref().map_or(ReasonClass::Other, classify));
+        record.reason_inferred = reason == REASON_NONE && name.is_some();
+        record.reason = name;
+        record.location = Some(location);
+        kept
     }
 
     async fn drain(&self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
@@ -503,17 +541,18 @@ impl Datapath {
         let idle = self.config.idle_timeout.as_nanos() as u64;
         let drops = drains.drops.drain(now, idle);
         let flows = drains.flows.drain(now, idle);
-        {
-            let mut stats = self.stats.lock().expect("stats lock");
-            stats.dropped_packets += drops.iter().map(|c| c.delta_packets).sum::<u64>();
-            stats.flow_packets += flows.iter().map(|c| c.delta_packets).sum::<u64>();
-        }
         let mut batch: Vec<(u64, DatapathRecord)> = Vec::with_capacity(drops.len() + flows.len());
         for change in drops {
             let mut record = self.record(EventKind::Drop, &change.key.tuple, &change.counters);
-            self.add_drop_fields(&mut record, change.key.reason, change.key.location);
-            let record = record.with_change(change.new_key, change.delta_packets, change.delta_bytes);
-            batch.push((change.counters.first_seen_ns, record));
+            if self.add_drop_fields(&mut record, change.key.reason, change.key.location) {
+                let record = record.with_change(change.new_key, change.delta_packets, change.delta_bytes);
+                batch.push((change.counters.first_seen_ns, record));
+            }
+        }
+        {
+            let mut stats = self.stats.lock().expect("stats lock");
+            stats.dropped_packets += batch.iter().map(|(_, r)| r.delta_packets).sum::<u64>();
+            stats.flow_packets += flows.iter().map(|c| c.delta_packets).sum::<u64>();
         }
         for change in flows {
             let mut record = self.record(EventKind::Flow, &change.key.tuple, &change.counters);

@@ -1,5 +1,7 @@
 //! Drop reason names and classes, resolved from the running kernel: `enum skb_drop_reason`
-//! values differ between kernel versions, so no number is compiled in.
+//! values differ between kernel versions, so no number is compiled in. Kernels before 5.17 give
+//! no reason at all; there the reason is inferred from the function that freed the packet, where
+//! that function says it.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +18,39 @@ pub enum ReasonError {
         "unknown drop reason or class `{0}`: use a kernel reason name (e.g. NETFILTER_DROP), a class (policy, socket, routing, other, routine), `default` or `all`"
     )]
     UnknownSelector(String),
+    #[error(
+        "unknown drop reason `{0}`: this kernel gives no drop reasons (they came with Linux 5.17), and netiso infers only {inferable} from where a packet was dropped; select by class (policy, socket, routing, other, routine), `default` or `all`",
+        inferable = INFERRED.iter().map(|(_, reason)| *reason).collect::<Vec<_>>().join(", ")
+    )]
+    NotInferable(String),
+}
+
+/// Functions that free packets for one reason, by that reason: what a kernel that gives no
+/// reason (before 5.17) still tells. nftables and iptables verdicts free in their hook or table
+/// code; tc drops in its ingress and egress hooks; TCP and UDP receive free packets no socket
+/// wants (and, rarely, ones with a bad checksum).
+const INFERRED: &[(&[&str], &str)] = &[
+    (
+        &[
+            "nft_do_chain",
+            "nf_hook_slow",
+            "nf_hook_slow_list",
+            "ipt_do_table",
+            "ip6t_do_table",
+            "arpt_do_table",
+            "ebt_do_table",
+        ],
+        "NETFILTER_DROP",
+    ),
+    (&["sch_handle_ingress"], "TC_INGRESS"),
+    (&["sch_handle_egress"], "TC_EGRESS"),
+    (&["tcp_v4_rcv", "tcp_v6_rcv", "__udp4_lib_rcv", "__udp6_lib_rcv"], "NO_SOCKET"),
+];
+
+/// The reason a drop at `location` (`symbol+0xoffset`) implies, where its function implies one.
+pub fn infer(location: &str) -> Option<&'static str> {
+    let function = location.split_once('+').map_or(location, |(f, _)| f);
+    INFERRED.iter().find(|(functions, _)| functions.contains(&function)).map(|(_, reason)| *reason)
 }
 
 /// What kind of thing dropped the packet; decides whether NetworkPolicy can explain it.
@@ -150,29 +185,72 @@ impl DropReasons {
         self.names.iter().map(|(v, n)| (*v, n.as_str()))
     }
 
-    /// Reason values kept by a comma-separated selection of names, classes, `default` (all but
-    /// routine frees) and `all`.
-    pub fn select(&self, selection: &str) -> Result<Vec<u32>, ReasonError> {
-        let mut keep = std::collections::BTreeSet::new();
+    /// Whether the kernel gives drop reasons (Linux >= 5.17).
+    pub fn given(&self) -> bool {
+        !self.names.is_empty()
+    }
+
+    /// The reason values `selection` keeps, for the kernel's filter.
+    pub fn kept_values(&self, selection: &ReasonSelection) -> Vec<u32> {
+        self.iter().filter(|(_, name)| selection.keeps(Some(name))).map(|(value, _)| value).collect()
+    }
+}
+
+/// A `--drop-reasons` selection: comma-separated reason names, classes, `default` (all but routine
+/// frees) and `all`.
+#[derive(Clone, Debug)]
+pub struct ReasonSelection {
+    items: Vec<SelectionItem>,
+}
+
+#[derive(Clone, Debug)]
+enum SelectionItem {
+    All,
+    Default,
+    Class(ReasonClass),
+    Name(String),
+}
+
+impl ReasonSelection {
+    /// Names must be ones the kernel gives, or, on a kernel that gives none, ones netiso infers.
+    pub fn parse(selection: &str, reasons: &DropReasons) -> Result<Self, ReasonError> {
+        let mut items = Vec::new();
         for item in selection.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let matched: Vec<u32> = match item {
-                "all" => self.names.keys().copied().collect(),
-                "default" => self.iter().filter(|(_, n)| classify(n) != ReasonClass::Routine).map(|(v, _)| v).collect(),
+            items.push(match item {
+                "all" => SelectionItem::All,
+                "default" => SelectionItem::Default,
                 _ => match ReasonClass::parse(item) {
-                    Some(class) => self.iter().filter(|(_, n)| classify(n) == class).map(|(v, _)| v).collect(),
+                    Some(class) => SelectionItem::Class(class),
                     None => {
                         let name = item.strip_prefix(PREFIX).unwrap_or(item);
-                        let found: Vec<u32> = self.iter().filter(|(_, n)| *n == name).map(|(v, _)| v).collect();
-                        if found.is_empty() {
+                        let known = if reasons.given() {
+                            reasons.iter().any(|(_, n)| n == name)
+                        } else {
+                            INFERRED.iter().any(|(_, reason)| *reason == name)
+                        };
+                        if !known && reasons.given() {
                             return Err(ReasonError::UnknownSelector(item.to_owned()));
                         }
-                        found
+                        if !known {
+                            return Err(ReasonError::NotInferable(item.to_owned()));
+                        }
+                        SelectionItem::Name(name.to_owned())
                     }
                 },
-            };
-            keep.extend(matched);
+            });
         }
-        Ok(keep.into_iter().collect())
+        Ok(ReasonSelection { items })
+    }
+
+    /// Whether a drop with reason `name` (None: unknown, of class other) is kept.
+    pub fn keeps(&self, name: Option<&str>) -> bool {
+        let class = name.map_or(ReasonClass::Other, classify);
+        self.items.iter().any(|item| match item {
+            SelectionItem::All => true,
+            SelectionItem::Default => class != ReasonClass::Routine,
+            SelectionItem::Class(c) => *c == class,
+            SelectionItem::Name(n) => Some(n.as_str()) == name,
+        })
     }
 }
 
@@ -197,10 +275,34 @@ mod tests {
     #[test]
     fn default_selection_skips_routine_frees() {
         let r = sample();
-        assert_eq!(r.select("default").unwrap(), vec![3, 12, 54]);
-        assert_eq!(r.select("all").unwrap(), vec![2, 3, 12, 47, 54]);
-        assert_eq!(r.select("policy,TCP_CLOSE").unwrap(), vec![12, 47]);
-        assert!(matches!(r.select("NETFLITER_DROP"), Err(ReasonError::UnknownSelector(_))));
+        let kept = |selection: &str| r.kept_values(&ReasonSelection::parse(selection, &r).unwrap());
+        assert_eq!(kept("default"), vec![3, 12, 54]);
+        assert_eq!(kept("all"), vec![2, 3, 12, 47, 54]);
+        assert_eq!(kept("policy,TCP_CLOSE"), vec![12, 47]);
+        assert!(matches!(ReasonSelection::parse("NETFLITER_DROP", &r), Err(ReasonError::UnknownSelector(_))));
+    }
+
+    #[test]
+    fn without_kernel_reasons_the_location_says_what_it_can() {
+        assert_eq!(infer("nft_do_chain+0x3e8"), Some("NETFILTER_DROP"));
+        assert_eq!(infer("nf_hook_slow+0x9b"), Some("NETFILTER_DROP"));
+        assert_eq!(infer("ipt_do_table+0x2f1"), Some("NETFILTER_DROP"));
+        assert_eq!(infer("__udp4_lib_rcv+0x5c4"), Some("NO_SOCKET"));
+        assert_eq!(infer("sch_handle_ingress+0x10"), Some("TC_INGRESS"));
+        assert_eq!(infer("skb_release_data+0x1"), None);
+        assert_eq!(infer("0xffffffff81000000"), None);
+
+        let none = DropReasons { names: BTreeMap::new() };
+        assert!(!none.given());
+        let default = ReasonSelection::parse("default", &none).unwrap();
+        assert!(default.keeps(Some("NETFILTER_DROP")) && default.keeps(None), "unknown reasons are kept by default");
+        let policy = ReasonSelection::parse("policy", &none).unwrap();
+        assert!(policy.keeps(Some("NETFILTER_DROP")) && !policy.keeps(Some("NO_SOCKET")) && !policy.keeps(None));
+        let named = ReasonSelection::parse("NETFILTER_DROP", &none).unwrap();
+        assert!(named.keeps(Some("NETFILTER_DROP")) && !named.keeps(None));
+        let err = ReasonSelection::parse("IP_RPFILTER", &none).unwrap_err();
+        assert!(matches!(err, ReasonError::NotInferable(_)));
+        assert!(err.to_string().contains("5.17") && err.to_string().contains("NETFILTER_DROP"), "{err}");
     }
 
     #[test]

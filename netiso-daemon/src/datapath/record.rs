@@ -88,6 +88,9 @@ pub struct DatapathRecord {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason_class: Option<ReasonClass>,
+    /// Drops on kernels that give no reason (before 5.17): `reason` was inferred from `location`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reason_inferred: bool,
     /// Drops: `symbol+0xoffset` of the kernel code that freed the packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,

@@ -111,6 +111,9 @@ pub struct FlowRecord {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason_class: Option<ReasonClass>,
+    /// The kernel gave no reason (before 5.17): `reason` was inferred from `location`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reason_inferred: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -57,6 +57,7 @@ fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: O
         icmp_code: None,
         reason: (verdict == FlowVerdict::Dropped).then(|| "NETFILTER_DROP".into()),
         reason_class: None,
+        reason_inferred: false,
         location: None,
         interface: None,
         direction: None,

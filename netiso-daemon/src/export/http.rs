@@ -206,6 +206,7 @@ pub fn bundle(r: &FlowRecord) -> Value {
         "kernel": {
             "reason": r.reason,
             "reason_class": r.reason_class,
+            "reason_inferred": r.reason_inferred,
             "location": r.location,
             "interface": r.interface,
         },

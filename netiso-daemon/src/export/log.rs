@@ -61,6 +61,7 @@ impl BlockedFlowLog {
             destination_port = r.destination.port,
             protocol = %r.protocol,
             reason = r.reason.as_deref().unwrap_or(""),
+            reason_inferred = r.reason_inferred,
             location = r.location.as_deref().unwrap_or(""),
             attribution = ?r.policy.attribution,
             direction = r.policy.direction.as_deref().unwrap_or(""),
@@ -108,8 +109,9 @@ pub fn text_line(r: &DatapathRecord) -> String {
     let iface = r.interface.clone().unwrap_or_else(|| format!("if{}", r.ifindex));
     match r.event {
         EventKind::Drop => format!(
-            "{time} DROPPED {flow} reason={} at {} on {iface} ({} pkts)",
+            "{time} DROPPED {flow} reason={}{} at {} on {iface} ({} pkts)",
             r.reason.as_deref().unwrap_or("?"),
+            if r.reason_inferred { " (inferred)" } else { "" },
             r.location.as_deref().unwrap_or("?"),
             r.packets
         ),

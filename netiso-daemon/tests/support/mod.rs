@@ -111,6 +111,12 @@ pub fn tc_programs(netns: &str, interface: &str) -> Vec<String> {
     found
 }
 
+/// Whether the running kernel gives drop reasons (Linux >= 5.17); before, netiso infers them.
+pub fn kernel_gives_drop_reasons() -> bool {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("the kernel's BTF");
+    netiso::datapath::reasons::DropReasons::from_btf(&netiso::datapath::btf::Btf::parse(&btf).unwrap()).given()
+}
+
 /// Waits up to `timeout` for `condition`.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
