@@ -36,7 +36,8 @@ pub struct DropKey {
     /// The kernel's `enum skb_drop_reason` value (names are resolved from the running kernel), or
     /// [`REASON_NONE`] on kernels that pass no reason (before 5.17).
     pub reason: u32,
-    pub _pad: u32,
+    /// Inode number of the network namespace of the packet's device (0: no device).
+    pub netns: u32,
     /// Kernel address of the code that freed the packet (symbolised from /proc/kallsyms).
     pub location: u64,
 }
@@ -101,6 +102,9 @@ pub struct Event {
     /// Drops only.
     pub location: u64,
     pub timestamp_ns: u64,
+    /// Drops only: as [`DropKey::netns`].
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 /// Indexes of the loss counters (a per-CPU array). Every way a packet can go unrecorded has one.
@@ -125,6 +129,10 @@ pub struct KernelOffsets {
     pub net_device_ifindex: u32,
     /// `sk_buff.protocol`, the ethertype in network byte order.
     pub skb_protocol: u32,
+    /// `net_device.nd_net.net`, the device's `struct net *`.
+    pub net_device_net: u32,
+    /// `net.ns.inum`, the namespace's inode number.
+    pub net_inum: u32,
 }
 
 /// The drop reason of kernels that give none: outside the filter array, so never filtered.
@@ -163,7 +171,7 @@ mod tests {
         assert_eq!(size_of::<DropKey>(), 56);
         assert_eq!(size_of::<FlowKey>(), 48);
         assert_eq!(size_of::<Counters>(), 40);
-        assert_eq!(size_of::<Event>(), 72);
-        assert_eq!(size_of::<KernelOffsets>(), 32);
+        assert_eq!(size_of::<Event>(), 80);
+        assert_eq!(size_of::<KernelOffsets>(), 40);
     }
 }

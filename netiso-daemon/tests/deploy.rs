@@ -117,7 +117,11 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
                         .collect();
                     mounts.sort();
-                    assert_eq!(mounts, ["/sys/kernel/btf", "/var/lib/netiso"], "the host paths it needs, no more");
+                    assert_eq!(
+                        mounts,
+                        ["/run/netns", "/sys/kernel/btf", "/var/lib/netiso"],
+                        "the host paths it needs, no more"
+                    );
                     for c in pod.containers {
                         let image = c.image.unwrap();
                         let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{image} has no tag"));

@@ -31,6 +31,8 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     skb_iif: 0,
     net_device_ifindex: 0,
     skb_protocol: 0,
+    net_device_net: 0,
+    net_inum: 0,
 });
 
 /// Whether the kernel has `bpf_ktime_get_coarse_ns` (from 5.11); set by user space before
@@ -219,12 +221,15 @@ fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
     };
     let len: u32 = read_kernel(skb + off.skb_len as u64).unwrap_or(0);
     let dev: u64 = read_kernel(skb + off.skb_dev as u64).unwrap_or(0);
-    let ifindex: u32 = if dev != 0 {
-        read_kernel(dev + off.net_device_ifindex as u64).unwrap_or(0)
+    // The tracepoint fires for every namespace on the host: the device's namespace tells which.
+    let (ifindex, netns): (u32, u32) = if dev != 0 {
+        let net: u64 = read_kernel(dev + off.net_device_net as u64).unwrap_or(0);
+        let netns = if net != 0 { read_kernel(net + off.net_inum as u64).unwrap_or(0) } else { 0 };
+        (read_kernel(dev + off.net_device_ifindex as u64).unwrap_or(0), netns)
     } else {
-        read_kernel(skb + off.skb_iif as u64).unwrap_or(0)
+        (read_kernel(skb + off.skb_iif as u64).unwrap_or(0), 0)
     };
-    let key = DropKey { tuple, reason, _pad: 0, location };
+    let key = DropKey { tuple, reason, netns, location };
     // SAFETY: a helper without preconditions.
     let sample = Sample { now: unsafe { bpf_ktime_get_ns() }, len, ifindex, tcp_flags };
     record(&DROPS, &key, sample, LOSS_DROP_MAP_FULL, |flags| Event {
@@ -238,6 +243,8 @@ fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
         len,
         location,
         timestamp_ns: sample.now,
+        netns,
+        _pad: 0,
     });
     Some(())
 }
@@ -322,5 +329,7 @@ fn observe(ctx: &TcContext, direction: u8) {
         len,
         location: 0,
         timestamp_ns: sample.now,
+        netns: 0,
+        _pad: 0,
     });
 }

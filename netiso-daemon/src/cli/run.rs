@@ -321,6 +321,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         ringbuf_full = stats.ringbuf_full,
         drop_map_full = stats.drop_map_full,
         flow_map_full = stats.flow_map_full,
+        foreign_drops = stats.foreign_drops,
         "stopped; all programs detached"
     );
     Ok(ExitCode::SUCCESS)

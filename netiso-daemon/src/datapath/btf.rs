@@ -210,14 +210,17 @@ impl Btf {
         None
     }
 
-    /// Byte offset of `member` in struct or union `strukt`, looking through anonymous members.
+    /// Byte offset of `member` in struct or union `strukt` (or a typedef of one, such as
+    /// `possible_net_t`), looking through anonymous members.
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let missing = || BtfError::MissingType { kind: "struct", name: strukt.to_owned() };
         let id = self
             .by_name
             .get(&(KIND_STRUCT, strukt.to_owned()))
-            .ok_or_else(|| BtfError::MissingType { kind: "struct", name: strukt.to_owned() })?;
-        let Some(Type::Composite { members, .. }) = self.types.get(*id as usize) else {
-            return Err(BtfError::MissingType { kind: "struct", name: strukt.to_owned() });
+            .or_else(|| self.by_name.get(&(KIND_TYPEDEF, strukt.to_owned())))
+            .ok_or_else(missing)?;
+        let Some(Type::Composite { members, .. }) = self.resolve(*id) else {
+            return Err(missing());
         };
         match self.find_member(members, member, 0) {
             Some((_, true)) => Err(BtfError::Bitfield { strukt: strukt.into(), member: member.into() }),
@@ -340,6 +343,8 @@ mod tests {
         };
         let btf = Btf::parse(&data).unwrap();
         let head = btf.member_offset("sk_buff", "head").unwrap();
+        assert_eq!(btf.member_offset("possible_net_t", "net").unwrap(), 0);
+        assert!(btf.member_offset("ns_common", "inum").unwrap() > 0);
         let network = btf.member_offset("sk_buff", "network_header").unwrap();
         assert!(head > 0 && network > 0 && head != network);
         let reasons = btf.enum_values("skb_drop_reason").unwrap();

@@ -13,6 +13,9 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub is_veth: bool,
+    /// For a pair device (veth, netkit) whose peer is in another namespace: that namespace's
+    /// nsid as this namespace knows it.
+    pub peer_netns_id: Option<i32>,
 }
 
 #[derive(Debug)]
@@ -24,16 +27,18 @@ pub enum LinkChange {
 fn link_of(msg: &LinkMessage) -> Option<Link> {
     let mut name = None;
     let mut is_veth = false;
+    let mut peer_netns_id = None;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkNetNsId(id) => peer_netns_id = Some(*id),
             LinkAttribute::LinkInfo(infos) => {
                 is_veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
             }
             _ => {}
         }
     }
-    Some(Link { index: msg.header.index, name: name?, is_veth })
+    Some(Link { index: msg.header.index, name: name?, is_veth, peer_netns_id })
 }
 
 /// Current links of this network namespace.

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod interfaces;
 pub mod kallsyms;
+pub mod netns;
 pub mod privileges;
 pub mod reasons;
 pub mod record;
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use self::btf::{Btf, BtfError};
 use self::interfaces::{Link, LinkChange};
 use self::kallsyms::Kallsyms;
+use self::netns::PodNamespaces;
 use self::reasons::{DropReasons, ReasonClass, ReasonError, ReasonSelection, classify, infer};
 pub use self::record::{DatapathRecord, Direction, EventKind};
 use self::record::{protocol_name, tcp_flag_names, tuple_addrs};
@@ -70,6 +72,8 @@ pub enum DatapathError {
     Pattern { pattern: String, source: glob::PatternError },
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
+    #[error("cannot read this process's network namespace (/proc/self/ns/net): {0}")]
+    Netns(std::io::Error),
     #[error("ring buffer: {0}")]
     RingBuffer(std::io::Error),
 }
@@ -114,6 +118,8 @@ pub struct DatapathStats {
     /// Packets counted in the drop and flow maps (and overflow records), over the daemon's life.
     pub dropped_packets: u64,
     pub flow_packets: u64,
+    /// Dropped packets in network namespaces that are neither this node's nor its pods'.
+    pub foreign_drops: u64,
 }
 
 impl DatapathStats {
@@ -133,6 +139,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         skb_iif: btf.member_offset("sk_buff", "skb_iif")?,
         net_device_ifindex: btf.member_offset("net_device", "ifindex")?,
         skb_protocol: btf.member_offset("sk_buff", "protocol")?,
+        net_device_net: btf.member_offset("net_device", "nd_net")? + btf.member_offset("possible_net_t", "net")?,
+        net_inum: btf.member_offset("net", "ns")? + btf.member_offset("ns_common", "inum")?,
     })
 }
 
@@ -150,6 +158,7 @@ fn drop_program(args: usize) -> &'static str {
 
 struct Attached {
     name: String,
+    peer_netns_id: Option<i32>,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
@@ -162,6 +171,9 @@ pub struct Datapath {
     reasons: DropReasons,
     /// Applied in user space where the kernel gives no reasons to filter by.
     selection: ReasonSelection,
+    /// This process's network namespace (inode number).
+    own_netns: u32,
+    pod_namespaces: PodNamespaces,
     symbols: Kallsyms,
     patterns: Vec<glob::Pattern>,
     attached: HashMap<u32, Attached>,
@@ -256,6 +268,8 @@ impl Datapath {
             ebpf,
             reasons,
             selection,
+            own_netns: netns::own_inode().map_err(DatapathError::Netns)?,
+            pod_namespaces: PodNamespaces::default(),
             symbols,
             patterns,
             attached: HashMap::new(),
@@ -319,7 +333,9 @@ impl Datapath {
             links.push((name, id));
         }
         tracing::info!(interface = %link.name, ifindex = link.index, "observing interface");
-        self.attached.insert(link.index, Attached { name: link.name.clone(), links });
+        self.attached
+            .insert(link.index, Attached { name: link.name.clone(), peer_netns_id: link.peer_netns_id, links });
+        self.pod_namespaces.stale = true;
         self.stats.lock().expect("stats lock").interfaces_attached = self.attached.len() as u64;
         Ok(())
     }
@@ -462,7 +478,14 @@ impl Datapath {
         self.attached.get(&ifindex).map(|a| a.name.clone())
     }
 
-    /// The record of a packet the map had no room for; None for a drop the reason selection skips.
+    /// Whether a drop in namespace `netns` happened on this node: in its own namespace (0: the
+    /// packet had no device) or a pod's.
+    fn watches(&self, netns: u32) -> bool {
+        netns == 0 || netns == self.own_netns || self.pod_namespaces.name(netns).is_some()
+    }
+
+    /// The record of a packet the map had no room for; None for a drop the reason selection
+    /// skips or that happened elsewhere.
     fn overflow_record(&self, event: &Event) -> Option<DatapathRecord> {
         let kind = if event.kind == EVENT_DROP { EventKind::Drop } else { EventKind::Flow };
         let counters = Counters {
@@ -474,9 +497,13 @@ impl Datapath {
             tcp_flags: event.tcp_flags,
             _pad: [0; 3],
         };
+        if kind == EventKind::Drop && !self.watches(event.netns) {
+            self.stats.lock().expect("stats lock").foreign_drops += 1;
+            return None;
+        }
         let mut record = self.record(kind, &event.tuple, &counters).with_change(true, 1, event.len as u64);
         if kind == EventKind::Drop {
-            if !self.add_drop_fields(&mut record, event.reason, event.location) {
+            if !self.add_drop_fields(&mut record, event.reason, event.location, event.netns) {
                 return None;
             }
         } else {
@@ -504,6 +531,7 @@ impl Datapath {
             reason_class: None,
             reason_inferred: false,
             location: None,
+            netns: None,
             direction: None,
             ifindex: c.ifindex,
             interface: self.interface_name(c.ifindex),
@@ -518,8 +546,13 @@ impl Datapath {
     }
 
     /// Names a drop's reason, the kernel's or, where it gives none, one inferred from the
-    /// location; returns whether the reason selection keeps the drop.
-    fn add_drop_fields(&self, record: &mut DatapathRecord, reason: u32, location: u64) -> bool {
+    /// location, and its interface in the namespace it happened in; returns whether the reason
+    /// selection keeps the drop.
+    fn add_drop_fields(&self, record: &mut DatapathRecord, reason: u32, location: u64, netns: u32) -> bool {
+        if let Some(name) = self.pod_namespaces.name(netns) {
+            record.interface = self.pod_namespaces.interface_name(netns, record.ifindex);
+            record.netns = Some(name.to_owned());
+        }
         let location = self.symbols.symbolize(location);
         let (name, kept) = if reason == REASON_NONE {
             let inferred = infer(&location).map(str::to_owned);
@@ -536,15 +569,24 @@ impl Datapath {
         kept
     }
 
-    async fn drain(&self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
+    async fn drain(&mut self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
         let now = monotonic_ns();
         let idle = self.config.idle_timeout.as_nanos() as u64;
         let drops = drains.drops.drain(now, idle);
         let flows = drains.flows.drain(now, idle);
+        if self.pod_namespaces.due() && drops.iter().any(|c| !self.watches(c.key.netns)) {
+            let peer_ids = self.attached.values().filter_map(|a| a.peer_netns_id).collect();
+            self.pod_namespaces.refresh(&peer_ids).await;
+        }
         let mut batch: Vec<(u64, DatapathRecord)> = Vec::with_capacity(drops.len() + flows.len());
+        let mut foreign = 0;
         for change in drops {
+            if !self.watches(change.key.netns) {
+                foreign += change.delta_packets;
+                continue;
+            }
             let mut record = self.record(EventKind::Drop, &change.key.tuple, &change.counters);
-            if self.add_drop_fields(&mut record, change.key.reason, change.key.location) {
+            if self.add_drop_fields(&mut record, change.key.reason, change.key.location, change.key.netns) {
                 let record = record.with_change(change.new_key, change.delta_packets, change.delta_bytes);
                 batch.push((change.counters.first_seen_ns, record));
             }
@@ -553,6 +595,7 @@ impl Datapath {
             let mut stats = self.stats.lock().expect("stats lock");
             stats.dropped_packets += batch.iter().map(|(_, r)| r.delta_packets).sum::<u64>();
             stats.flow_packets += flows.iter().map(|c| c.delta_packets).sum::<u64>();
+            stats.foreign_drops += foreign;
         }
         for change in flows {
             let mut record = self.record(EventKind::Flow, &change.key.tuple, &change.counters);

@@ -94,6 +94,10 @@ pub struct DatapathRecord {
     /// Drops: `symbol+0xoffset` of the kernel code that freed the packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    /// Drops in a pod's network namespace rather than the node's: its name under /run/netns (the
+    /// interface is named as it is there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     /// Flows: which way the packet crossed the pod's interface.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direction: Option<Direction>,

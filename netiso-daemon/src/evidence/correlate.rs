@@ -407,6 +407,7 @@ mod tests {
             reason_class: None,
             reason_inferred: false,
             location: None,
+            netns: None,
             direction: None,
             ifindex: 3,
             interface: Some("veth30".into()),

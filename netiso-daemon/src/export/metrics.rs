@@ -66,6 +66,7 @@ struct BuildLabels {
 struct Seen {
     lost: [u64; 3],
     ring_events: u64,
+    foreign_drops: u64,
     evictions: u64,
 }
 
@@ -80,6 +81,7 @@ pub struct Metrics {
     interfaces: Gauge,
     lost_events: Family<SourceLabels, Counter>,
     ring_events: Counter,
+    foreign_drops: Counter,
     records_processed: Counter,
     evaluation: Histogram,
     inventory_objects: Family<KindLabels, Gauge>,
@@ -110,6 +112,7 @@ impl Metrics {
             interfaces: Gauge::default(),
             lost_events: Family::default(),
             ring_events: Counter::default(),
+            foreign_drops: Counter::default(),
             records_processed: Counter::default(),
             evaluation: Histogram::new([0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1]),
             inventory_objects: Family::default(),
@@ -149,6 +152,11 @@ impl Metrics {
             "datapath_ring_events",
             "Ring-buffer records read (new keys and overflows)",
             m.ring_events.clone(),
+        );
+        registry.register(
+            "datapath_foreign_drops",
+            "Dropped packets seen in network namespaces that are neither this node's nor its pods' (not recorded)",
+            m.foreign_drops.clone(),
         );
         registry.register("records_processed", "Datapath records correlated", m.records_processed.clone());
         registry.register(
@@ -236,6 +244,8 @@ impl Metrics {
         seen.lost = lost;
         self.ring_events.inc_by(datapath.ring_events.saturating_sub(seen.ring_events));
         seen.ring_events = datapath.ring_events;
+        self.foreign_drops.inc_by(datapath.foreign_drops.saturating_sub(seen.foreign_drops));
+        seen.foreign_drops = datapath.foreign_drops;
         self.store_evictions.inc_by(store.evictions.saturating_sub(seen.evictions));
         seen.evictions = store.evictions;
         for (kind, count) in &inventory.objects {
