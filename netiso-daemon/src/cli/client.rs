@@ -207,6 +207,29 @@ fn http_client(credentials: &Credentials) -> HttpsClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// Percent-encodes a query value or path segment.
+pub fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A GET through the API server's pod proxy.
+fn proxy_request(
+    namespace: &str,
+    name: &str,
+    port: u16,
+    path_and_query: &str,
+) -> anyhow::Result<http::Request<Vec<u8>>> {
+    http::Request::get(format!("/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy{path_and_query}"))
+        .body(Vec::new())
+        .with_context(|| format!("`{path_and_query}` cannot be sent to {namespace}/{name}"))
+}
+
 /// A GET request; the token goes only over HTTPS.
 fn request(base: &str, path_and_query: &str, credentials: &Credentials) -> anyhow::Result<http::Request<Empty<Bytes>>> {
     let mut builder = http::Request::get(format!("{base}{path_and_query}"));
@@ -232,10 +255,7 @@ pub async fn get(endpoint: &Endpoint, path_and_query: &str) -> anyhow::Result<(u
             Ok((status, body))
         }
         Endpoint::Pod { client, namespace, name, port } => {
-            let request =
-                http::Request::get(format!("/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy{path_and_query}"))
-                    .body(Vec::new())
-                    .expect("valid request");
+            let request = proxy_request(namespace, name, *port, path_and_query)?;
             match client.request_text(request).await {
                 Ok(text) => Ok((200, Bytes::from(text))),
                 Err(kube::Error::Api(status)) => Ok((status.code, Bytes::from(status.message))),
@@ -270,10 +290,7 @@ pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: i
         }
         Endpoint::Pod { client, namespace, name, port } => {
             use futures::AsyncBufReadExt;
-            let request =
-                http::Request::get(format!("/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy{path_and_query}"))
-                    .body(Vec::new())
-                    .expect("valid request");
+            let request = proxy_request(namespace, name, *port, path_and_query)?;
             let reader =
                 client.request_stream(request).await.with_context(|| format!("following {namespace}/{name}"))?;
             let mut lines = reader.lines();
@@ -282,5 +299,20 @@ pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: i
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_text_reaches_the_url_encoded_and_a_bad_path_is_an_error() {
+        assert_eq!(encode("2026-12-05T00:00:00+01:00"), "2026-12-05T00%3A00%3A00%2B01%3A00");
+        assert_eq!(encode("1h 30m"), "1h%2030m");
+        assert!(proxy_request("netiso", "netiso-abc", 9963, "/v1/flows/a b/evidence").is_err());
+        let fine =
+            proxy_request("netiso", "netiso-abc", 9963, &format!("/v1/flows/{}/evidence", encode("a b"))).unwrap();
+        assert_eq!(fine.uri().path(), "/api/v1/namespaces/netiso/pods/netiso-abc:9963/proxy/v1/flows/a%20b/evidence");
     }
 }

@@ -79,7 +79,7 @@ fn recorded_flow(v: &Value) -> Option<RecordedFlow> {
     Some(RecordedFlow {
         source: end(&v["source"])?,
         destination: end(&v["destination"])?,
-        port: v["destination"]["port"].as_u64()? as u16,
+        port: u16::try_from(v["destination"]["port"].as_u64()?).ok()?,
         protocol,
         recorded: v["verdict"].as_str()?.to_owned(),
     })
@@ -89,7 +89,7 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
     let endpoints: Vec<Endpoint> = window.target.endpoints().await?;
     let mut inventory = None;
     let mut flows = Vec::new();
-    let since = window.since.replace(' ', "");
+    let since = client::encode(&window.since);
     for endpoint in &endpoints {
         if inventory.is_none() {
             match client::get(endpoint, "/v1/inventory").await {
@@ -217,4 +217,24 @@ pub fn advise(args: AdviseArgs) -> anyhow::Result<ExitCode> {
         "netiso: checked: 0 of {forwarded} recorded forwarded flows would be denied under default deny plus this advice"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::recorded_flow;
+
+    #[test]
+    fn a_port_out_of_range_is_not_wrapped_into_another_port() {
+        let mut record = json!({
+            "verdict": "forwarded",
+            "protocol": "TCP",
+            "source": {"ip": "10.244.0.40", "namespace": "ingress-nginx", "pod": "controller"},
+            "destination": {"ip": "10.244.0.30", "namespace": "production", "pod": "api", "port": 8080},
+        });
+        assert_eq!(recorded_flow(&record).map(|f| f.port), Some(8080));
+        record["destination"]["port"] = json!(65536 + 8080);
+        assert!(recorded_flow(&record).is_none());
+    }
 }

@@ -612,14 +612,15 @@ impl Datapath {
     }
 
     fn read_losses(&self, losses: &PerCpuArray<MapData, u64>, reported: &mut [u64; LOSS_COUNTERS as usize]) {
-        let mut totals = [0u64; LOSS_COUNTERS as usize];
+        // A counter that cannot be read this time keeps its last total.
+        let mut totals = *reported;
         for (index, total) in totals.iter_mut().enumerate() {
             if let Ok(values) = losses.get(&(index as u32), 0) {
-                *total = values.iter().sum();
+                *total = values.iter().fold(0u64, |sum, v| sum.saturating_add(*v));
             }
         }
         if totals != *reported {
-            let delta: Vec<u64> = totals.iter().zip(reported.iter()).map(|(t, r)| t - r).collect();
+            let delta = loss_deltas(&totals, reported);
             tracing::warn!(
                 ringbuf_full = delta[netiso_common::LOSS_RINGBUF_FULL as usize],
                 drop_map_full = delta[netiso_common::LOSS_DROP_MAP_FULL as usize],
@@ -635,6 +636,14 @@ impl Datapath {
         stats.flow_map_full = totals[netiso_common::LOSS_FLOW_MAP_FULL as usize];
         stats.unparsed = totals[netiso_common::LOSS_UNPARSED as usize];
     }
+}
+
+/// What each loss counter added since `reported`; never negative, whatever the counters did.
+fn loss_deltas(
+    totals: &[u64; LOSS_COUNTERS as usize],
+    reported: &[u64; LOSS_COUNTERS as usize],
+) -> [u64; LOSS_COUNTERS as usize] {
+    std::array::from_fn(|i| totals[i].saturating_sub(reported[i]))
 }
 
 fn read_event(item: &[u8]) -> Option<Event> {
@@ -768,6 +777,13 @@ mod tests {
         assert_eq!(total.last_seen_ns, 95);
         assert_eq!(total.ifindex, 4);
         assert_eq!(total.tcp_flags, 0x12);
+    }
+
+    #[test]
+    fn loss_deltas_never_go_negative() {
+        assert_eq!(loss_deltas(&[5, 3, 0, 9], &[2, 3, 0, 4]), [3, 0, 0, 5]);
+        // A counter that went back (a map read anew) reports no loss rather than wrapping.
+        assert_eq!(loss_deltas(&[1, 0, 0, 0], &[7, 0, 0, 0]), [0, 0, 0, 0]);
     }
 
     #[test]

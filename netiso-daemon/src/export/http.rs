@@ -58,9 +58,9 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
     if let Ok(t) = humantime::parse_rfc3339_weak(text) {
         return Ok(t);
     }
-    humantime::parse_duration(text)
-        .map(|d| SystemTime::now() - d)
-        .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration like 5m"))
+    let ago = humantime::parse_duration(text)
+        .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration like 5m"))?;
+    SystemTime::now().checked_sub(ago).ok_or_else(|| format!("`{text}` ago is before 1970"))
 }
 
 /// The query a request's parameters describe, or the response naming the bad parameter.
@@ -367,6 +367,8 @@ mod tests {
             (vec![("limit", "0")], "limit"),
             (vec![("limit", "20000")], "limit"),
             (vec![("since", "yesterday-ish")], "since"),
+            (vec![("since", "300000000000y")], "since"),
+            (vec![("until", "300000000000y")], "until"),
             (vec![("colour", "red")], "colour"),
         ] {
             let err = parse_query(&params(&pairs)).unwrap_err();
