@@ -179,9 +179,11 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store. A store that cannot be read is moved aside to
+    /// Opens (or creates) the store. A store whose contents cannot be read is moved aside to
     /// `<path>.corrupt-<unix time>` with an error log, and a fresh one is created: the daemon
-    /// keeps observing, and the old file is kept for inspection.
+    /// keeps observing, and the old file is kept for inspection. A file that cannot be opened at
+    /// all (permissions, a read-only or full filesystem) is an error naming the path: it may be
+    /// intact.
     pub fn open(path: &Path, retention: Retention) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
@@ -195,22 +197,23 @@ impl Store {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::Open { path: path.into(), message: "already open by another netiso".into() });
             }
+            // redb reports a file that is not a store as InvalidData: that one is unreadable.
             Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
-                if e.kind() == std::io::ErrorKind::PermissionDenied =>
+                if !matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
             {
                 return Err(StoreError::Open {
                     path: path.into(),
-                    message: format!("{e}; check the directory's permissions"),
+                    message: format!("{e}; the directory must be writable by netiso and have free space"),
                 });
             }
             Err(e) => {
                 let aside =
                     PathBuf::from(format!("{}.corrupt-{}", path.display(), nanos(SystemTime::now()) / 1_000_000_000));
-                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e, "evidence store unreadable; moved aside, starting a fresh one");
                 std::fs::rename(path, &aside).map_err(|re| StoreError::Open {
                     path: path.into(),
                     message: format!("{e}; moving it aside failed: {re}"),
                 })?;
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e, "evidence store unreadable; moved aside, starting a fresh one");
                 open(path).map_err(|e| StoreError::Open { path: path.into(), message: e.to_string() })?
             }
         };

@@ -217,6 +217,52 @@ fn an_unreadable_store_is_moved_aside_and_a_fresh_one_works() {
     assert_eq!(aside.len(), 1, "the corrupt file is kept for inspection");
 }
 
+/// A tmpfs of its own, unmounted (with everything in it) when dropped.
+struct Tmpfs(TempDir);
+
+impl Tmpfs {
+    fn mount(tag: &str, size: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs (the test runs as root)");
+        Tmpfs(dir)
+    }
+
+    fn remount(&self, options: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0.0).status();
+    }
+}
+
+#[test]
+fn a_store_on_a_read_only_filesystem_is_an_error_and_is_not_moved() {
+    let fs = Tmpfs::mount("readonly", "4m");
+    let path = fs.0.0.join("evidence.redb");
+    drop(Store::open(&path, Retention::default()).unwrap());
+    let before = std::fs::read(&path).unwrap();
+    fs.remount("ro");
+    let Err(err) = Store::open(&path, Retention::default()) else { panic!("opened a store on a read-only filesystem") };
+    let message = err.to_string();
+    assert!(message.contains(&path.display().to_string()) && message.contains("writable"), "{message}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the store is left as it was");
+    let names: Vec<_> = std::fs::read_dir(&fs.0.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("evidence.redb")], "nothing moved aside");
+}
+
 #[tokio::test]
 async fn the_writer_batches_and_announces_inserts() {
     let dir = TempDir::new("writer");
