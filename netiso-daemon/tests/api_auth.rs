@@ -10,19 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace};
-use support::{Daemon, node_and_pod, tag};
-
-/// curl inside the node namespace: (HTTP status, body).
-fn curl(node: &str, args: &[&str]) -> (u16, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", node, "curl", "-s", "-k", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl (scripts/setup installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
+use support::{Daemon, curl, node_and_pod, tag};
 
 fn api(node: &str, token: Option<&str>) -> (u16, String) {
     let header = token.map(|t| format!("Authorization: Bearer {t}"));

@@ -2,9 +2,10 @@
 //! Records are keyed by id (nanoseconds of their first packet, so by time) and indexed by
 //! namespace, pod, verdict and policy; retention by age and by size; writes are batched.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -31,20 +32,37 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("evidence store: {0}")]
     Db(String),
+    /// The file could not be read or written (a full disk, ...): the database must be reopened
+    /// before it takes writes again.
+    #[error("evidence store: {0}")]
+    Io(String),
     #[error("evidence store: a record could not be encoded or decoded: {0}")]
     Codec(#[from] serde_json::Error),
 }
 
+impl From<redb::StorageError> for StoreError {
+    fn from(e: redb::StorageError) -> Self {
+        match e {
+            redb::StorageError::Io(_) | redb::StorageError::PreviousIo => StoreError::Io(e.to_string()),
+            e => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+/// redb's errors wrap a storage error where the file failed; that is what tells I/O apart.
 macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Db(e.to_string())
+    ($($t:ident),*) => {$(
+        impl From<redb::$t> for StoreError {
+            fn from(e: redb::$t) -> Self {
+                match e {
+                    redb::$t::Storage(s) => s.into(),
+                    e => StoreError::Db(e.to_string()),
+                }
             }
         }
     )*};
 }
-db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::DatabaseError);
+db_err!(TransactionError, TableError, CommitError, DatabaseError);
 
 #[derive(Clone, Debug)]
 pub struct Retention {
@@ -64,7 +82,30 @@ pub struct StoreStats {
     pub records: u64,
     pub bytes: u64,
     pub evictions: u64,
+    /// Write batches that failed (and were kept to retry), over the daemon's life.
+    pub failed_writes: u64,
+    /// Operations given up because failing writes held more than [`MAX_PENDING`].
+    pub lost_operations: u64,
 }
+
+/// Whether writes succeed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteHealth {
+    pub failed_writes: u64,
+    pub lost_operations: u64,
+    /// While writes fail: since when, and the error that started it (later ones are logged).
+    pub failing: Option<(SystemTime, String)>,
+}
+
+/// Operations the writer holds while writes fail, to write once they succeed again; beyond it the
+/// oldest are given up (and counted).
+pub const MAX_PENDING: usize = 100_000;
+
+/// While writes fail, how often the writer tries again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// While writes fail, at most one log line per this interval.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What to look for. Every filter is optional; results come newest first.
 #[derive(Clone, Debug, Default)]
@@ -173,9 +214,16 @@ impl<'t> Indexes<'t> {
 }
 
 pub struct Store {
-    db: Database,
+    /// None only while the database is being reopened.
+    db: RwLock<Option<Database>>,
     path: PathBuf,
     retention: Retention,
+    health: Mutex<WriteHealth>,
+    last_failure_log: Mutex<Option<Instant>>,
+}
+
+fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(32 << 20).create(path)
 }
 
 impl Store {
@@ -191,8 +239,7 @@ impl Store {
                 message: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
-        let open = |p: &Path| Database::builder().set_cache_size(32 << 20).create(p);
-        let db = match open(path) {
+        let db = match open_database(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::Open { path: path.into(), message: "already open by another netiso".into() });
@@ -214,19 +261,79 @@ impl Store {
                     message: format!("{e}; moving it aside failed: {re}"),
                 })?;
                 tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e, "evidence store unreadable; moved aside, starting a fresh one");
-                open(path).map_err(|e| StoreError::Open { path: path.into(), message: e.to_string() })?
+                open_database(path).map_err(|e| StoreError::Open { path: path.into(), message: e.to_string() })?
             }
         };
-        let store = Store { db, path: path.into(), retention };
         // Create the tables so readers never find them missing.
-        let txn = store.db.begin_write()?;
+        let txn = db.begin_write()?;
         {
             txn.open_table(RECORDS)?;
             txn.open_table(META)?;
             Indexes::open(&txn)?;
         }
         txn.commit()?;
-        Ok(store)
+        Ok(Store {
+            db: RwLock::new(Some(db)),
+            path: path.into(),
+            retention,
+            health: Mutex::default(),
+            last_failure_log: Mutex::default(),
+        })
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let guard = self.db.read().expect("store lock");
+        let db =
+            guard.as_ref().ok_or_else(|| StoreError::Io("the store is being reopened after a write error".into()))?;
+        f(db)
+    }
+
+    /// Closes and opens the database again: after an I/O error (a full disk) redb refuses every
+    /// write until then.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut guard = self.db.write().expect("store lock");
+        // The file must be closed before it can be opened again.
+        *guard = None;
+        *guard = Some(open_database(&self.path)?);
+        Ok(())
+    }
+
+    pub fn health(&self) -> WriteHealth {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    /// Counts a failed write and logs it, at most once per [`FAILURE_LOG_EVERY`] while failing.
+    fn note_failure(&self, error: &StoreError, pending: usize) {
+        let mut health = self.health.lock().expect("health lock");
+        health.failed_writes += 1;
+        let first = health.failing.is_none();
+        if first {
+            health.failing = Some((SystemTime::now(), error.to_string()));
+        }
+        let mut last_log = self.last_failure_log.lock().expect("log lock");
+        if first || last_log.is_none_or(|at| at.elapsed() >= FAILURE_LOG_EVERY) {
+            *last_log = Some(Instant::now());
+            tracing::error!(
+                path = %self.path.display(),
+                error = %error,
+                failed_writes = health.failed_writes,
+                pending_operations = pending,
+                "evidence store writes fail; holding the records to write them when they succeed again"
+            );
+        }
+    }
+
+    fn note_success(&self) {
+        let mut health = self.health.lock().expect("health lock");
+        if let Some((since, _)) = health.failing.take() {
+            let failing_for = SystemTime::now().duration_since(since).unwrap_or_default();
+            tracing::info!(path = %self.path.display(), failing_for = ?failing_for, failed_writes = health.failed_writes, "evidence store writes succeed again");
+        }
+    }
+
+    fn note_lost(&self, operations: usize) {
+        self.health.lock().expect("health lock").lost_operations += operations as u64;
+        tracing::error!(path = %self.path.display(), lost = operations, "evidence store writes keep failing; oldest held records given up");
     }
 
     pub fn path(&self) -> &Path {
@@ -235,22 +342,41 @@ impl Store {
 
     /// The highest record id stored (0 for an empty store), to continue ids after a restart.
     pub fn last_id(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(RECORDS)?;
-        Ok(table.last()?.map(|(k, _)| k.value()).unwrap_or(0))
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECORDS)?;
+            Ok(table.last()?.map(|(k, _)| k.value()).unwrap_or(0))
+        })
     }
 
-    pub fn stats(&self) -> Result<StoreStats, StoreError> {
-        let txn = self.db.begin_read()?;
-        let records = txn.open_table(RECORDS)?.len()?;
-        let meta = txn.open_table(META)?;
-        let get = |k: &str| -> Result<u64, StoreError> { Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0)) };
-        Ok(StoreStats { records, bytes: get(META_BYTES)?, evictions: get(META_EVICTIONS)? })
+    /// Counts from the database, and the write health; the latter also when the database cannot
+    /// be read.
+    pub fn stats(&self) -> StoreStats {
+        let health = self.health();
+        let stored = self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let records = txn.open_table(RECORDS)?.len()?;
+            let meta = txn.open_table(META)?;
+            let get = |k: &str| -> Result<u64, StoreError> { Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0)) };
+            Ok((records, get(META_BYTES)?, get(META_EVICTIONS)?))
+        });
+        let (records, bytes, evictions) = stored.unwrap_or_default();
+        StoreStats {
+            records,
+            bytes,
+            evictions,
+            failed_writes: health.failed_writes,
+            lost_operations: health.lost_operations,
+        }
     }
 
     /// Applies a batch of operations in one transaction.
     pub fn write(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        self.with_db(|db| Self::write_to(db, ops))
+    }
+
+    fn write_to(db: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let txn = db.begin_write()?;
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
@@ -287,8 +413,12 @@ impl Store {
     /// Removes records older than the retention age, then the oldest until the payload fits the
     /// size limit. Returns how many were removed.
     pub fn enforce_retention(&self, now: SystemTime) -> Result<u64, StoreError> {
+        self.with_db(|db| self.enforce_retention_in(db, now))
+    }
+
+    fn enforce_retention_in(&self, db: &Database, now: SystemTime) -> Result<u64, StoreError> {
         let cutoff = nanos(now.checked_sub(self.retention.max_age).unwrap_or(UNIX_EPOCH));
-        let txn = self.db.begin_write()?;
+        let txn = db.begin_write()?;
         let removed;
         {
             let mut records = txn.open_table(RECORDS)?;
@@ -318,18 +448,24 @@ impl Store {
     }
 
     pub fn get(&self, id: u64) -> Result<Option<FlowRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(RECORDS)?;
-        Ok(match table.get(id)? {
-            Some(v) => Some(serde_json::from_slice(v.value())?),
-            None => None,
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECORDS)?;
+            Ok(match table.get(id)? {
+                Some(v) => Some(serde_json::from_slice(v.value())?),
+                None => None,
+            })
         })
     }
 
     /// Records matching `q`, newest first, at most `q.limit`. Reads through the most selective
     /// index the query allows, and at most [`MAX_SCANNED`] records.
     pub fn query(&self, q: &Query) -> Result<Vec<FlowRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        self.with_db(|db| Self::query_in(db, q))
+    }
+
+    fn query_in(db: &Database, q: &Query) -> Result<Vec<FlowRecord>, StoreError> {
+        let txn = db.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let index: Option<(MultimapTableDefinition<&str, u64>, String)> =
             if let Some(p) = q.from_pod.as_ref().or(q.to_pod.as_ref()) {
@@ -399,6 +535,8 @@ impl StoreWriter {
 
 /// Runs the writer: batches operations (up to `batch` or every `flush`), enforces retention
 /// every `retention_every`, and returns when every sender is gone, after writing what it holds.
+/// A batch that fails is kept and written again (after reopening the database when the file
+/// failed) every [`RETRY_EVERY`], so a full disk loses nothing once space returns.
 pub fn spawn_writer(
     store: Arc<Store>,
     flush: Duration,
@@ -410,36 +548,61 @@ pub fn spawn_writer(
     let announce = inserted.clone();
     let task = tokio::spawn(async move {
         let mut last_retention = std::time::Instant::now();
-        let mut batch = Vec::with_capacity(BATCH);
+        // Operations not written yet, oldest first: the batch being built and any that failed.
+        let mut pending: VecDeque<StoreOp> = VecDeque::new();
+        let mut failing = false;
         loop {
-            let first = tokio::time::timeout(flush, rx.recv()).await;
+            let wait = if failing { RETRY_EVERY } else { flush };
+            let first = tokio::time::timeout(wait, rx.recv()).await;
             let closed = matches!(first, Ok(None));
             if let Ok(Some(op)) = first {
-                batch.push(op);
-                while batch.len() < BATCH {
+                pending.push_back(op);
+                for _ in 1..BATCH {
                     match rx.try_recv() {
-                        Ok(op) => batch.push(op),
+                        Ok(op) => pending.push_back(op),
                         Err(_) => break,
                     }
                 }
             }
-            if !batch.is_empty() {
-                let store = store.clone();
-                let ops = std::mem::take(&mut batch);
-                let written = tokio::task::spawn_blocking(move || store.write(&ops).map(|_| ops)).await;
+            if pending.len() > MAX_PENDING {
+                let excess = pending.len() - MAX_PENDING;
+                pending.drain(..excess);
+                store.note_lost(excess);
+            }
+            if !pending.is_empty() {
+                let writing = store.clone();
+                let ops: Vec<StoreOp> = pending.drain(..).collect();
+                let written = tokio::task::spawn_blocking(move || {
+                    let result = writing.write(&ops);
+                    if let Err(StoreError::Io(_)) = &result
+                        && let Err(e) = writing.reopen()
+                    {
+                        tracing::debug!(error = %e, "evidence store not reopened yet");
+                    }
+                    (result, ops)
+                })
+                .await;
                 match written {
-                    Ok(Ok(ops)) => {
+                    Ok((Ok(()), ops)) => {
+                        if failing {
+                            store.note_success();
+                            failing = false;
+                        }
                         for op in ops {
                             if let StoreOp::Insert(r) = op {
                                 let _ = announce.send(Arc::from(r));
                             }
                         }
                     }
-                    Ok(Err(e)) => tracing::error!(error = %e, "evidence store write failed; batch dropped"),
-                    Err(e) => tracing::error!(error = %e, "evidence store writer panicked"),
+                    Ok((Err(e), ops)) => {
+                        store.note_failure(&e, ops.len());
+                        failing = true;
+                        pending.extend(ops);
+                    }
+                    Err(e) => tracing::error!(error = %e, "evidence store writer panicked; batch dropped"),
                 }
             }
-            if last_retention.elapsed() >= retention_every {
+            if !failing && last_retention.elapsed() >= retention_every {
                 last_retention = std::time::Instant::now();
                 let store = store.clone();
                 match tokio::task::spawn_blocking(move || store.enforce_retention(SystemTime::now())).await {
@@ -449,6 +612,12 @@ pub fn spawn_writer(
                 }
             }
             if closed {
+                if !pending.is_empty() {
+                    tracing::error!(
+                        lost = pending.len(),
+                        "evidence store still failing at shutdown; held records not written"
+                    );
+                }
                 break;
             }
         }

@@ -122,7 +122,7 @@ fn records_survive_a_reopen_and_are_found_by_every_index() {
     }
     let store = Store::open(&path, Retention::default()).unwrap();
     assert_eq!(store.last_id().unwrap(), c);
-    assert_eq!(store.stats().unwrap().records, 3);
+    assert_eq!(store.stats().records, 3);
     let ids = |q: Query| store.query(&q).unwrap().iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(Query::default()), vec![c, b, a], "newest first");
     assert_eq!(ids(Query { verdict: Some(FlowVerdict::Dropped), ..Default::default() }), vec![a]);
@@ -190,7 +190,7 @@ fn retention_removes_by_age_and_by_size_and_counts_evictions() {
     assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 3);
     let left: Vec<u64> = store.query(&Query::default()).unwrap().iter().map(|r| r.id).collect();
     assert_eq!(left, vec![recent[4], recent[3]], "the newest are kept");
-    assert_eq!(store.stats().unwrap().evictions, 4);
+    assert_eq!(store.stats().evictions, 4);
 }
 
 #[test]
@@ -208,7 +208,7 @@ fn an_unreadable_store_is_moved_aside_and_a_fresh_one_works() {
             None,
         )))])
         .unwrap();
-    assert_eq!(store.stats().unwrap().records, 1);
+    assert_eq!(store.stats().records, 1);
     let aside: Vec<String> = std::fs::read_dir(&dir.0)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -285,5 +285,50 @@ async fn the_writer_batches_and_announces_inserts() {
     assert_eq!(first.source.pod.as_deref(), Some("x"));
     drop(writer);
     task.await.unwrap();
-    assert_eq!(store.stats().unwrap().records, 100);
+    assert_eq!(store.stats().records, 100);
+}
+
+/// A real full disk: the store on a 4 MiB tmpfs filled up by another file. Writes fail, are
+/// counted and held; once the file is removed they succeed again and nothing is lost.
+#[tokio::test]
+async fn the_store_recovers_when_a_full_disk_has_space_again() {
+    use std::io::Write;
+    let fs = Tmpfs::mount("full", "4m");
+    let store = Arc::new(Store::open(&fs.0.0.join("evidence.redb"), Retention::default()).unwrap());
+    let (writer, task) =
+        super::store::spawn_writer(store.clone(), Duration::from_millis(20), Duration::from_secs(3600));
+    let filler = fs.0.0.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+    }
+    const RECORDS: u64 = 200;
+    let big = "x".repeat(8 * 1024);
+    for i in 0..RECORDS {
+        let mut from = pod("a", "x", "10.0.0.1", 1);
+        from.labels = Some([("note".to_owned(), big.clone())].into());
+        let r = record(now_id(300) + i, FlowVerdict::Dropped, from, pod("b", "y", "10.0.0.2", 2), None);
+        writer.send(StoreOp::Insert(Box::new(r))).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.health().failing.is_none() {
+        assert!(std::time::Instant::now() < deadline, "writes to a full filesystem fail");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, error) = store.health().failing.unwrap();
+    assert!(error.contains("No space left"), "{error}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.health().failing.is_some() || store.stats().records < RECORDS {
+        assert!(std::time::Instant::now() < deadline, "writes succeed again: {:?} {:?}", store.health(), store.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = store.stats();
+    assert_eq!(stats.records, RECORDS, "every held record is written");
+    assert!(stats.failed_writes >= 1);
+    assert_eq!(stats.lost_operations, 0);
+    drop(writer);
+    task.await.unwrap();
 }

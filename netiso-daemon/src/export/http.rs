@@ -242,7 +242,7 @@ async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> 
 /// OpenMetrics for clients that ask for it (Prometheus does), the classic text format otherwise.
 async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
     let datapath = shared.datapath.lock().expect("stats lock").clone();
-    let store = shared.store.stats().unwrap_or_default();
+    let store = shared.store.stats();
     shared.metrics.refresh(&datapath, &shared.inventory.status(), &store);
     let openmetrics = headers
         .get(header::ACCEPT)
@@ -263,6 +263,13 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderM
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let attached = shared.datapath_ready.load(Ordering::Relaxed);
     let synced = shared.inventory.status().synced;
+    if let Some((since, error)) = shared.store.health().failing {
+        let since = humantime::format_rfc3339_seconds(since);
+        let why = format!(
+            "not ready: evidence store writes fail since {since} ({error}); records are held until they succeed\n"
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    }
     if attached && synced {
         (StatusCode::OK, "ready\n").into_response()
     } else {

@@ -68,6 +68,8 @@ struct Seen {
     ring_events: u64,
     foreign_drops: u64,
     evictions: u64,
+    failed_writes: u64,
+    lost_operations: u64,
 }
 
 pub struct Metrics {
@@ -90,6 +92,8 @@ pub struct Metrics {
     store_records: Gauge,
     store_bytes: Gauge,
     store_evictions: Counter,
+    store_write_failures: Counter,
+    store_lost_operations: Counter,
     seen: Mutex<Seen>,
 }
 
@@ -121,6 +125,8 @@ impl Metrics {
             store_records: Gauge::default(),
             store_bytes: Gauge::default(),
             store_evictions: Counter::default(),
+            store_write_failures: Counter::default(),
+            store_lost_operations: Counter::default(),
             seen: Mutex::default(),
             registry: Registry::default(),
         };
@@ -174,6 +180,16 @@ impl Metrics {
         registry.register("store_records", "Flow records in the evidence store", m.store_records.clone());
         registry.register("store_bytes", "Bytes of encoded records in the evidence store", m.store_bytes.clone());
         registry.register("store_evictions", "Records removed by retention", m.store_evictions.clone());
+        registry.register(
+            "store_write_failures",
+            "Evidence store write batches that failed (held and written again once writes succeed)",
+            m.store_write_failures.clone(),
+        );
+        registry.register(
+            "store_lost_operations",
+            "Evidence store operations given up because writes kept failing",
+            m.store_lost_operations.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "netiso's version", build);
@@ -248,6 +264,10 @@ impl Metrics {
         seen.foreign_drops = datapath.foreign_drops;
         self.store_evictions.inc_by(store.evictions.saturating_sub(seen.evictions));
         seen.evictions = store.evictions;
+        self.store_write_failures.inc_by(store.failed_writes.saturating_sub(seen.failed_writes));
+        seen.failed_writes = store.failed_writes;
+        self.store_lost_operations.inc_by(store.lost_operations.saturating_sub(seen.lost_operations));
+        seen.lost_operations = store.lost_operations;
         for (kind, count) in &inventory.objects {
             self.inventory_objects.get_or_create(&KindLabels { kind: kind.to_string() }).set(*count as i64);
         }
@@ -345,5 +365,22 @@ mod tests {
         assert!(text.contains(r#"netiso_namespace_drops_total{source_namespace="develop",destination_namespace="production",direction="ingress"} 3"#), "{text}");
         assert!(text.contains(r#"netiso_drops_total{reason_class="policy",reason="NETFILTER_DROP"} 3"#), "{text}");
         assert!(!text.contains("10.244."), "no addresses in labels");
+    }
+
+    #[test]
+    fn store_write_failures_and_foreign_drops_count_by_their_increments() {
+        let m = Metrics::new();
+        let inventory = InventoryStatus { synced: true, stale: false, objects: Default::default(), last_sync: None };
+        let mut datapath = DatapathStats { foreign_drops: 4, ..Default::default() };
+        let mut store = StoreStats { failed_writes: 2, ..Default::default() };
+        m.refresh(&datapath, &inventory, &store);
+        datapath.foreign_drops = 5;
+        store.failed_writes = 3;
+        store.lost_operations = 1;
+        m.refresh(&datapath, &inventory, &store);
+        let text = m.encode();
+        assert!(text.contains("netiso_store_write_failures_total 3"), "{text}");
+        assert!(text.contains("netiso_store_lost_operations_total 1"), "{text}");
+        assert!(text.contains("netiso_datapath_foreign_drops_total 5"), "{text}");
     }
 }

@@ -62,6 +62,34 @@ pub fn connect(node: &str, pod: &str) {
     ip(&["-n", pod, "link", "set", "eth0", "up"]);
 }
 
+/// curl inside network namespace `netns`: (HTTP status, body).
+pub fn curl(netns: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-s", "-k", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl (scripts/setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Sends `count` UDP datagrams from the pod namespace, each from its own source port starting at
+/// `first_port`, to 10.77.0.1:`dport`, where nothing listens: `count` distinct dropped flows.
+pub fn udp_flows_from_pod(pod: &str, first_port: u16, count: u16, dport: u16) {
+    let path = format!("/run/netns/{pod}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(path).unwrap();
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        for port in first_port..first_port + count {
+            let socket = std::net::UdpSocket::bind(("10.77.0.2", port)).unwrap();
+            socket.send_to(b"x", ("10.77.0.1", dport)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
 /// Sends one UDP datagram from the pod namespace (source port `sport`) to 10.77.0.1:`dport`,
 /// where nothing listens: the node drops it with NO_SOCKET.
 pub fn udp_from_pod(pod: &str, sport: u16, dport: u16) {
