@@ -62,14 +62,17 @@ fn blocked_flows_are_logged_once_per_interval_with_suppressed_repeats() {
     let store = std::env::temp_dir().join(format!("{tag}.redb"));
     cleanup.files.push(store.clone());
     connect(&node, &pod);
-    let mut daemon = Daemon::start(&node, &store, &["--drain-interval", "200ms", "--blocked-log-interval", "3s"]);
-    for sport in [44001, 44002] {
-        support::udp_from_pod(&pod, sport, 9401);
-        std::thread::sleep(Duration::from_millis(400));
-    }
-    std::thread::sleep(Duration::from_millis(2800));
-    support::udp_from_pod(&pod, 44003, 9401);
-    std::thread::sleep(Duration::from_millis(800));
+    let mut daemon = Daemon::start(&node, &store, &["--drain-interval", "200ms", "--blocked-log-interval", "5s"]);
+    let logged = |daemon: &Daemon| {
+        daemon.stderr.lock().unwrap().iter().filter(|l| l.contains("flow blocked") && l.contains("9401")).count()
+    };
+    // Two attempts (two source ports) within one interval: one line.
+    support::udp_flows_from_pod(&pod, 44001, 2, 9401);
+    assert!(wait_until(Duration::from_secs(20), || logged(&daemon) == 1), "{:?}", daemon.stderr.lock().unwrap());
+    // The interval is time itself: once it has passed, the next attempt is logged again.
+    std::thread::sleep(Duration::from_secs(6));
+    support::udp_flows_from_pod(&pod, 44003, 1, 9401);
+    assert!(wait_until(Duration::from_secs(20), || logged(&daemon) == 2), "{:?}", daemon.stderr.lock().unwrap());
     daemon.stop();
     let lines: Vec<serde_json::Value> = daemon
         .stderr

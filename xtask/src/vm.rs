@@ -78,15 +78,27 @@ pub fn run(series: &[String], timeout: Duration) -> anyhow::Result<Vec<Outcome>>
     for (series, kernel) in series.iter().zip(kernels) {
         println!("vm: booting Linux {series} ({})", kernel.release);
         let start = Instant::now();
-        let status = Command::new("timeout")
+        let mut vm = Command::new("timeout")
             .args(["--kill-after=10", &timeout.as_secs().to_string(), "vng", "--disable-kvm", "--rw", "--run"])
             .arg(&kernel.image)
             .args(["--memory", "2G", "--cpus", "2", "--"])
             .arg(&script)
             // vng saves the terminal's settings and fails without a standard input.
             .stdin(Stdio::null())
-            .status()
+            // Through pipes: given a file as its output, the guest opens that path itself (it sees
+            // the host's files) and truncates what was written before.
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("running vng (install it with `scripts/setup --vm`)")?;
+        let copies = [
+            copy_lines(vm.stdout.take().expect("piped"), std::io::stdout),
+            copy_lines(vm.stderr.take().expect("piped"), std::io::stderr),
+        ];
+        let status = vm.wait().context("waiting for vng")?;
+        for copy in copies {
+            let _ = copy.join();
+        }
         let elapsed = start.elapsed();
         if status.code() == Some(124) {
             println!("vm: Linux {series} did not finish within {} s", timeout.as_secs());
@@ -94,6 +106,19 @@ pub fn run(series: &[String], timeout: Duration) -> anyhow::Result<Vec<Outcome>>
         outcomes.push(Outcome { series: series.clone(), release: kernel.release, passed: status.success(), elapsed });
     }
     Ok(outcomes)
+}
+
+/// Copies `from` to an output of this process, line by line as the guest writes them.
+fn copy_lines<W: std::io::Write + 'static>(
+    from: impl std::io::Read + Send + 'static,
+    to: fn() -> W,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            let _ = writeln!(to(), "{line}");
+        }
+    })
 }
 
 /// `path` quoted for the guest's shell.
