@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -31,6 +32,25 @@ pub struct Manifests {
     /// Every object the inventory keeps, as read.
     pub objects: Vec<super::Object>,
     pub warnings: Vec<String>,
+    /// Where each object was defined (`Kind namespace/name` -> `file: document N`), to name both
+    /// places when one is defined again.
+    origins: std::collections::HashMap<String, String>,
+}
+
+impl Manifests {
+    /// Records where `object` (`Kind namespace/name`) is defined. A second definition replaces
+    /// the first, as a second `kubectl apply` would, and is warned about naming both places;
+    /// returns whether it was one.
+    fn define(&mut self, object: String, file: &Path, document: usize) -> bool {
+        let place = format!("{}: document {document}", file.display());
+        match self.origins.insert(object.clone(), place.clone()) {
+            Some(first) => {
+                self.warnings.push(format!("{object} is defined twice, in {first} and in {place}; the latter is used"));
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
@@ -124,16 +144,22 @@ fn add_object(
         }
         "Namespace" => {
             let ns: Namespace = typed(file, document, value)?;
-            out.state.namespaces.push(NamespaceInfo {
-                name: ns.metadata.name.clone().unwrap_or_default(),
-                labels: ns.metadata.labels.clone().unwrap_or_default(),
-            });
+            let name = ns.metadata.name.clone().unwrap_or_default();
+            if out.define(format!("Namespace {name}"), file, document) {
+                out.state.namespaces.retain(|n| n.name != name);
+                out.objects.retain(|o| !matches!(o, Object::Namespace(n) if n.metadata.name.as_deref() == Some(&name)));
+            }
+            out.state.namespaces.push(NamespaceInfo { name, labels: ns.metadata.labels.clone().unwrap_or_default() });
             out.objects.push(Object::Namespace(ns));
         }
         "Pod" => {
             let pod: Pod = typed(file, document, value)?;
             match pod_info(&pod) {
                 Ok(info) => {
+                    if out.define(format!("Pod {}/{}", info.namespace, info.name), file, document) {
+                        out.state.pods.retain(|p| (&p.namespace, &p.name) != (&info.namespace, &info.name));
+                        out.objects.retain(|o| !matches!(o, Object::Pod(p) if same(&p.metadata, &pod.metadata)));
+                    }
                     out.state.pods.push(info);
                     out.objects.push(Object::Pod(pod));
                 }
@@ -142,6 +168,15 @@ fn add_object(
         }
         "NetworkPolicy" => {
             let policy: NetworkPolicy = typed(file, document, value)?;
+            let key = format!(
+                "NetworkPolicy {}/{}",
+                policy.metadata.namespace.as_deref().unwrap_or("default"),
+                policy.metadata.name.as_deref().unwrap_or_default()
+            );
+            if out.define(key, file, document) {
+                out.state.policies.retain(|p| !same(&p.metadata, &policy.metadata));
+                out.objects.retain(|o| !matches!(o, Object::NetworkPolicy(p) if same(&p.metadata, &policy.metadata)));
+            }
             out.state.policies.push(policy.clone());
             out.objects.push(Object::NetworkPolicy(policy));
         }
@@ -159,6 +194,12 @@ fn add_object(
         _ => {}
     }
     Ok(())
+}
+
+/// Whether two objects' metadata name the same object (namespace defaulting as the API does).
+fn same(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+    let namespace = |m: &ObjectMeta| m.namespace.clone().unwrap_or_else(|| "default".into());
+    a.name == b.name && namespace(a) == namespace(b)
 }
 
 /// Feeds the inventory from manifests and reloads them when a file changes. A reload that fails
@@ -305,5 +346,35 @@ items:
         assert!(m.state.pods.is_empty());
         assert_eq!(m.state.namespaces.len(), 1);
         assert!(m.warnings[0].contains("Pod n/p: status.podIP `not-an-ip`"), "{:?}", m.warnings);
+    }
+
+    #[test]
+    fn an_object_defined_twice_is_the_later_one_and_is_warned_about_naming_both() {
+        let mut m = Manifests::default();
+        parse_into(Path::new("base.yaml"), LAB, &mut m).unwrap();
+        let again = "kind: NetworkPolicy\nmetadata: {name: deny, namespace: production}\nspec: {podSelector: {matchLabels: {app: api}}}\n---\nkind: Pod\nmetadata: {name: api, namespace: production, labels: {app: api, v: \"2\"}}\nstatus: {podIP: 10.0.0.3}\n";
+        parse_into(Path::new("overlay.yaml"), again, &mut m).unwrap();
+        assert_eq!(m.state.policies.len(), 1, "one policy of that name, as in the cluster");
+        assert!(
+            m.state.policies[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .pod_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.as_ref())
+                .is_some(),
+            "the later one"
+        );
+        assert_eq!(m.state.pods.len(), 1);
+        assert_eq!(m.state.pods[0].ips, vec!["10.0.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(m.objects.iter().filter(|o| matches!(o, Object::NetworkPolicy(_))).count(), 1);
+        assert_eq!(
+            m.warnings,
+            vec![
+                "NetworkPolicy production/deny is defined twice, in base.yaml: document 2 and in overlay.yaml: document 1; the latter is used",
+                "Pod production/api is defined twice, in base.yaml: document 2 and in overlay.yaml: document 2; the latter is used",
+            ]
+        );
     }
 }
