@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -7,7 +8,8 @@ fn main() -> ExitCode {
     match netiso::cli::main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("netiso: {e:#}");
+            // Not eprintln!: it panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "netiso: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,7 +1,6 @@
 //! `netiso run`: the node daemon. Kernel events flow datapath → inventory → policy → evidence →
 //! export: raw records to stdout, flow records into the evidence store.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use crate::evidence::correlate::Correlator;
 use crate::evidence::record::FlowVerdict;
 use crate::evidence::store::{self, Retention, Store};
 use crate::export::http::{self, Shared};
-use crate::export::log::{self, BlockedFlowLog, RecordWriter};
+use crate::export::log::{self, BlockedFlowLog, RecordOutput};
 use crate::export::metrics::Metrics;
 use crate::export::tls;
 use crate::inventory::{Inventory, Kind, kubernetes, manifests};
@@ -257,8 +256,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut datapath_task = tokio::spawn(datapath.run(records_tx, shutdown_rx, Some(ready_tx)));
 
-    let printer = RecordWriter::new(args.log_format);
-    let mut stdout = std::io::stdout();
+    let mut printer = RecordOutput::stdout(args.log_format);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ready_rx = Some(ready_rx);
     let result = loop {
@@ -273,8 +271,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
             record = records_rx.recv() => match record {
                 Some(record) => {
                     if record.new_key {
-                        printer.write(&mut stdout, &record)?;
-                        stdout.flush()?;
+                        printer.print(&record);
                     }
                     if let Some(handled) = correlator.handle(&record) {
                         export(&shared, &mut blocked, &writer, handled).await;
@@ -293,7 +290,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         let drain = async {
             while let Some(record) = records_rx.recv().await {
                 if record.new_key {
-                    printer.write(&mut stdout, &record)?;
+                    printer.print(&record);
                 }
                 if let Some(handled) = correlator.handle(&record) {
                     export(&shared, &mut blocked, &writer, handled).await;

@@ -8,7 +8,10 @@ use crate::datapath::{DatapathRecord, EventKind};
 pub fn init_diagnostics(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETISO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A closed stderr loses the diagnostics but must not stop the daemon: tracing would report
+    // its failed writes with eprintln!, which panics then.
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -72,6 +75,30 @@ impl BlockedFlowLog {
             "flow blocked"
         );
         true
+    }
+}
+
+/// Where `netiso run` prints new records: standard output, until writing fails (the reader went
+/// away, as with `| head -1`). Recording goes on without printing, said once in the diagnostics.
+pub struct RecordOutput {
+    writer: RecordWriter,
+    open: bool,
+}
+
+impl RecordOutput {
+    pub fn stdout(format: LogFormat) -> Self {
+        RecordOutput { writer: RecordWriter::new(format), open: true }
+    }
+
+    pub fn print(&mut self, record: &DatapathRecord) {
+        if !self.open {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = self.writer.write(&mut out, record).and_then(|()| out.flush()) {
+            self.open = false;
+            tracing::warn!(error = %e, "standard output is closed: records are no longer printed, still stored and served by the API");
+        }
     }
 }
 
