@@ -149,3 +149,55 @@ fn run_rejects_an_unknown_drop_reason_name() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("unknown drop reason or class `NETFLITER_DROP`"), "{err}");
 }
+
+/// A server that is not a netiso API (a login page, a proxy's error page): answers every request
+/// with `body` as `content_type` and closes. Returns its URL.
+fn foreign_server(content_type: &'static str, body: &'static str) -> String {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let mut stream = &stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+fn failed_naming(out: &Output, words: &[&str]) -> bool {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    !out.status.success() && words.iter().all(|w| stderr.contains(w))
+}
+
+#[test]
+fn observe_and_evidence_fail_naming_the_server_and_what_it_answered() {
+    let login = foreign_server("text/html", "<html><body>please log in</body></html>\n");
+    for args in [
+        &["observe", "--server", &login][..],
+        &["observe", "-f", "--server", &login],
+        &["evidence", "42", "--server", &login],
+    ] {
+        let out = netiso(args);
+        assert!(failed_naming(&out, &[&login, "please log in"]), "{args:?}: {out:?}");
+    }
+    let unreachable = netiso(&["observe", "-f", "--server", "http://127.0.0.1:9"]);
+    assert!(failed_naming(&unreachable, &["http://127.0.0.1:9"]), "{unreachable:?}");
+
+    // A daemon that restarts mid-stream: the record it sent is shown, and the end is a failure.
+    let record = r#"{"id":"7","time":"2026-12-05T04:17:21Z","node":"n1","verdict":"dropped","protocol":"TCP","source":{"ip":"10.244.0.10","port":40009},"destination":{"ip":"10.244.0.30","port":8080},"reason":"NETFILTER_DROP","policy":{"attribution":"denied_by_network_policy","policies":[]}}
+"#;
+    let restarting = foreign_server("application/x-ndjson", record);
+    let out = netiso(&["observe", "-f", "-o", "json", "--server", &restarting]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""id":"7""#), "{out:?}");
+    assert!(failed_naming(&out, &[&restarting, "ended"]), "{out:?}");
+}

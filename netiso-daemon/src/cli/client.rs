@@ -207,6 +207,16 @@ fn http_client(credentials: &Credentials) -> HttpsClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// A short, printable excerpt of an answer's body, for errors that say what a server answered.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(300) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// Percent-encodes a query value or path segment.
 pub fn encode(value: &str) -> String {
     value
@@ -265,8 +275,13 @@ pub async fn get(endpoint: &Endpoint, path_and_query: &str) -> anyhow::Result<(u
     }
 }
 
-/// GET a streaming endpoint and call `line` for each line until the stream ends.
-pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: impl FnMut(&str)) -> anyhow::Result<()> {
+/// GET a streaming endpoint and call `line` for each line until the stream ends (Ok) or `line`
+/// fails (that error).
+pub async fn stream_lines(
+    endpoint: &Endpoint,
+    path_and_query: &str,
+    mut line: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     match endpoint {
         Endpoint::Url(base, credentials) => {
             let request = request(base, path_and_query, credentials)?;
@@ -275,7 +290,7 @@ pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: i
             if !response.status().is_success() {
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();
-                bail!("{base}: {status}: {}", String::from_utf8_lossy(&body));
+                bail!("{base} answered HTTP {status}: {}", excerpt(&body));
             }
             let mut body = response.into_body().into_data_stream();
             let mut pending = Vec::new();
@@ -283,7 +298,7 @@ pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: i
                 pending.extend_from_slice(&chunk.with_context(|| format!("reading from {base}"))?);
                 while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                     let text: Vec<u8> = pending.drain(..=end).collect();
-                    line(String::from_utf8_lossy(&text).trim_end());
+                    line(String::from_utf8_lossy(&text).trim_end())?;
                 }
             }
             Ok(())
@@ -295,7 +310,7 @@ pub async fn stream_lines(endpoint: &Endpoint, path_and_query: &str, mut line: i
                 client.request_stream(request).await.with_context(|| format!("following {namespace}/{name}"))?;
             let mut lines = reader.lines();
             while let Some(l) = lines.next().await {
-                line(&l?);
+                line(&l?)?;
             }
             Ok(())
         }

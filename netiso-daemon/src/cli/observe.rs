@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
-use super::client::{self, Target, encode};
+use super::client::{self, Target, encode, excerpt};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -186,39 +186,40 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
             )?;
         }
         if args.follow {
-            let mut tasks = Vec::new();
+            // A stream that fails or ends (the daemon restarted) ends the command with its reason:
+            // a watcher must not mistake silence for quiet.
+            let mut streams = tokio::task::JoinSet::new();
             for endpoint in endpoints {
                 let path = path.clone();
                 let format = args.output;
-                tasks.push(tokio::spawn(async move {
-                    let result = client::stream_lines(&endpoint, &path, |line| {
-                        if let Ok(v) = serde_json::from_str::<Value>(line) {
-                            let _ = print(&mut std::io::stdout().lock(), format, &v);
-                        }
-                    })
-                    .await;
-                    if let Err(e) = result {
-                        eprintln!("netiso: {}: {e:#}", endpoint.name());
-                    }
-                }));
+                streams.spawn(async move {
+                    let name = endpoint.name();
+                    client::stream_lines(&endpoint, &path, |line| follow_line(&name, format, line))
+                        .await
+                        .with_context(|| format!("following {name}"))?;
+                    bail!("the stream from {name} ended: the daemon restarted or the connection dropped")
+                });
             }
-            for t in tasks {
-                let _ = t.await;
+            // Every stream ends in an error; the first one ends the command.
+            if let Some(ended) = streams.join_next().await {
+                ended??;
             }
-            return Ok(ExitCode::SUCCESS);
+            bail!("no daemon to follow");
         }
         let mut flows: Vec<Value> = Vec::new();
         let mut failures = 0;
         for endpoint in &endpoints {
             match client::get(endpoint, &path).await {
-                Ok((200, body)) => {
-                    let v: Value = serde_json::from_slice(&body)
-                        .with_context(|| format!("{}: not a flow listing", endpoint.name()))?;
-                    flows.extend(v["flows"].as_array().cloned().unwrap_or_default());
-                }
+                Ok((200, body)) => match serde_json::from_slice::<Value>(&body) {
+                    Ok(v) if v["flows"].is_array() => flows.extend(v["flows"].as_array().cloned().unwrap_or_default()),
+                    _ => {
+                        failures += 1;
+                        eprintln!("netiso: {} answered with no flow listing: {}", endpoint.name(), excerpt(&body));
+                    }
+                },
                 Ok((status, body)) => {
                     failures += 1;
-                    eprintln!("netiso: {}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim());
+                    eprintln!("netiso: {} answered HTTP {status}: {}", endpoint.name(), excerpt(&body));
                 }
                 Err(e) => {
                     failures += 1;
@@ -227,7 +228,7 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if failures == endpoints.len() {
-            bail!("no server answered");
+            bail!("no server answered with flows (above)");
         }
         // Merged across servers and ordered by time; ids are nanosecond timestamps.
         flows.sort_by_key(|v| v["id"].as_str().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0));
@@ -236,8 +237,26 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
         for v in &flows[skip..] {
             print(&mut out, args.output, v)?;
         }
+        if failures > 0 {
+            bail!("{failures} of {} servers did not answer (above); the listing is partial", endpoints.len());
+        }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// One line of a followed stream: a record to print, a notice from the server, or an error.
+fn follow_line(server: &str, format: Format, line: &str) -> anyhow::Result<()> {
+    let Ok(v) = serde_json::from_str::<Value>(line) else {
+        bail!("{server} sent something that is not a flow record: {}", excerpt(line.as_bytes()));
+    };
+    if v.get("id").is_none()
+        && let Some(notice) = v["error"].as_str()
+    {
+        eprintln!("netiso: {server}: {notice}");
+        return Ok(());
+    }
+    print(&mut std::io::stdout().lock(), format, &v)?;
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -256,14 +275,17 @@ pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
         let mut last_error = String::new();
         for endpoint in &endpoints {
             match client::get(endpoint, &path).await {
-                Ok((200, body)) => {
-                    let v: Value = serde_json::from_slice(&body)?;
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                    return Ok(ExitCode::SUCCESS);
-                }
+                Ok((200, body)) => match serde_json::from_slice::<Value>(&body) {
+                    Ok(v) if v.get("record").is_some() => {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    _ => {
+                        last_error = format!("{} answered with no evidence bundle: {}", endpoint.name(), excerpt(&body))
+                    }
+                },
                 Ok((status, body)) => {
-                    last_error =
-                        format!("{}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim())
+                    last_error = format!("{} answered HTTP {status}: {}", endpoint.name(), excerpt(&body))
                 }
                 Err(e) => last_error = format!("{}: {e:#}", endpoint.name()),
             }

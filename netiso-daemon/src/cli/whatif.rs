@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
-use super::client::{self, Endpoint, Target};
+use super::client::{self, Endpoint, Target, excerpt};
 use crate::inventory::manifests;
 use crate::policy::whatif::{self, RecordedEnd, RecordedFlow, WhatIfReport};
 use crate::policy::{ClusterState, Labels, Protocol};
@@ -70,19 +70,42 @@ fn end(v: &Value) -> Option<RecordedEnd> {
 }
 
 /// A flow record as a flow to decide again; replies and protocols NetworkPolicy does not govern
-/// are left out.
-fn recorded_flow(v: &Value) -> Option<RecordedFlow> {
+/// are left out (Ok(None)); a record that cannot be read is an error.
+fn recorded_flow(v: &Value) -> Result<Option<RecordedFlow>, String> {
     if v["is_reply"].as_bool() == Some(true) {
-        return None;
+        return Ok(None);
     }
-    let protocol: Protocol = v["protocol"].as_str()?.parse().ok()?;
-    Some(RecordedFlow {
-        source: end(&v["source"])?,
-        destination: end(&v["destination"])?,
-        port: u16::try_from(v["destination"]["port"].as_u64()?).ok()?,
+    let Some(protocol) = v["protocol"].as_str() else { return Err("it has no protocol".into()) };
+    let Ok(protocol) = protocol.parse::<Protocol>() else { return Ok(None) };
+    let port = &v["destination"]["port"];
+    Ok(Some(RecordedFlow {
+        source: end(&v["source"]).ok_or("its source has no address")?,
+        destination: end(&v["destination"]).ok_or("its destination has no address")?,
+        port: port.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| format!("`{port}` is not a port"))?,
         protocol,
-        recorded: v["verdict"].as_str()?.to_owned(),
-    })
+        recorded: v["verdict"].as_str().ok_or("it has no verdict")?.to_owned(),
+    }))
+}
+
+/// The flows of one server's answer. A gate must judge every recorded flow: an answer that says
+/// it holds only part of the window, or a record that cannot be read, is an error.
+fn recorded_flows(server: &str, answer: &Value) -> anyhow::Result<Vec<RecordedFlow>> {
+    if answer["more"] == true {
+        bail!(
+            "{server} holds more than {} records in the window; narrow --since so that every recorded flow is replayed",
+            crate::export::http::MAX_LIMIT
+        );
+    }
+    let Some(records) = answer["flows"].as_array() else { bail!("{server} answered without a list of flows") };
+    let mut flows = Vec::new();
+    for record in records {
+        match recorded_flow(record) {
+            Ok(Some(flow)) => flows.push(flow),
+            Ok(None) => {}
+            Err(why) => bail!("{server}: record {} cannot be replayed: {why}", record["id"]),
+        }
+    }
+    Ok(flows)
 }
 
 async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
@@ -102,17 +125,18 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
                 Err(e) => eprintln!("netiso: {}: {e:#}", endpoint.name()),
             }
         }
-        match client::get(endpoint, &format!("/v1/flows?since={since}&limit={}", crate::export::http::MAX_LIMIT)).await
-        {
-            Ok((200, body)) => {
-                let v: Value = serde_json::from_slice(&body)?;
-                flows.extend(v["flows"].as_array().into_iter().flatten().filter_map(recorded_flow));
-            }
-            Ok((status, body)) => {
-                eprintln!("netiso: {}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim())
-            }
-            Err(e) => eprintln!("netiso: {}: {e:#}", endpoint.name()),
+        // Every server's flows, or no answer at all: a replay of part of the traffic would pass
+        // what it did not see.
+        let name = endpoint.name();
+        let path = format!("/v1/flows?since={since}&limit={}", crate::export::http::MAX_LIMIT);
+        let (status, body) =
+            client::get(endpoint, &path).await.with_context(|| format!("reading the recorded flows of {name}"))?;
+        if status != 200 {
+            bail!("{name} answered HTTP {status} for its recorded flows: {}", excerpt(&body));
         }
+        let answer: Value = serde_json::from_slice(&body)
+            .with_context(|| format!("{name} did not answer with JSON for its recorded flows: {}", excerpt(&body)))?;
+        flows.extend(recorded_flows(&name, &answer)?);
     }
     let Some(inventory) = inventory else { bail!("no server answered with its inventory") };
     let state = ClusterState {
@@ -151,9 +175,6 @@ fn print_report(report: &WhatIfReport, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(report)?)?,
         Format::Table => {
-            for e in &report.proposed_errors {
-                writeln!(out, "warning: {e}")?;
-            }
             table(&mut out, "would become DENIED", &report.newly_denied)?;
             table(&mut out, "would become allowed", &report.newly_allowed)?;
             writeln!(
@@ -172,12 +193,25 @@ fn print_report(report: &WhatIfReport, format: Format) -> anyhow::Result<()> {
 pub fn whatif(args: WhatIfArgs) -> anyhow::Result<ExitCode> {
     let proposed = manifests::load(&args.policies)
         .with_context(|| format!("reading proposed policies from {}", args.policies.display()))?;
+    for warning in &proposed.warnings {
+        eprintln!("netiso: warning: {warning}");
+    }
     if proposed.state.policies.is_empty() {
         bail!("{} holds no NetworkPolicy", args.policies.display());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let recorded = runtime.block_on(fetch(&args.window))?;
     let report = whatif::replay(&recorded.state, &proposed.state.policies, &recorded.flows);
+    if !report.proposed_errors.is_empty() {
+        for e in &report.proposed_errors {
+            eprintln!("netiso: {e}");
+        }
+        bail!(
+            "{} of the proposed policies in {} cannot be evaluated (above); the cluster would reject or apply them differently",
+            report.proposed_errors.len(),
+            args.policies.display()
+        );
+    }
     print_report(&report, args.output)?;
     Ok(if args.fail_on_deny && !report.newly_denied.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
@@ -191,6 +225,12 @@ pub fn advise(args: AdviseArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .filter(|f| f.source.namespace.as_deref() == Some(ns) || f.destination.namespace.as_deref() == Some(ns))
         .collect();
+    if !touching.iter().any(|f| f.recorded == "forwarded") {
+        bail!(
+            "no recorded forwarded flows of {ns} since {}: an allow set from no traffic would deny all of it; widen --since or let netiso observe longer",
+            args.window.since
+        );
+    }
     let advice = whatif::advise(ns, &touching, &recorded.dns);
     // Check the advice with the what-if engine before offering it.
     let mut proposed = vec![whatif::default_deny(ns)];
@@ -233,8 +273,21 @@ mod tests {
             "source": {"ip": "10.244.0.40", "namespace": "ingress-nginx", "pod": "controller"},
             "destination": {"ip": "10.244.0.30", "namespace": "production", "pod": "api", "port": 8080},
         });
-        assert_eq!(recorded_flow(&record).map(|f| f.port), Some(8080));
+        assert_eq!(recorded_flow(&record).unwrap().map(|f| f.port), Some(8080));
         record["destination"]["port"] = json!(65536 + 8080);
-        assert!(recorded_flow(&record).is_none());
+        assert!(recorded_flow(&record).unwrap_err().contains("73616"));
+    }
+
+    #[test]
+    fn a_partial_or_unreadable_answer_fails_the_replay() {
+        let good = json!({"id": "1", "verdict": "forwarded", "protocol": "TCP",
+            "source": {"ip": "10.244.0.40"}, "destination": {"ip": "10.244.0.30", "port": 8080}});
+        assert_eq!(super::recorded_flows("n1", &json!({"flows": [good.clone()], "more": false})).unwrap().len(), 1);
+        let capped = super::recorded_flows("n1", &json!({"flows": [good.clone()], "more": true})).unwrap_err();
+        assert!(capped.to_string().contains("n1 holds more than"), "{capped}");
+        let unreadable = json!({"id": "2", "verdict": "forwarded", "protocol": "TCP", "source": {}, "destination": {}});
+        let err = super::recorded_flows("n1", &json!({"flows": [good, unreadable]})).unwrap_err();
+        assert!(err.to_string().contains("record \"2\" cannot be replayed"), "{err}");
+        assert!(super::recorded_flows("n1", &json!({"error": "x"})).is_err());
     }
 }

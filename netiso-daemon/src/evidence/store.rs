@@ -133,6 +133,14 @@ pub struct Query {
     pub limit: usize,
 }
 
+/// A query's answer: the newest matching records, and whether older ones match too (beyond the
+/// limit, or beyond what one query reads).
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<FlowRecord>,
+    pub more: bool,
+}
+
 /// The most records one query may read before it stops, whatever it found: bounded work.
 pub const MAX_SCANNED: usize = 200_000;
 
@@ -461,10 +469,15 @@ impl Store {
     /// Records matching `q`, newest first, at most `q.limit`. Reads through the most selective
     /// index the query allows, and at most [`MAX_SCANNED`] records.
     pub fn query(&self, q: &Query) -> Result<Vec<FlowRecord>, StoreError> {
+        self.query_page(q).map(|page| page.records)
+    }
+
+    /// As [`Store::query`], saying whether more records match than the page holds.
+    pub fn query_page(&self, q: &Query) -> Result<Page, StoreError> {
         self.with_db(|db| Self::query_in(db, q))
     }
 
-    fn query_in(db: &Database, q: &Query) -> Result<Vec<FlowRecord>, StoreError> {
+    fn query_in(db: &Database, q: &Query) -> Result<Page, StoreError> {
         let txn = db.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let index: Option<(MultimapTableDefinition<&str, u64>, String)> =
@@ -479,12 +492,15 @@ impl Store {
             };
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
         let mut out = Vec::new();
+        let mut scanned = 0;
+        // One match beyond the limit tells that there are more.
         let mut consider = |encoded: &[u8]| -> Result<bool, StoreError> {
+            scanned += 1;
             let r: FlowRecord = serde_json::from_slice(encoded)?;
             if q.matches(&r) {
                 out.push(r);
             }
-            Ok(out.len() < limit)
+            Ok(out.len() <= limit)
         };
         let low = q
             .after_id
@@ -515,7 +531,9 @@ impl Store {
                 }
             }
         }
-        Ok(out)
+        let more = out.len() > limit || scanned >= MAX_SCANNED;
+        out.truncate(limit);
+        Ok(Page { records: out, more })
     }
 }
 

@@ -141,8 +141,8 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
     let mut live = shared.inserted.subscribe();
     let store = shared.store.clone();
     let q = query.clone();
-    let history = match tokio::task::spawn_blocking(move || store.query(&q)).await {
-        Ok(Ok(h)) => h,
+    let page = match tokio::task::spawn_blocking(move || store.query_page(&q)).await {
+        Ok(Ok(page)) => page,
         Ok(Err(e)) => {
             return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response();
         }
@@ -150,8 +150,11 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
             return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e.to_string()}))).into_response();
         }
     };
+    let history = page.records;
     if !follow {
-        return axum::Json(json!({"flows": history.iter().map(listed).collect::<Vec<_>>()})).into_response();
+        // `more`: older records match too; a client that needs them all narrows the window.
+        return axum::Json(json!({"flows": history.iter().map(listed).collect::<Vec<_>>(), "more": page.more}))
+            .into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     tokio::spawn(async move {
