@@ -252,6 +252,9 @@ fn follow_line(server: &str, format: Format, line: &str) -> anyhow::Result<()> {
     if v.get("id").is_none()
         && let Some(notice) = v["error"].as_str()
     {
+        if v["final"] == true {
+            bail!("{notice}");
+        }
         eprintln!("netiso: {server}: {notice}");
         return Ok(());
     }

@@ -38,8 +38,10 @@ struct Objects {
     tokens: BTreeMap<String, (String, Vec<String>)>,
     /// Users the fake SubjectAccessReview allows (`get nodes/proxy`).
     grants: std::collections::BTreeSet<String>,
-    /// TokenReviews and SubjectAccessReviews answered.
+    /// TokenReviews and SubjectAccessReviews received.
     reviews: usize,
+    /// Reviews received and never answered, as an overloaded API server does.
+    stall_reviews: bool,
     /// Resources whose next watch is answered with `410 Gone`.
     expire_watches: std::collections::BTreeSet<String>,
     /// Pod proxy: "namespace/name:port" → the address the request is forwarded to.
@@ -83,8 +85,15 @@ async fn review(
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
     requests.lock().unwrap().push(format!("POST /{path}"));
-    let mut objects = shared.objects.lock().unwrap();
-    objects.reviews += 1;
+    let stall = {
+        let mut objects = shared.objects.lock().unwrap();
+        objects.reviews += 1;
+        objects.stall_reviews
+    };
+    if stall {
+        return std::future::pending().await;
+    }
+    let objects = shared.objects.lock().unwrap();
     match path.as_str() {
         "apis/authentication.k8s.io/v1/tokenreviews" => {
             let token = body["spec"]["token"].as_str().unwrap_or_default();
@@ -360,6 +369,11 @@ impl FakeApiServer {
         } else {
             objects.grants.remove(user);
         }
+    }
+
+    /// Reviews are received and never answered (true), or answered again (false).
+    pub fn stall_reviews(&self, stall: bool) {
+        self.shared.objects.lock().unwrap().stall_reviews = stall;
     }
 
     /// The pod proxy forwards requests for `namespace/name:port` to `upstream`.
