@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace};
-use support::{Daemon, curl, node_and_pod, tag};
+use support::{Daemon, curl, node_and_pod, tag, write_certificate};
 
 fn api(node: &str, token: Option<&str>) -> (u16, String) {
     let header = token.map(|t| format!("Authorization: Bearer {t}"));
@@ -188,23 +188,6 @@ async fn observe_through_the_api_servers_pod_proxy() {
     a.stop();
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it, written as PEM files.
-fn write_certificate(dir: &std::path::Path, tag: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("test CA {tag}"));
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key)).unwrap();
-    let (ca_file, cert_file, key_file) = (dir.join(format!("ca-{tag}.pem")), dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    std::fs::write(&cert_file, cert.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    (ca_file, cert_file, key_file)
 }
 
 /// A certificate from files is used, and replaced without a restart when the files change.

@@ -85,6 +85,10 @@ pub struct RunArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A connection to either listener must finish its TLS handshake, and send each request's
+    /// headers (also when idle between requests), within this; responses are not limited.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub connection_timeout: Duration,
     /// Log a blocked flow at most once per this interval (repeats are counted).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub blocked_log_interval: Duration,
@@ -220,13 +224,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("listening on {} (--metrics-listen)", args.metrics_listen))?;
+    let metrics = Metrics::new();
+    let api_health = Arc::new(http::ListenerHealth::new("api", metrics.accept_errors("api")));
+    let metrics_health = Arc::new(http::ListenerHealth::new("metrics", metrics.accept_errors("metrics")));
     let shared = Arc::new(Shared {
-        metrics: Metrics::new(),
+        metrics,
         store: store.clone(),
         inventory: inventory.clone(),
         datapath: stats.clone(),
         datapath_ready: Default::default(),
         inserted: writer.inserted.clone(),
+        listeners: vec![api_health.clone(), metrics_health.clone()],
     });
     let (http_stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let stopped = |tx: &tokio::sync::broadcast::Sender<()>| {
@@ -239,10 +247,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         listener,
         http::api_router(shared.clone(), authorizer.clone()),
         tls.clone(),
+        api_health,
+        args.connection_timeout,
         stopped(&http_stop_tx),
     ));
-    let metrics_task =
-        tokio::spawn(http::serve(metrics_listener, http::metrics_router(shared.clone()), None, stopped(&http_stop_tx)));
+    let metrics_task = tokio::spawn(http::serve(
+        metrics_listener,
+        http::metrics_router(shared.clone()),
+        None,
+        metrics_health,
+        args.connection_timeout,
+        stopped(&http_stop_tx),
+    ));
     tracing::info!(
         api = %args.listen,
         api_tls = tls.is_some(),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -12,7 +12,9 @@ use axum::extract::{Path, Query as UrlQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
@@ -29,6 +31,8 @@ pub struct Shared {
     pub datapath: Arc<Mutex<DatapathStats>>,
     pub datapath_ready: AtomicBool,
     pub inserted: broadcast::Sender<Arc<FlowRecord>>,
+    /// The API's and the metrics' listeners.
+    pub listeners: Vec<Arc<ListenerHealth>>,
 }
 
 /// Most records one request may return.
@@ -273,6 +277,16 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         );
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
+    for listener in &shared.listeners {
+        if let Some((since, error)) = listener.failing() {
+            let since = humantime::format_rfc3339_seconds(since);
+            let why = format!(
+                "not ready: the {} listener cannot accept connections since {since} ({error}); it retries\n",
+                listener.name
+            );
+            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+        }
+    }
     if attached && synced {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -324,39 +338,126 @@ pub fn api_router(shared: Arc<Shared>, authorizer: Option<Arc<super::auth::Autho
     }
 }
 
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+/// Accept failures are logged at most this often.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether a listener accepts connections: part of readiness, counted in the metrics.
+pub struct ListenerHealth {
+    pub name: &'static str,
+    errors: Counter,
+    state: Mutex<AcceptState>,
+}
+
+#[derive(Default)]
+struct AcceptState {
+    failing: Option<(SystemTime, String)>,
+    logged: Option<Instant>,
+}
+
+impl ListenerHealth {
+    pub fn new(name: &'static str, errors: Counter) -> Self {
+        ListenerHealth { name, errors, state: Mutex::default() }
+    }
+
+    /// Since when, and why, accepting fails; None while it works.
+    pub fn failing(&self) -> Option<(SystemTime, String)> {
+        self.state.lock().expect("listener state").failing.clone()
+    }
+
+    fn accepted(&self) {
+        let mut state = self.state.lock().expect("listener state");
+        if let Some((since, _)) = state.failing.take() {
+            let since = humantime::format_rfc3339_seconds(since);
+            tracing::info!(listener = self.name, failing_since = %since, "accepting connections again");
+        }
+    }
+
+    fn accept_failed(&self, error: &std::io::Error) {
+        self.errors.inc();
+        let mut state = self.state.lock().expect("listener state");
+        state.failing.get_or_insert_with(|| (SystemTime::now(), error.to_string()));
+        if state.logged.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
+            state.logged = Some(Instant::now());
+            tracing::warn!(
+                listener = self.name,
+                error = %error,
+                "cannot accept connections; retrying (raise the open-file limit if this is EMFILE)"
+            );
+        }
+    }
+}
+
+/// Errors of one connection that went away before it was accepted: the listener is fine.
+fn connection_gone(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(error.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset)
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, over TLS when a configuration is given.
+/// A failing accept (out of file descriptors) never ends it: it backs off and retries, marked in
+/// `health` meanwhile. A connection must finish its TLS handshake, and send each request's headers
+/// (idle keep-alive connections too), within `timeout`, so idle clients cannot hold descriptors;
+/// responses are not limited: a follow stream stays open as long as its reader.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    health: Arc<ListenerHealth>,
+    timeout: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let Some(tls) = tls else {
-        return axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF.0;
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            _ = &mut shutdown => return Ok(()),
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                health.accepted();
+                backoff = ACCEPT_BACKOFF.0;
+                accepted
+            }
+            Err(e) if connection_gone(&e) => continue,
+            Err(e) => {
+                health.accept_failed(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut shutdown => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
+            let Some(acceptor) = acceptor else {
+                return connection(stream, router, peer, timeout).await;
             };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
-                tracing::debug!(peer = %peer, error = %e, "API connection ended with an error");
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => connection(stream, router, peer, timeout).await,
+                Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+async fn connection(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    router: Router,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+    if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service).await {
+        tracing::debug!(peer = %peer, error = %e, "API connection ended with an error");
     }
 }
 

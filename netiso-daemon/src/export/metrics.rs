@@ -47,6 +47,11 @@ struct NamespacePairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: String,
 }
@@ -94,6 +99,7 @@ pub struct Metrics {
     store_evictions: Counter,
     store_write_failures: Counter,
     store_lost_operations: Counter,
+    accept_errors: Family<ListenerLabels, Counter>,
     seen: Mutex<Seen>,
 }
 
@@ -127,6 +133,7 @@ impl Metrics {
             store_evictions: Counter::default(),
             store_write_failures: Counter::default(),
             store_lost_operations: Counter::default(),
+            accept_errors: Family::default(),
             seen: Mutex::default(),
             registry: Registry::default(),
         };
@@ -190,6 +197,11 @@ impl Metrics {
             "Evidence store operations given up because writes kept failing",
             m.store_lost_operations.clone(),
         );
+        registry.register(
+            "http_accept_errors",
+            "Connections a listener failed to accept (out of file descriptors, memory); it retries",
+            m.accept_errors.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "netiso's version", build);
@@ -245,6 +257,11 @@ impl Metrics {
                 self.forwarded_bytes.get_or_create(&pair).inc_by(h.delta_bytes);
             }
         }
+    }
+
+    /// The accept-error counter of one listener (`api`, `metrics`), created at 0.
+    pub fn accept_errors(&self, listener: &str) -> Counter {
+        self.accept_errors.get_or_create(&ListenerLabels { listener: listener.into() }).clone()
     }
 
     /// Brings the gauges and externally kept totals up to date.
