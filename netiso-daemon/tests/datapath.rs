@@ -31,7 +31,15 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
         .status()
         .unwrap();
     assert!(sender.success());
-    std::thread::sleep(Duration::from_millis(800));
+    let flows_from_pod = |daemon: &Daemon| {
+        let records = daemon.stdout.lock().unwrap();
+        records.iter().filter(|r| r["event"] == "flow" && r["src_ip"] == "10.77.0.2" && r["protocol"] == "UDP").count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || flows_from_pod(&daemon) >= 8),
+        "every flow is reported, in the map or as an overflow record: {:#?}",
+        daemon.stdout.lock().unwrap()
+    );
 
     ip(&["-n", &node, "link", "delete", "vpod"]);
     assert!(daemon.wait_log("interface gone; detached", Duration::from_secs(10)));
