@@ -487,16 +487,7 @@ impl Datapath {
     /// The record of a packet the map had no room for; None for a drop the reason selection
     /// skips or that happened elsewhere.
     fn overflow_record(&self, event: &Event) -> Option<DatapathRecord> {
-        let kind = if event.kind == EVENT_DROP { EventKind::Drop } else { EventKind::Flow };
-        let counters = Counters {
-            packets: 1,
-            bytes: event.len as u64,
-            first_seen_ns: event.timestamp_ns,
-            last_seen_ns: event.timestamp_ns,
-            ifindex: event.ifindex,
-            tcp_flags: event.tcp_flags,
-            _pad: [0; 3],
-        };
+        let (kind, counters) = event_counters(event);
         if kind == EventKind::Drop && !self.watches(event.netns) {
             self.stats.lock().expect("stats lock").foreign_drops += 1;
             return None;
@@ -514,35 +505,7 @@ impl Datapath {
     }
 
     fn record(&self, event: EventKind, tuple: &FlowTuple, c: &Counters) -> DatapathRecord {
-        let (src_ip, dst_ip) = tuple_addrs(tuple);
-        let icmp = matches!(tuple.protocol, netiso_common::IPPROTO_ICMP | netiso_common::IPPROTO_ICMPV6);
-        DatapathRecord {
-            event,
-            time: wall_clock(c.first_seen_ns),
-            last_seen: wall_clock(c.last_seen_ns),
-            src_ip,
-            dst_ip,
-            src_port: tuple.src_port,
-            dst_port: tuple.dst_port,
-            protocol: protocol_name(tuple.protocol),
-            icmp_type: icmp.then_some(tuple.icmp_type),
-            icmp_code: icmp.then_some(tuple.icmp_code),
-            reason: None,
-            reason_class: None,
-            reason_inferred: false,
-            location: None,
-            netns: None,
-            direction: None,
-            ifindex: c.ifindex,
-            interface: self.interface_name(c.ifindex),
-            packets: c.packets,
-            bytes: c.bytes,
-            tcp_flags: (tuple.protocol == netiso_common::IPPROTO_TCP).then(|| tcp_flag_names(c.tcp_flags)),
-            overflow: false,
-            new_key: false,
-            delta_packets: 0,
-            delta_bytes: 0,
-        }
+        DatapathRecord { interface: self.interface_name(c.ifindex), ..tuple_record(event, tuple, c) }
     }
 
     /// Names a drop's reason, the kernel's or, where it gives none, one inferred from the
@@ -646,13 +609,63 @@ fn loss_deltas(
     std::array::from_fn(|i| totals[i].saturating_sub(reported[i]))
 }
 
-fn read_event(item: &[u8]) -> Option<Event> {
+/// A ring buffer item as the kernel wrote it; None when it is too short to be one.
+pub fn read_event(item: &[u8]) -> Option<Event> {
     if item.len() < std::mem::size_of::<Event>() {
         return None;
     }
     // SAFETY: `Event` is a plain-old-data #[repr(C)] type valid for any bit pattern, the buffer
     // holds at least its size, and read_unaligned makes no alignment assumption.
     Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) })
+}
+
+/// A single-packet event (one the maps had no room for) as the counters of its key.
+pub fn event_counters(event: &Event) -> (EventKind, Counters) {
+    let kind = if event.kind == EVENT_DROP { EventKind::Drop } else { EventKind::Flow };
+    let counters = Counters {
+        packets: 1,
+        bytes: event.len as u64,
+        first_seen_ns: event.timestamp_ns,
+        last_seen_ns: event.timestamp_ns,
+        ifindex: event.ifindex,
+        tcp_flags: event.tcp_flags,
+        _pad: [0; 3],
+    };
+    (kind, counters)
+}
+
+/// The record fields a kernel key and its counters give on their own, before this node's names
+/// (interface, namespace, reason) are added.
+pub fn tuple_record(event: EventKind, tuple: &FlowTuple, c: &Counters) -> DatapathRecord {
+    let (src_ip, dst_ip) = tuple_addrs(tuple);
+    let icmp = matches!(tuple.protocol, netiso_common::IPPROTO_ICMP | netiso_common::IPPROTO_ICMPV6);
+    DatapathRecord {
+        event,
+        time: wall_clock(c.first_seen_ns),
+        last_seen: wall_clock(c.last_seen_ns),
+        src_ip,
+        dst_ip,
+        src_port: tuple.src_port,
+        dst_port: tuple.dst_port,
+        protocol: protocol_name(tuple.protocol),
+        icmp_type: icmp.then_some(tuple.icmp_type),
+        icmp_code: icmp.then_some(tuple.icmp_code),
+        reason: None,
+        reason_class: None,
+        reason_inferred: false,
+        location: None,
+        netns: None,
+        direction: None,
+        ifindex: c.ifindex,
+        interface: None,
+        packets: c.packets,
+        bytes: c.bytes,
+        tcp_flags: (tuple.protocol == netiso_common::IPPROTO_TCP).then(|| tcp_flag_names(c.tcp_flags)),
+        overflow: false,
+        new_key: false,
+        delta_packets: 0,
+        delta_bytes: 0,
+    }
 }
 
 /// One kernel map and what user space already knows of its keys.
