@@ -121,7 +121,7 @@ fn received(lines: &Mutex<Vec<String>>, port: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_grant_ends_an_open_follow_stream_within_the_cache_ttl() {
-    let (node, pod, _cleanup, fake, mut daemon, dir) = daemon_asking_a_fake("nr").await;
+    let (node, pod, _cleanup, fake, mut daemon, dir) = daemon_asking_a_fake("nv").await;
     connect(&node, &pod);
     fake.add_token("t-erin", "erin", &[]);
     fake.add_token("t-frank", "frank", &[]);

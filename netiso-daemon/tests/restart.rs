@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use netiso::evidence::store::{Query, Store};
-use support::{Daemon, connect, node_and_pod, tag, udp_from_pod};
+use support::{Daemon, connect, curl, node_and_pod, tag, udp_from_pod, wait_until};
 
 #[test]
 fn records_survive_a_daemon_restart() {
@@ -17,15 +17,20 @@ fn records_survive_a_daemon_restart() {
     let args = ["--drain-interval", "200ms"];
 
     let mut first = Daemon::start(&node, &store, &args);
+    // Stopped once the drop is stored: what is asserted is that records survive, not how fast.
+    let stored = |port: u16| {
+        let (_, body) = curl(&node, &[&format!("http://127.0.0.1:9963/v1/flows?verdict=dropped&port={port}")]);
+        body.contains(&format!("\"port\":{port}"))
+    };
     udp_from_pod(&pod, 42001, 9101);
-    std::thread::sleep(Duration::from_millis(800));
+    assert!(wait_until(Duration::from_secs(30), || stored(9101)));
     first.stop();
     let before = Store::open(&store, Default::default()).unwrap().query(&Query::default()).unwrap();
     assert!(before.iter().any(|r| r.destination.port == 9101), "the first run stored its drop");
 
     let mut second = Daemon::start(&node, &store, &args);
     udp_from_pod(&pod, 42002, 9102);
-    std::thread::sleep(Duration::from_millis(800));
+    assert!(wait_until(Duration::from_secs(30), || stored(9102)));
     second.stop();
 
     let after = Store::open(&store, Default::default()).unwrap().query(&Query::default()).unwrap();
