@@ -128,7 +128,11 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
         dropped.iter().find(|r| r.source.ip.to_string() == "10.244.0.10").expect("the blocked TCP flow is a record");
     assert_eq!(record.reason.as_deref(), Some("NETFILTER_DROP"));
     assert_eq!(record.policy.attribution, Attribution::DeniedByNetworkPolicy);
-    assert_eq!(record.policy.direction.as_deref(), Some("both"), "develop's egress and production's ingress both deny");
+    assert_eq!(
+        record.policy.direction,
+        Some(netiso::evidence::record::PolicySides::Both),
+        "develop's egress and production's ingress both deny"
+    );
     let policies: Vec<String> = record.policy.policies.iter().map(|p| p.to_string()).collect();
     for name in ["production/default-deny-all", "production/allow-from-ingress-nginx", "develop/default-deny-all"] {
         assert!(policies.contains(&name.to_owned()), "{name} missing from {policies:?}");

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::record::{Attribution, FlowRecord, FlowVerdict, PolicyVerdict};
+use super::record::{Attribution, Evidence, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
@@ -24,8 +24,7 @@ pub struct FlowFacts {
     pub source_namespace: String,
     pub destination_namespace: String,
     pub attribution: Attribution,
-    /// `ingress`, `egress` or `both`, as in the record's policy verdict.
-    pub policy_direction: Option<String>,
+    pub policy_direction: Option<PolicySides>,
     pub policies: Vec<PolicyRef>,
 }
 
@@ -38,7 +37,7 @@ impl FlowFacts {
             source_namespace: r.source.namespace.clone().unwrap_or_default(),
             destination_namespace: r.destination.namespace.clone().unwrap_or_default(),
             attribution: r.policy.attribution,
-            policy_direction: r.policy.direction.clone(),
+            policy_direction: r.policy.direction,
             policies: r.policy.policies.clone(),
         }
     }
@@ -234,7 +233,7 @@ impl Correlator {
         source_pod: Option<Arc<PodSnapshot>>,
         destination_pod: Option<Arc<PodSnapshot>>,
         is_reply: bool,
-    ) -> (PolicyVerdict, Option<serde_json::Value>) {
+    ) -> (PolicyVerdict, Option<Evidence>) {
         let dropped = r.event == EventKind::Drop;
         let policy_drop = r.reason_class == Some(ReasonClass::Policy);
         let Ok(protocol) = r.protocol.parse::<Protocol>() else {
@@ -287,12 +286,14 @@ impl Correlator {
             }
         };
         let verdict = attribute(&explanation, dropped, policy_drop);
-        let mut evidence = serde_json::json!({ "explanation": explanation });
-        if dropped {
+        let policies = if dropped {
             let mut refs: Vec<PolicyRef> = explanation.egress.isolating_policies.clone();
             refs.extend(explanation.ingress.isolating_policies.iter().cloned());
-            evidence["policies"] = serde_json::to_value(self.inventory.policy_objects(&refs)).unwrap_or_default();
-        }
+            self.inventory.policy_objects(&refs)
+        } else {
+            vec![]
+        };
+        let evidence = Evidence { explanation, policies };
         (verdict, Some(evidence))
     }
 }
@@ -305,14 +306,10 @@ fn reverse(r: &DatapathRecord) -> Conversation {
     (r.protocol.clone(), r.dst_ip, r.dst_port, r.src_ip, r.src_port)
 }
 
-fn denied_side(x: &Explanation) -> (Option<String>, Vec<PolicyRef>) {
+fn denied_side(x: &Explanation) -> (Option<PolicySides>, Vec<PolicyRef>) {
     let denied: Vec<&DirectionReport> =
         [&x.egress, &x.ingress].into_iter().filter(|d| d.verdict == Verdict::Denied).collect();
-    let direction = match denied.as_slice() {
-        [one] => Some(one.direction.as_str().to_owned()),
-        [_, _] => Some("both".to_owned()),
-        _ => None,
-    };
+    let direction = PolicySides::of(denied.iter().map(|d| d.direction));
     let mut policies: Vec<PolicyRef> = denied.iter().flat_map(|d| d.isolating_policies.iter().cloned()).collect();
     policies.dedup();
     (direction, policies)
@@ -344,11 +341,7 @@ pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVer
             let mut policies: Vec<PolicyRef> =
                 isolated.iter().flat_map(|d| d.allowed_by.iter().map(|r| r.policy.clone())).collect();
             policies.dedup();
-            let direction = match isolated.as_slice() {
-                [one] => Some(one.direction.as_str().to_owned()),
-                [_, _] => Some("both".to_owned()),
-                _ => None,
-            };
+            let direction = PolicySides::of(isolated.iter().map(|d| d.direction));
             let attribution = match (dropped, policy_drop, isolated.is_empty()) {
                 (true, true, _) => Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
                 (true, false, _) => Attribution::DroppedByKernelForNonPolicyReason,
@@ -370,6 +363,7 @@ pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVer
 mod tests {
     use super::*;
     use crate::inventory::{Change, Kind, Object};
+    use crate::policy::engine::MissKind;
 
     fn inventory() -> Arc<Inventory> {
         let inv = Inventory::new(&[], Duration::from_secs(3600));
@@ -440,13 +434,13 @@ mod tests {
         assert_eq!(rec.source.pod_key().as_deref(), Some("develop/debug"));
         assert_eq!(rec.destination.pod_key().as_deref(), Some("production/api"));
         assert_eq!(rec.policy.attribution, Attribution::DeniedByNetworkPolicy);
-        assert_eq!(rec.policy.direction.as_deref(), Some("both"));
+        assert_eq!(rec.policy.direction, Some(PolicySides::Both));
         let names: Vec<String> = rec.policy.policies.iter().map(|p| p.to_string()).collect();
         assert!(names.contains(&"production/default-deny-all".to_owned()), "{names:?}");
         assert!(names.contains(&"production/allow-from-ingress-nginx".to_owned()), "{names:?}");
         let evidence = rec.evidence.unwrap();
-        assert!(evidence["policies"].as_array().unwrap().len() >= 4, "the policy objects in force are kept");
-        assert_eq!(evidence["explanation"]["ingress"]["nearest_misses"][0]["kind"], "peer_only");
+        assert!(evidence.policies.len() >= 4, "the policy objects in force are kept");
+        assert_eq!(evidence.explanation.ingress.nearest_misses[0].kind, MissKind::PeerOnly);
     }
 
     #[test]

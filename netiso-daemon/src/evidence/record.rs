@@ -3,12 +3,14 @@
 
 use std::time::SystemTime;
 
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::Direction as PacketDirection;
 use crate::datapath::reasons::ReasonClass;
 use crate::inventory::identity::Identity;
-use crate::policy::{PolicyRef, Verdict};
+use crate::policy::suggest::Suggestion;
+use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
 
 pub mod rfc3339 {
     use std::time::SystemTime;
@@ -76,13 +78,49 @@ pub enum Attribution {
     NotApplicable,
 }
 
+/// The side(s) of a flow whose policies decided it: the destination's ingress, the source's
+/// egress, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicySides {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl PolicySides {
+    /// The sides of these directions; none for none.
+    pub fn of(directions: impl IntoIterator<Item = Direction>) -> Option<Self> {
+        let (mut ingress, mut egress) = (false, false);
+        for direction in directions {
+            match direction {
+                Direction::Ingress => ingress = true,
+                Direction::Egress => egress = true,
+            }
+        }
+        match (ingress, egress) {
+            (true, true) => Some(PolicySides::Both),
+            (true, false) => Some(PolicySides::Ingress),
+            (false, true) => Some(PolicySides::Egress),
+            (false, false) => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicySides::Ingress => "ingress",
+            PolicySides::Egress => "egress",
+            PolicySides::Both => "both",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyVerdict {
     /// The engine's verdict; none when not evaluated.
     pub verdict: Option<Verdict>,
-    /// Which side decided: `ingress`, `egress` or `both` (denied), or where the allowing
-    /// policies sit (allowed).
-    pub direction: Option<String>,
+    /// Which side decided (denied), or where the allowing policies sit (allowed).
+    pub direction: Option<PolicySides>,
     pub attribution: Attribution,
     /// Denied: the isolating policies of the denying side(s). Allowed: the allowing policies.
     pub policies: Vec<PolicyRef>,
@@ -128,13 +166,92 @@ pub struct FlowRecord {
     /// The inventory could not be refreshed when this record was made.
     #[serde(default)]
     pub inventory_stale: bool,
-    /// The evaluation trace and, for drops, the policy objects in force: kept for the evidence
-    /// bundle, left out of listings.
+    /// Kept for the evidence bundle, left out of listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub evidence: Option<serde_json::Value>,
+    pub evidence: Option<Evidence>,
+}
+
+/// What proves a record's verdict: the engine's evaluation and, for drops, the NetworkPolicy
+/// objects in force when the flow was judged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub explanation: Explanation,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<NetworkPolicy>,
+}
+
+/// `GET /v1/flows`: records without their evidence, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowList {
+    pub flows: Vec<FlowRecord>,
+    /// Older records match too: a client that needs them all narrows the window.
+    #[serde(default)]
+    pub more: bool,
+}
+
+/// `GET /v1/flows/{id}/evidence`: one record and everything that explains it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceBundle {
+    pub record: FlowRecord,
+    pub kernel: KernelFacts,
+    pub policies_in_force: Vec<NetworkPolicy>,
+    pub labels: EndLabels,
+    pub evaluation: Option<Explanation>,
+    pub suggested_policy: Option<Suggestion>,
+}
+
+/// What the kernel said about the packet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelFacts {
+    pub reason: Option<String>,
+    pub reason_class: Option<ReasonClass>,
+    #[serde(default)]
+    pub reason_inferred: bool,
+    pub location: Option<String>,
+    pub interface: Option<String>,
+}
+
+/// The labels of both ends and of their namespaces, as the flow was judged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndLabels {
+    pub source: Option<Labels>,
+    pub destination: Option<Labels>,
+    pub source_namespace: Option<Labels>,
+    pub destination_namespace: Option<Labels>,
+}
+
+impl EvidenceBundle {
+    pub fn of(r: &FlowRecord) -> Self {
+        let evidence = r.evidence.as_ref();
+        let explanation = evidence.map(|e| &e.explanation);
+        EvidenceBundle {
+            record: r.listed(),
+            kernel: KernelFacts {
+                reason: r.reason.clone(),
+                reason_class: r.reason_class,
+                reason_inferred: r.reason_inferred,
+                location: r.location.clone(),
+                interface: r.interface.clone(),
+            },
+            policies_in_force: evidence.map(|e| e.policies.clone()).unwrap_or_default(),
+            labels: EndLabels {
+                source: r.source.labels.clone(),
+                destination: r.destination.labels.clone(),
+                source_namespace: explanation.and_then(|x| x.flow.from.namespace_labels.clone()),
+                destination_namespace: explanation.and_then(|x| x.flow.to.namespace_labels.clone()),
+            },
+            evaluation: explanation.cloned(),
+            suggested_policy: explanation.and_then(|x| x.suggestion.clone()),
+        }
+    }
 }
 
 impl FlowRecord {
+    /// The record as listed: without its evidence.
+    pub fn listed(&self) -> FlowRecord {
+        FlowRecord { evidence: None, ..self.clone() }
+    }
+
     /// Namespaces of both ends, for the index.
     pub fn namespaces(&self) -> Vec<&str> {
         let mut v: Vec<&str> =

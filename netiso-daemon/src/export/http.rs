@@ -13,13 +13,13 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
 use crate::datapath::DatapathStats;
-use crate::evidence::record::{FlowRecord, FlowVerdict};
+use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict};
 use crate::evidence::store::{Query, Store};
 use crate::inventory::Inventory;
 
@@ -127,15 +127,6 @@ pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), Ba
     Ok((q, follow))
 }
 
-/// A record as listed: without the stored evaluation trace.
-fn listed(r: &FlowRecord) -> Value {
-    let mut v = serde_json::to_value(r).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("evidence");
-    }
-    v
-}
-
 async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<HashMap<String, String>>) -> Response {
     let (query, follow) = match parse_query(&params) {
         Ok(q) => q,
@@ -157,15 +148,15 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
     let history = page.records;
     if !follow {
         // `more`: older records match too; a client that needs them all narrows the window.
-        return axum::Json(json!({"flows": history.iter().map(listed).collect::<Vec<_>>(), "more": page.more}))
-            .into_response();
+        let flows = history.iter().map(FlowRecord::listed).collect();
+        return axum::Json(FlowList { flows, more: page.more }).into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     tokio::spawn(async move {
         let mut last = 0u64;
         for r in history.iter().rev() {
             last = last.max(r.id);
-            if tx.send(Ok(Bytes::from(format!("{}\n", listed(r))))).await.is_err() {
+            if tx.send(Ok(Bytes::from(ndjson_line(&r.listed())))).await.is_err() {
                 return;
             }
         }
@@ -173,7 +164,7 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
             match live.recv().await {
                 Ok(r) if r.id > last && query.matches(&r) => {
                     last = r.id;
-                    if tx.send(Ok(Bytes::from(format!("{}\n", listed(&r))))).await.is_err() {
+                    if tx.send(Ok(Bytes::from(ndjson_line(&r.listed())))).await.is_err() {
                         return;
                     }
                 }
@@ -204,29 +195,10 @@ impl futures::Stream for ChannelStream {
     }
 }
 
-/// The evidence bundle of one record.
-pub fn bundle(r: &FlowRecord) -> Value {
-    let evidence = r.evidence.clone().unwrap_or(Value::Null);
-    let explanation = &evidence["explanation"];
-    json!({
-        "record": listed(r),
-        "kernel": {
-            "reason": r.reason,
-            "reason_class": r.reason_class,
-            "reason_inferred": r.reason_inferred,
-            "location": r.location,
-            "interface": r.interface,
-        },
-        "policies_in_force": evidence.get("policies").cloned().unwrap_or_else(|| json!([])),
-        "labels": {
-            "source": r.source.labels,
-            "destination": r.destination.labels,
-            "source_namespace": explanation["flow"]["from"]["namespace_labels"],
-            "destination_namespace": explanation["flow"]["to"]["namespace_labels"],
-        },
-        "evaluation": explanation,
-        "suggested_policy": explanation.get("suggestion").cloned().unwrap_or(Value::Null),
-    })
+fn ndjson_line(r: &FlowRecord) -> String {
+    let mut line = serde_json::to_string(r).unwrap_or_default();
+    line.push('\n');
+    line
 }
 
 async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
@@ -235,7 +207,7 @@ async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> 
     };
     let store = shared.store.clone();
     match tokio::task::spawn_blocking(move || store.get(id)).await {
-        Ok(Ok(Some(r))) => axum::Json(bundle(&r)).into_response(),
+        Ok(Ok(Some(r))) => axum::Json(EvidenceBundle::of(&r)).into_response(),
         Ok(Ok(None)) => (
             StatusCode::NOT_FOUND,
             axum::Json(json!({"error": format!("no record {id} (removed by retention, or on another node)")})),

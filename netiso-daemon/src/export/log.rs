@@ -67,7 +67,7 @@ impl BlockedFlowLog {
             reason_inferred = r.reason_inferred,
             location = r.location.as_deref().unwrap_or(""),
             attribution = ?r.policy.attribution,
-            direction = r.policy.direction.as_deref().unwrap_or(""),
+            direction = r.policy.direction.map(|d| d.as_str()).unwrap_or(""),
             policies = %policies.join(","),
             summary = %r.policy.summary,
             inventory_stale = r.inventory_stale,

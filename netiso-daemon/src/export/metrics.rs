@@ -224,8 +224,10 @@ impl Metrics {
                         reason: f.reason.clone().unwrap_or_default(),
                     })
                     .inc_by(packets);
-                let direction =
-                    f.policy_direction.clone().filter(|_| f.attribution == Attribution::DeniedByNetworkPolicy);
+                let direction = f
+                    .policy_direction
+                    .filter(|_| f.attribution == Attribution::DeniedByNetworkPolicy)
+                    .map(|d| d.as_str().to_owned());
                 self.namespace_drops
                     .get_or_create(&NamespaceDropLabels {
                         source_namespace: f.source_namespace.clone(),
@@ -362,7 +364,7 @@ mod tests {
             source_namespace: "develop".into(),
             destination_namespace: "production".into(),
             attribution: Attribution::DeniedByNetworkPolicy,
-            policy_direction: Some("ingress".into()),
+            policy_direction: Some(crate::evidence::record::PolicySides::Ingress),
             policies: vec![PolicyRef {
                 namespace: "production".into(),
                 name: "default-deny-all".into(),

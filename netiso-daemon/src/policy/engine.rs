@@ -690,7 +690,7 @@ pub fn describe_port(spec: &PortSpec) -> String {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
     pub verdict: Verdict,
     pub flow: FlowView,
@@ -703,7 +703,7 @@ pub struct Explanation {
     pub suggestion: Option<super::suggest::Suggestion>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowView {
     pub from: EndpointView,
     pub to: EndpointView,
@@ -711,7 +711,7 @@ pub struct FlowView {
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EndpointView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
@@ -725,7 +725,7 @@ pub struct EndpointView {
     pub namespace_labels: Option<Labels>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DirectionReport {
     pub direction: Direction,
     /// `namespace/pod` whose policies decide this direction; none for a non-pod end.
@@ -738,7 +738,7 @@ pub struct DirectionReport {
     pub summary: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RuleRef {
     pub policy: PolicyRef,
     pub rule: usize,
@@ -748,7 +748,7 @@ pub struct RuleRef {
     pub port: Option<usize>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissKind {
     /// The policy has no rules for this direction: a default deny.
@@ -760,7 +760,7 @@ pub enum MissKind {
     PeerAndPort,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NearestMiss {
     pub policy: PolicyRef,
     pub rule: Option<usize>,
@@ -770,7 +770,7 @@ pub struct NearestMiss {
     pub summary: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerMiss {
     NotAPod { peer: usize, ip: Option<IpAddr> },

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -59,7 +59,7 @@ pub struct Selector {
 }
 
 /// One requirement a label set failed, with the value it had.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabelMiss {
     pub requirement: String,
     pub key: String,

@@ -9,7 +9,7 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::engine::{Direction, Endpoint, Explanation, NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
 use super::model::{Labels, PodInfo, Protocol};
@@ -54,7 +54,7 @@ pub fn dns_label(text: &str, max: usize) -> String {
     out.trim_matches('-').to_owned()
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Suggestion {
     pub policies: Vec<NetworkPolicy>,
     /// The policies as one multi-document YAML, ready for `kubectl apply -f -`.
