@@ -194,7 +194,7 @@ fn observe_and_evidence_fail_naming_the_server_and_what_it_answered() {
     assert!(failed_naming(&unreachable, &["http://127.0.0.1:9"]), "{unreachable:?}");
 
     // A daemon that restarts mid-stream: the record it sent is shown, and the end is a failure.
-    let record = r#"{"id":"7","time":"2026-12-05T04:17:21Z","node":"n1","verdict":"dropped","protocol":"TCP","source":{"ip":"10.244.0.10","port":40009},"destination":{"ip":"10.244.0.30","port":8080},"reason":"NETFILTER_DROP","policy":{"attribution":"denied_by_network_policy","policies":[]}}
+    let record = r#"{"id":"7","time":"2026-12-05T04:17:21Z","last_seen":"2026-12-05T04:17:21Z","node":"n1","verdict":"dropped","protocol":"TCP","source":{"kind":"pod","namespace":"develop","pod":"debug","workload":null,"ip":"10.244.0.10","port":40009},"destination":{"kind":"pod","namespace":"production","pod":"api","workload":null,"ip":"10.244.0.30","port":8080},"reason":"NETFILTER_DROP","packets":1,"bytes":60,"policy":{"verdict":"denied","direction":"both","attribution":"denied_by_network_policy","policies":[],"summary":""}}
 "#;
     let restarting = foreign_server("application/x-ndjson", record);
     let out = netiso(&["observe", "-f", "-o", "json", "--server", &restarting]);

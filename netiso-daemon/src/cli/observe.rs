@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use serde_json::Value;
 
 use super::client::{self, Target, encode, excerpt};
+use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, StreamNotice};
+use crate::inventory::identity::Identity;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -101,68 +102,61 @@ impl ObserveArgs {
     }
 }
 
-fn end(v: &Value) -> String {
-    let ip = v["ip"].as_str().unwrap_or("?");
-    let port = &v["port"];
-    match (v["namespace"].as_str(), v["pod"].as_str()) {
-        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{port}"),
-        _ if ip.contains(':') => format!("[{ip}]:{port}"),
-        _ => format!("{ip}:{port}"),
+fn end(id: &Identity) -> String {
+    match (&id.namespace, &id.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", id.port),
+        _ if id.ip.is_ipv6() => format!("[{}]:{}", id.ip, id.port),
+        _ => format!("{}:{}", id.ip, id.port),
     }
 }
 
-fn policies(v: &Value) -> String {
-    v["policy"]["policies"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
+fn policies(r: &FlowRecord) -> String {
+    r.policy.policies.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(",")
 }
 
-fn compact(v: &Value) -> String {
-    let verdict = v["verdict"].as_str().unwrap_or("?").to_uppercase();
+fn time(r: &FlowRecord) -> String {
+    humantime::format_rfc3339_nanos(r.time).to_string()
+}
+
+fn compact(r: &FlowRecord) -> String {
     let mut line = format!(
         "{} {} {} -> {} {} {}",
-        v["time"].as_str().unwrap_or("?"),
-        v["node"].as_str().unwrap_or(""),
-        end(&v["source"]),
-        end(&v["destination"]),
-        v["protocol"].as_str().unwrap_or("?"),
-        verdict
+        time(r),
+        r.node,
+        end(&r.source),
+        end(&r.destination),
+        r.protocol,
+        r.verdict.as_str().to_uppercase()
     );
-    if let Some(reason) = v["reason"].as_str() {
+    if let Some(reason) = &r.reason {
         line.push_str(&format!(" {reason}"));
-        if v["reason_inferred"] == true {
+        if r.reason_inferred {
             line.push_str(" (inferred)");
         }
     }
-    line.push_str(&format!(" ({})", v["policy"]["attribution"].as_str().unwrap_or("?")));
-    let p = policies(v);
+    line.push_str(&format!(" ({})", r.policy.attribution.as_str()));
+    let p = policies(r);
     if !p.is_empty() {
         line.push_str(&format!(" by {p}"));
     }
-    line.push_str(&format!(" id={}", v["id"].as_str().unwrap_or("?")));
+    line.push_str(&format!(" id={}", r.id));
     line
 }
 
-fn print(out: &mut impl Write, format: Format, v: &Value) -> std::io::Result<()> {
+fn print(out: &mut impl Write, format: Format, r: &FlowRecord) -> std::io::Result<()> {
     match format {
-        Format::Json => writeln!(out, "{v}"),
-        Format::Compact => writeln!(out, "{}", compact(v)),
+        Format::Json => writeln!(out, "{}", serde_json::to_string(r)?),
+        Format::Compact => writeln!(out, "{}", compact(r)),
         Format::Table => writeln!(
             out,
             "{:<30} {:<36} {:<36} {:<6} {:<10} {:<16} {}",
-            v["time"].as_str().unwrap_or("?"),
-            end(&v["source"]),
-            end(&v["destination"]),
-            v["protocol"].as_str().unwrap_or("?"),
-            v["verdict"].as_str().unwrap_or("?"),
-            v["reason"].as_str().unwrap_or("-"),
-            policies(v)
+            time(r),
+            end(&r.source),
+            end(&r.destination),
+            r.protocol,
+            r.verdict.as_str(),
+            r.reason.as_deref().unwrap_or("-"),
+            policies(r)
         ),
     }
 }
@@ -206,15 +200,19 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
             }
             bail!("no daemon to follow");
         }
-        let mut flows: Vec<Value> = Vec::new();
+        let mut flows: Vec<FlowRecord> = Vec::new();
         let mut failures = 0;
         for endpoint in &endpoints {
             match client::get(endpoint, &path).await {
-                Ok((200, body)) => match serde_json::from_slice::<Value>(&body) {
-                    Ok(v) if v["flows"].is_array() => flows.extend(v["flows"].as_array().cloned().unwrap_or_default()),
-                    _ => {
+                Ok((200, body)) => match serde_json::from_slice::<FlowList>(&body) {
+                    Ok(list) => flows.extend(list.flows),
+                    Err(e) => {
                         failures += 1;
-                        eprintln!("netiso: {} answered with no flow listing: {}", endpoint.name(), excerpt(&body));
+                        eprintln!(
+                            "netiso: {} answered with no flow listing ({e}): {}",
+                            endpoint.name(),
+                            excerpt(&body)
+                        );
                     }
                 },
                 Ok((status, body)) => {
@@ -231,11 +229,11 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
             bail!("no server answered with flows (above)");
         }
         // Merged across servers and ordered by time; ids are nanosecond timestamps.
-        flows.sort_by_key(|v| v["id"].as_str().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0));
+        flows.sort_by_key(|r| r.id);
         let skip = flows.len().saturating_sub(args.last);
         let mut out = stdout.lock();
-        for v in &flows[skip..] {
-            print(&mut out, args.output, v)?;
+        for r in &flows[skip..] {
+            print(&mut out, args.output, r)?;
         }
         if failures > 0 {
             bail!("{failures} of {} servers did not answer (above); the listing is partial", endpoints.len());
@@ -246,19 +244,17 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
 
 /// One line of a followed stream: a record to print, a notice from the server, or an error.
 fn follow_line(server: &str, format: Format, line: &str) -> anyhow::Result<()> {
-    let Ok(v) = serde_json::from_str::<Value>(line) else {
-        bail!("{server} sent something that is not a flow record: {}", excerpt(line.as_bytes()));
-    };
-    if v.get("id").is_none()
-        && let Some(notice) = v["error"].as_str()
-    {
-        if v["final"] == true {
-            bail!("{notice}");
+    if let Ok(notice) = serde_json::from_str::<StreamNotice>(line) {
+        if notice.ends {
+            bail!("{}", notice.error);
         }
-        eprintln!("netiso: {server}: {notice}");
+        eprintln!("netiso: {server}: {}", notice.error);
         return Ok(());
     }
-    print(&mut std::io::stdout().lock(), format, &v)?;
+    match serde_json::from_str::<FlowRecord>(line) {
+        Ok(r) => print(&mut std::io::stdout().lock(), format, &r)?,
+        Err(e) => bail!("{server} sent something that is not a flow record ({e}): {}", excerpt(line.as_bytes())),
+    }
     Ok(())
 }
 
@@ -278,13 +274,14 @@ pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
         let mut last_error = String::new();
         for endpoint in &endpoints {
             match client::get(endpoint, &path).await {
-                Ok((200, body)) => match serde_json::from_slice::<Value>(&body) {
-                    Ok(v) if v.get("record").is_some() => {
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                Ok((200, body)) => match serde_json::from_slice::<EvidenceBundle>(&body) {
+                    Ok(bundle) => {
+                        println!("{}", serde_json::to_string_pretty(&bundle)?);
                         return Ok(ExitCode::SUCCESS);
                     }
-                    _ => {
-                        last_error = format!("{} answered with no evidence bundle: {}", endpoint.name(), excerpt(&body))
+                    Err(e) => {
+                        last_error =
+                            format!("{} answered with no evidence bundle ({e}): {}", endpoint.name(), excerpt(&body))
                     }
                 },
                 Ok((status, body)) => {
@@ -302,22 +299,27 @@ mod tests {
     use serde_json::json;
 
     use super::compact;
+    use crate::evidence::record::FlowRecord;
 
     #[test]
     fn compact_lines_say_when_a_reason_was_inferred() {
-        let mut record = json!({
-            "time": "2026-12-05T04:17:21Z",
-            "node": "n1",
-            "source": {"namespace": "develop", "pod": "debug", "ip": "10.244.0.10", "port": 40009},
-            "destination": {"namespace": "production", "pod": "api", "ip": "10.244.0.30", "port": 8080},
-            "protocol": "TCP",
-            "verdict": "dropped",
-            "reason": "NETFILTER_DROP",
-            "policy": {"attribution": "denied_by_network_policy", "policies": []},
+        let mut record: FlowRecord = serde_json::from_value(json!({
             "id": "1",
-        });
+            "time": "2026-12-05T04:17:21Z",
+            "last_seen": "2026-12-05T04:17:21Z",
+            "node": "n1",
+            "verdict": "dropped",
+            "protocol": "TCP",
+            "source": {"kind": "pod", "namespace": "develop", "pod": "debug", "workload": null, "ip": "10.244.0.10", "port": 40009},
+            "destination": {"kind": "pod", "namespace": "production", "pod": "api", "workload": null, "ip": "10.244.0.30", "port": 8080},
+            "reason": "NETFILTER_DROP",
+            "packets": 1,
+            "bytes": 60,
+            "policy": {"verdict": "denied", "direction": "both", "attribution": "denied_by_network_policy", "policies": [], "summary": ""},
+        }))
+        .unwrap();
         assert!(compact(&record).contains(" NETFILTER_DROP (denied_by_network_policy)"), "{}", compact(&record));
-        record["reason_inferred"] = json!(true);
+        record.reason_inferred = true;
         assert!(
             compact(&record).contains(" NETFILTER_DROP (inferred) (denied_by_network_policy)"),
             "{}",

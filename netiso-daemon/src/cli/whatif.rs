@@ -7,10 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use serde_json::Value;
 
 use super::client::{self, Endpoint, Target, excerpt};
-use crate::inventory::manifests;
+use crate::evidence::record::{FlowList, FlowRecord};
+use crate::inventory::identity::Identity;
+use crate::inventory::{InventoryView, manifests};
 use crate::policy::whatif::{self, RecordedEnd, RecordedFlow, WhatIfReport};
 use crate::policy::{ClusterState, Labels, Protocol};
 
@@ -59,53 +60,43 @@ struct Recorded {
     flows: Vec<RecordedFlow>,
 }
 
-fn end(v: &Value) -> Option<RecordedEnd> {
-    Some(RecordedEnd {
-        namespace: v["namespace"].as_str().map(str::to_owned),
-        pod: v["pod"].as_str().map(str::to_owned),
-        workload: v["workload"].as_str().map(str::to_owned),
-        labels: serde_json::from_value(v["labels"].clone()).ok(),
-        ip: v["ip"].as_str()?.parse().ok()?,
-    })
+fn end(id: &Identity) -> RecordedEnd {
+    RecordedEnd {
+        namespace: id.namespace.clone(),
+        pod: id.pod.clone(),
+        workload: id.workload.clone(),
+        labels: id.labels.clone(),
+        ip: id.ip,
+    }
 }
 
 /// A flow record as a flow to decide again; replies and protocols NetworkPolicy does not govern
-/// are left out (Ok(None)); a record that cannot be read is an error.
-fn recorded_flow(v: &Value) -> Result<Option<RecordedFlow>, String> {
-    if v["is_reply"].as_bool() == Some(true) {
-        return Ok(None);
+/// are left out.
+fn recorded_flow(r: &FlowRecord) -> Option<RecordedFlow> {
+    if r.is_reply {
+        return None;
     }
-    let Some(protocol) = v["protocol"].as_str() else { return Err("it has no protocol".into()) };
-    let Ok(protocol) = protocol.parse::<Protocol>() else { return Ok(None) };
-    let port = &v["destination"]["port"];
-    Ok(Some(RecordedFlow {
-        source: end(&v["source"]).ok_or("its source has no address")?,
-        destination: end(&v["destination"]).ok_or("its destination has no address")?,
-        port: port.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| format!("`{port}` is not a port"))?,
+    let protocol = r.protocol.parse::<Protocol>().ok()?;
+    Some(RecordedFlow {
+        source: end(&r.source),
+        destination: end(&r.destination),
+        port: r.destination.port,
         protocol,
-        recorded: v["verdict"].as_str().ok_or("it has no verdict")?.to_owned(),
-    }))
+        recorded: r.verdict.as_str().to_owned(),
+    })
 }
 
 /// The flows of one server's answer. A gate must judge every recorded flow: an answer that says
-/// it holds only part of the window, or a record that cannot be read, is an error.
-fn recorded_flows(server: &str, answer: &Value) -> anyhow::Result<Vec<RecordedFlow>> {
-    if answer["more"] == true {
+/// it holds only part of the window is an error (and one whose records cannot be read is not a
+/// `FlowList` at all).
+fn recorded_flows(server: &str, answer: &FlowList) -> anyhow::Result<Vec<RecordedFlow>> {
+    if answer.more {
         bail!(
             "{server} holds more than {} records in the window; narrow --since so that every recorded flow is replayed",
             crate::export::http::MAX_LIMIT
         );
     }
-    let Some(records) = answer["flows"].as_array() else { bail!("{server} answered without a list of flows") };
-    let mut flows = Vec::new();
-    for record in records {
-        match recorded_flow(record) {
-            Ok(Some(flow)) => flows.push(flow),
-            Ok(None) => {}
-            Err(why) => bail!("{server}: record {} cannot be replayed: {why}", record["id"]),
-        }
-    }
-    Ok(flows)
+    Ok(answer.flows.iter().filter_map(recorded_flow).collect())
 }
 
 async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
@@ -117,7 +108,9 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
         if inventory.is_none() {
             match client::get(endpoint, "/v1/inventory").await {
                 Ok((200, body)) => {
-                    inventory = Some(serde_json::from_slice::<Value>(&body).context("not an inventory")?)
+                    inventory = Some(serde_json::from_slice::<InventoryView>(&body).with_context(|| {
+                        format!("{} did not answer with its inventory: {}", endpoint.name(), excerpt(&body))
+                    })?)
                 }
                 Ok((status, body)) => {
                     eprintln!("netiso: {}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim())
@@ -134,18 +127,12 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
         if status != 200 {
             bail!("{name} answered HTTP {status} for its recorded flows: {}", excerpt(&body));
         }
-        let answer: Value = serde_json::from_slice(&body)
-            .with_context(|| format!("{name} did not answer with JSON for its recorded flows: {}", excerpt(&body)))?;
+        let answer: FlowList = serde_json::from_slice(&body)
+            .with_context(|| format!("{name} did not answer with readable flow records: {}", excerpt(&body)))?;
         flows.extend(recorded_flows(&name, &answer)?);
     }
     let Some(inventory) = inventory else { bail!("no server answered with its inventory") };
-    let state = ClusterState {
-        namespaces: serde_json::from_value(inventory["namespaces"].clone()).context("inventory namespaces")?,
-        pods: serde_json::from_value(inventory["pods"].clone()).context("inventory pods")?,
-        policies: serde_json::from_value(inventory["policies"].clone()).context("inventory policies")?,
-    };
-    let dns = serde_json::from_value(inventory["dns_selector"].clone()).unwrap_or_default();
-    Ok(Recorded { state, dns, flows })
+    Ok(Recorded { state: inventory.state, dns: inventory.dns_selector, flows })
 }
 
 fn table(out: &mut impl Write, title: &str, groups: &[whatif::FlowGroup]) -> std::io::Result<()> {
@@ -261,33 +248,38 @@ pub fn advise(args: AdviseArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
-    use super::recorded_flow;
+    use super::recorded_flows;
+    use crate::evidence::record::FlowList;
+
+    fn record(id: &str, destination_port: Value) -> Value {
+        json!({"id": id, "time": "2026-12-05T04:17:21Z", "last_seen": "2026-12-05T04:17:21Z", "node": "n1",
+            "verdict": "forwarded", "protocol": "TCP", "packets": 1, "bytes": 60,
+            "source": {"kind": "pod", "namespace": "ingress-nginx", "pod": "controller", "workload": null,
+                "ip": "10.244.0.40", "port": 40000},
+            "destination": {"kind": "pod", "namespace": "production", "pod": "api", "workload": null,
+                "ip": "10.244.0.30", "port": destination_port},
+            "reason": null,
+            "policy": {"verdict": "allowed", "direction": null, "attribution": "not_isolated", "policies": [], "summary": ""}})
+    }
 
     #[test]
     fn a_port_out_of_range_is_not_wrapped_into_another_port() {
-        let mut record = json!({
-            "verdict": "forwarded",
-            "protocol": "TCP",
-            "source": {"ip": "10.244.0.40", "namespace": "ingress-nginx", "pod": "controller"},
-            "destination": {"ip": "10.244.0.30", "namespace": "production", "pod": "api", "port": 8080},
-        });
-        assert_eq!(recorded_flow(&record).unwrap().map(|f| f.port), Some(8080));
-        record["destination"]["port"] = json!(65536 + 8080);
-        assert!(recorded_flow(&record).unwrap_err().contains("73616"));
+        let list: FlowList = serde_json::from_value(json!({"flows": [record("1", json!(8080))]})).unwrap();
+        assert_eq!(recorded_flows("n1", &list).unwrap()[0].port, 8080);
+        let wrapped = serde_json::from_value::<FlowList>(json!({"flows": [record("1", json!(65536 + 8080))]}));
+        assert!(wrapped.unwrap_err().to_string().contains("73616"));
     }
 
     #[test]
     fn a_partial_or_unreadable_answer_fails_the_replay() {
-        let good = json!({"id": "1", "verdict": "forwarded", "protocol": "TCP",
-            "source": {"ip": "10.244.0.40"}, "destination": {"ip": "10.244.0.30", "port": 8080}});
-        assert_eq!(super::recorded_flows("n1", &json!({"flows": [good.clone()], "more": false})).unwrap().len(), 1);
-        let capped = super::recorded_flows("n1", &json!({"flows": [good.clone()], "more": true})).unwrap_err();
-        assert!(capped.to_string().contains("n1 holds more than"), "{capped}");
-        let unreadable = json!({"id": "2", "verdict": "forwarded", "protocol": "TCP", "source": {}, "destination": {}});
-        let err = super::recorded_flows("n1", &json!({"flows": [good, unreadable]})).unwrap_err();
-        assert!(err.to_string().contains("record \"2\" cannot be replayed"), "{err}");
-        assert!(super::recorded_flows("n1", &json!({"error": "x"})).is_err());
+        let capped: FlowList =
+            serde_json::from_value(json!({"flows": [record("1", json!(8080))], "more": true})).unwrap();
+        let err = recorded_flows("n1", &capped).unwrap_err();
+        assert!(err.to_string().contains("n1 holds more than"), "{err}");
+        let unreadable = json!({"flows": [record("1", json!(8080)), {"id": "2", "verdict": "forwarded"}]});
+        assert!(serde_json::from_value::<FlowList>(unreadable).is_err());
+        assert!(serde_json::from_value::<FlowList>(json!({"error": "x"})).is_err());
     }
 }

@@ -78,6 +78,24 @@ pub enum Attribution {
     NotApplicable,
 }
 
+impl Attribution {
+    /// As in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attribution::DeniedByNetworkPolicy => "denied_by_network_policy",
+            Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain => {
+                "dropped_by_firewall_rule_network_policy_does_not_explain"
+            }
+            Attribution::DroppedByKernelForNonPolicyReason => "dropped_by_kernel_for_non_policy_reason",
+            Attribution::AllowedByNetworkPolicy => "allowed_by_network_policy",
+            Attribution::NotIsolated => "not_isolated",
+            Attribution::ForwardedDespiteNetworkPolicy => "forwarded_despite_network_policy",
+            Attribution::Reply => "reply",
+            Attribution::NotApplicable => "not_applicable",
+        }
+    }
+}
+
 /// The side(s) of a flow whose policies decided it: the destination's ingress, the source's
 /// egress, or both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -178,6 +196,24 @@ pub struct Evidence {
     pub explanation: Explanation,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<NetworkPolicy>,
+}
+
+/// A line of a followed stream (`GET /v1/flows?follow=true`) that is not a record: what its reader
+/// should know (records skipped), or why the stream ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamNotice {
+    pub error: String,
+    /// The server ends the stream after this line.
+    #[serde(rename = "final", default, skip_serializing_if = "std::ops::Not::not")]
+    pub ends: bool,
+}
+
+impl StreamNotice {
+    pub fn line(&self) -> String {
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
 }
 
 /// `GET /v1/flows`: records without their evidence, newest first.

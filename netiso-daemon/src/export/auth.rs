@@ -19,6 +19,8 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessRevie
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
+
+use crate::evidence::record::StreamNotice;
 use tokio::sync::Semaphore;
 
 /// The resource attribute a caller must be allowed (`get nodes/proxy <node>`).
@@ -256,8 +258,8 @@ fn revocable(response: Response, authorizer: Arc<Authorizer>, token: String) -> 
                         Err(e) => format!("credentials cannot be checked now: {e}"),
                     };
                     tracing::info!(reason = %ended, "follow stream ended: access re-checked");
-                    let line = json!({"error": format!("stream ended: {ended}"), "final": true});
-                    let _ = tx.send(Ok(format!("{line}\n").into())).await;
+                    let notice = StreamNotice { error: format!("stream ended: {ended}"), ends: true };
+                    let _ = tx.send(Ok(notice.line().into())).await;
                     return;
                 }
             }

@@ -19,9 +19,9 @@ use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
 use crate::datapath::DatapathStats;
-use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict};
+use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict, StreamNotice};
 use crate::evidence::store::{Query, Store};
-use crate::inventory::Inventory;
+use crate::inventory::{Freshness, Inventory, InventoryView};
 
 /// Everything the listener reads; owned by `netiso run`.
 pub struct Shared {
@@ -170,8 +170,11 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let note = json!({"error": format!("{n} records were skipped: the reader is too slow")});
-                    if tx.send(Ok(Bytes::from(format!("{note}\n")))).await.is_err() {
+                    let note = StreamNotice {
+                        error: format!("{n} records were skipped: the reader is too slow"),
+                        ends: false,
+                    };
+                    if tx.send(Ok(Bytes::from(note.line()))).await.is_err() {
                         return;
                     }
                 }
@@ -270,22 +273,15 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-/// The inventory as the engine sees it, for `netiso whatif` and `netiso advise`: namespaces,
-/// pods, the NetworkPolicies in force, and the kube-dns Service's selector.
+/// The inventory as the engine sees it, for `netiso whatif` and `netiso advise`.
 async fn inventory(State(shared): State<Arc<Shared>>) -> Response {
-    let state = shared.inventory.cluster_state();
-    let dns = shared
+    let dns_selector = shared
         .inventory
         .service_selector("kube-system", "kube-dns")
         .unwrap_or_else(|| [("k8s-app".to_owned(), "kube-dns".to_owned())].into());
-    axum::Json(json!({
-        "namespaces": state.namespaces,
-        "pods": state.pods,
-        "policies": state.policies,
-        "dns_selector": dns,
-        "status": {"synced": shared.inventory.status().synced, "stale": shared.inventory.status().stale},
-    }))
-    .into_response()
+    let status = shared.inventory.status();
+    let status = Freshness { synced: status.synced, stale: status.stale };
+    axum::Json(InventoryView { state: shared.inventory.cluster_state(), dns_selector, status }).into_response()
 }
 
 /// Metrics and health: for Prometheus and probes, no credentials.

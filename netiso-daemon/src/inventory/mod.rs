@@ -16,9 +16,11 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use serde::{Deserialize, Serialize};
+
 use self::identity::{EndpointKind, Identity, Workload};
 use self::timeline::{IpTimeline, PodSnapshot};
-use crate::policy::{ClusterState, NamespaceInfo, PodInfo, PolicyEngine, PolicyRef};
+use crate::policy::{ClusterState, Labels, NamespaceInfo, PodInfo, PolicyEngine, PolicyRef};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -110,6 +112,22 @@ pub struct InventoryStatus {
     pub stale: bool,
     pub objects: BTreeMap<&'static str, usize>,
     pub last_sync: Option<SystemTime>,
+}
+
+/// `GET /v1/inventory`, for `netiso whatif` and `netiso advise`: the cluster as the engine sees
+/// it (namespaces, pods, the NetworkPolicies in force), and the kube-dns Service's selector.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InventoryView {
+    #[serde(flatten)]
+    pub state: ClusterState,
+    pub dns_selector: Labels,
+    pub status: Freshness,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Freshness {
+    pub synced: bool,
+    pub stale: bool,
 }
 
 pub struct Inventory {

@@ -17,7 +17,7 @@ use super::selector::LabelMiss;
 /// The label every namespace carries since Kubernetes 1.21 (set by the API server).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClusterState {
     pub namespaces: Vec<NamespaceInfo>,
     pub pods: Vec<PodInfo>,
