@@ -2,8 +2,9 @@
 //!
 //! The data path reads in module order: `datapath` (kernel events) → `inventory` (who is on each
 //! end) → `policy` (which NetworkPolicy decides) → `evidence` (records kept on the node) →
-//! `export` (logs, metrics, API).
+//! `export` (logs, metrics, API). `cluster` is the vocabulary below them all.
 
+pub mod cluster;
 pub mod datapath;
 pub mod evidence;
 pub mod export;

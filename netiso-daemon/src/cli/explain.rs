@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::manifests;
+use crate::policy::suggest::explain_with_suggestion;
 use crate::policy::{EndpointRef, Explanation, Flow, PolicyEngine, PolicyError, Protocol, render};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -110,7 +111,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 port: args.port.context("--port is required")?,
                 protocol: args.protocol,
             };
-            let x = engine.explain(&flow)?;
+            let x = explain_with_suggestion(&engine, &flow)?;
             match args.output {
                 Output::Text => {
                     write!(out, "{}", render::text(&x))?;
@@ -147,7 +148,7 @@ fn batch(engine: &PolicyEngine, source: &str, out: &mut impl Write) -> anyhow::R
         let result = serde_json::from_str::<TrafficLine>(&line)
             .map_err(|e| format!("not a traffic line: {e}"))
             .and_then(|t| Ok(Flow { from: t.from.resolve()?, to: t.to.resolve()?, port: t.port, protocol: t.protocol }))
-            .and_then(|flow| engine.explain(&flow).map_err(|e| e.to_string()));
+            .and_then(|flow| explain_with_suggestion(engine, &flow).map_err(|e| e.to_string()));
         match result {
             Ok(x) => {
                 serde_json::to_writer(&mut *out, &Answer { policy_errors: relevant(engine, &x), explanation: &x })?

@@ -8,7 +8,7 @@ mod whatif;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,11 +38,7 @@ pub enum Command {
     Advise(whatif::AdviseArgs),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
-}
+pub use crate::export::log::LogFormat;
 
 pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

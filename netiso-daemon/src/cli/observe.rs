@@ -93,7 +93,7 @@ impl ObserveArgs {
         if let Some(port) = self.port {
             pairs.push(("port", port.to_string()));
         }
-        pairs.push(("limit", self.last.clamp(1, crate::export::http::MAX_LIMIT).to_string()));
+        pairs.push(("limit", self.last.clamp(1, crate::evidence::record::MAX_LIMIT).to_string()));
         if self.follow {
             pairs.push(("follow", "true".into()));
         }

@@ -348,7 +348,7 @@ async fn export(
     handled: crate::evidence::correlate::Handled,
 ) {
     shared.metrics.observe(&handled);
-    if let crate::evidence::correlate::StoreOp::Insert(record) = &handled.op
+    if let crate::evidence::store::StoreOp::Insert(record) = &handled.op
         && record.verdict == FlowVerdict::Dropped
     {
         blocked.record(record);

@@ -93,7 +93,7 @@ fn recorded_flows(server: &str, answer: &FlowList) -> anyhow::Result<Vec<Recorde
     if answer.more {
         bail!(
             "{server} holds more than {} records in the window; narrow --since so that every recorded flow is replayed",
-            crate::export::http::MAX_LIMIT
+            crate::evidence::record::MAX_LIMIT
         );
     }
     Ok(answer.flows.iter().filter_map(recorded_flow).collect())
@@ -121,7 +121,7 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
         // Every server's flows, or no answer at all: a replay of part of the traffic would pass
         // what it did not see.
         let name = endpoint.name();
-        let path = format!("/v1/flows?since={since}&limit={}", crate::export::http::MAX_LIMIT);
+        let path = format!("/v1/flows?since={since}&limit={}", crate::evidence::record::MAX_LIMIT);
         let (status, body) =
             client::get(endpoint, &path).await.with_context(|| format!("reading the recorded flows of {name}"))?;
         if status != 200 {

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::record::{Attribution, Evidence, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
+use super::store::StoreOp;
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
 use crate::inventory::identity::{EndpointKind, Identity};
 use crate::inventory::timeline::PodSnapshot;
 use crate::policy::engine::DirectionReport;
+use crate::policy::suggest::explain_with_suggestion;
 use crate::policy::{EndpointRef, Explanation, Flow, PolicyRef, Protocol, Verdict};
 
 /// The labels a flow record contributes to metrics, kept for its later count updates.
@@ -52,19 +54,6 @@ pub struct Handled {
     pub delta_bytes: u64,
     /// How long the policy evaluation took (new records only).
     pub evaluation: Option<Duration>,
-}
-
-/// What the store should do with a datapath record.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StoreOp {
-    Insert(Box<FlowRecord>),
-    /// New cumulative counts for a record already stored.
-    Count {
-        id: u64,
-        packets: u64,
-        bytes: u64,
-        last_seen: SystemTime,
-    },
 }
 
 /// The datapath's aggregation key, as text.
@@ -270,7 +259,8 @@ impl Correlator {
             [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
         let engine = self.inventory.engine_with(&snapshots);
         let flow = Flow { from: end(source), to: end(destination), port: r.dst_port, protocol };
-        let explanation = match engine.explain(&flow) {
+        // The responder's bundle offers the fix: the suggestion is computed once, here.
+        let explanation = match explain_with_suggestion(&engine, &flow) {
             Ok(x) => x,
             Err(e) => {
                 let summary = format!("not evaluated: {e}");

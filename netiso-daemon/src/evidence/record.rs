@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::Direction as PacketDirection;
 use crate::datapath::reasons::ReasonClass;
 use crate::inventory::identity::Identity;
-use crate::policy::suggest::Suggestion;
+use crate::policy::engine::Suggestion;
 use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
 
 pub mod rfc3339 {
@@ -215,6 +215,9 @@ impl StreamNotice {
         line
     }
 }
+
+/// Most records one `GET /v1/flows` may return.
+pub const MAX_LIMIT: usize = 10_000;
 
 /// `GET /v1/flows`: records without their evidence, newest first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -13,8 +13,20 @@ use redb::{
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc};
 
-use super::correlate::StoreOp;
 use super::record::{FlowRecord, FlowVerdict};
+
+/// A change to the store: a new record, or new counts for a stored one.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreOp {
+    Insert(Box<FlowRecord>),
+    /// New cumulative counts for a record already stored.
+    Count {
+        id: u64,
+        packets: u64,
+        bytes: u64,
+        last_seen: SystemTime,
+    },
+}
 
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 const BY_NAMESPACE: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_namespace");

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::correlate::StoreOp;
 use super::record::{Attribution, FlowRecord, FlowVerdict, PolicyVerdict};
-use super::store::{Query, Retention, Store};
+use super::store::{Query, Retention, Store, StoreOp};
 use crate::inventory::identity::{EndpointKind, Identity};
 use crate::policy::PolicyRef;
 

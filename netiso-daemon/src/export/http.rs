@@ -19,7 +19,7 @@ use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
 use crate::datapath::DatapathStats;
-use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict, StreamNotice};
+use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict, MAX_LIMIT, StreamNotice};
 use crate::evidence::store::{Query, Store};
 use crate::inventory::{Freshness, Inventory, InventoryView};
 
@@ -35,8 +35,6 @@ pub struct Shared {
     pub listeners: Vec<Arc<ListenerHealth>>,
 }
 
-/// Most records one request may return.
-pub const MAX_LIMIT: usize = 10_000;
 const DEFAULT_LIMIT: usize = 100;
 
 /// A request parameter that cannot be used, answered with 400.

@@ -2,8 +2,14 @@
 
 use std::io::Write;
 
-use crate::cli::LogFormat;
 use crate::datapath::{DatapathRecord, EventKind};
+
+/// How records and diagnostics are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
 
 pub fn init_diagnostics(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETISO_LOG")

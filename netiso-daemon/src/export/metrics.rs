@@ -252,7 +252,7 @@ impl Metrics {
                     source_namespace: f.source_namespace.clone(),
                     destination_namespace: f.destination_namespace.clone(),
                 };
-                if matches!(h.op, crate::evidence::correlate::StoreOp::Insert(_)) {
+                if matches!(h.op, crate::evidence::store::StoreOp::Insert(_)) {
                     self.forwarded_flows.get_or_create(&pair).inc();
                 }
                 self.forwarded_packets.get_or_create(&pair).inc_by(packets);
@@ -354,7 +354,8 @@ mod tests {
 
     #[test]
     fn flows_and_drops_are_counted_by_namespace_and_policy() {
-        use crate::evidence::correlate::{FlowFacts, Handled, StoreOp};
+        use crate::evidence::correlate::{FlowFacts, Handled};
+        use crate::evidence::store::StoreOp;
         use crate::policy::PolicyRef;
         let m = Metrics::new();
         let facts = std::sync::Arc::new(FlowFacts {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::{Change, Inventory, Kind, Object};
-use crate::policy::{ClusterState, ContainerPort, NamespaceInfo, PodInfo, Protocol};
+use crate::cluster::{ClusterState, ContainerPort, NamespaceInfo, PodInfo, Protocol};
 
 #[derive(Debug, Error)]
 pub enum ManifestError {

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use self::identity::{EndpointKind, Identity, Workload};
 use self::timeline::{IpTimeline, PodSnapshot};
-use crate::policy::{ClusterState, Labels, NamespaceInfo, PodInfo, PolicyEngine, PolicyRef};
+use crate::cluster::{ClusterState, Labels, NamespaceInfo, PodInfo, PolicyRef};
+use crate::policy::PolicyEngine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -451,7 +452,7 @@ impl Inventory {
     }
 
     /// The selector of Service `namespace/name`, if it exists and has one.
-    pub fn service_selector(&self, namespace: &str, name: &str) -> Option<crate::policy::Labels> {
+    pub fn service_selector(&self, namespace: &str, name: &str) -> Option<Labels> {
         let s = self.state.read().expect("inventory lock");
         s.services.get(&(namespace.to_owned(), name.to_owned()))?.spec.as_ref()?.selector.clone()
     }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::policy::PodInfo;
+use crate::cluster::PodInfo;
 
 /// What the timeline remembers of a pod: enough to name it and evaluate policies for it after
 /// it is gone.

@@ -6,7 +6,7 @@ use std::fmt;
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::model::Protocol;
 use super::selector::Selector;
@@ -28,19 +28,7 @@ impl fmt::Display for PolicyError {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct PolicyRef {
-    pub namespace: String,
-    pub name: String,
-    #[serde(rename = "resourceVersion", skip_serializing_if = "Option::is_none")]
-    pub resource_version: Option<String>,
-}
-
-impl fmt::Display for PolicyRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+pub use crate::cluster::PolicyRef;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NamespaceScope {

@@ -11,18 +11,11 @@ use thiserror::Error;
 use super::compile::{
     CompiledPolicy, NamespaceScope, Peer, PolicyError, PolicyRef, PortMatch, PortSpec, Rule, compile,
 };
-use super::model::{EndpointRef, Flow, Labels, NamespaceInfo, PodInfo, Protocol};
+use super::model::{ClusterState, EndpointRef, Flow, Labels, PodInfo, Protocol};
 use super::selector::LabelMiss;
 
 /// The label every namespace carries since Kubernetes 1.21 (set by the API server).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ClusterState {
-    pub namespaces: Vec<NamespaceInfo>,
-    pub pods: Vec<PodInfo>,
-    pub policies: Vec<NetworkPolicy>,
-}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum EngineError {
@@ -419,17 +412,13 @@ impl PolicyEngine {
         } else {
             Verdict::Denied
         };
-        let mut explanation = Explanation {
+        Ok(Explanation {
             verdict,
             flow: FlowView { from: self.view(from), to: self.view(to), port: flow.port, protocol: flow.protocol },
             egress,
             ingress,
             suggestion: None,
-        };
-        if verdict == Verdict::Denied {
-            explanation.suggestion = Some(super::suggest::suggest(self, &explanation, from, to));
-        }
-        Ok(explanation)
+        })
     }
 
     fn view(&self, endpoint: Endpoint) -> EndpointView {
@@ -698,9 +687,20 @@ pub struct Explanation {
     pub egress: DirectionReport,
     /// The destination pod's ingress policies.
     pub ingress: DirectionReport,
-    /// For a denied flow: the minimal policies that would allow exactly it.
+    /// For a denied flow, when asked for (`suggest::explain_with_suggestion`): the minimal
+    /// policies that would allow exactly it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub suggestion: Option<super::suggest::Suggestion>,
+    pub suggestion: Option<Suggestion>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Suggestion {
+    pub policies: Vec<NetworkPolicy>,
+    /// The policies as one multi-document YAML, ready for `kubectl apply -f -`.
+    pub yaml: String,
+    /// True when the engine confirmed that adding the policies allows the flow.
+    pub verified: bool,
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,9 +11,8 @@ pub mod whatif;
 
 pub use compile::{PolicyError, PolicyRef};
 pub use engine::{
-    Clause, ClausePeer, ClausePort, ClusterState, Direction, Endpoint, EngineError, Explanation, PolicyEngine, Verdict,
-    VerdictCache,
+    Clause, ClausePeer, ClausePort, Direction, Endpoint, EngineError, Explanation, PolicyEngine, Verdict, VerdictCache,
 };
-pub use model::{ContainerPort, EndpointRef, Flow, Labels, NamespaceInfo, PodInfo, Protocol};
+pub use model::{ClusterState, ContainerPort, EndpointRef, Flow, Labels, NamespaceInfo, PodInfo, Protocol};
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,13 @@
 //! Kubernetes label selectors: compiled once, matched many times, and able to say which
 //! requirement a label set failed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Serialize};
 
-pub type Labels = BTreeMap<String, String>;
+pub use crate::cluster::Labels;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Operator {
@@ -202,6 +202,8 @@ pub fn validate_value(value: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 

@@ -9,9 +9,11 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::{Deserialize, Serialize};
 
-use super::engine::{Direction, Endpoint, Explanation, NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
+use super::engine::{
+    Direction, Endpoint, EngineError, Explanation, NAMESPACE_NAME_LABEL, PolicyEngine, Suggestion, Verdict,
+};
+use super::model::Flow;
 use super::model::{Labels, PodInfo, Protocol};
 
 /// Labels that differ between replicas or revisions of one workload: selecting on them would
@@ -52,16 +54,6 @@ pub fn dns_label(text: &str, max: usize) -> String {
     }
     out.truncate(max);
     out.trim_matches('-').to_owned()
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Suggestion {
-    pub policies: Vec<NetworkPolicy>,
-    /// The policies as one multi-document YAML, ready for `kubectl apply -f -`.
-    pub yaml: String,
-    /// True when the engine confirmed that adding the policies allows the flow.
-    pub verified: bool,
-    pub notes: Vec<String>,
 }
 
 fn selector(labels: Labels) -> LabelSelector {
@@ -119,7 +111,18 @@ fn end_name(engine: &PolicyEngine, endpoint: Endpoint) -> String {
     }
 }
 
-pub fn suggest(engine: &PolicyEngine, explanation: &Explanation, from: Endpoint, to: Endpoint) -> Suggestion {
+/// The engine's explanation of `flow` and, when it is denied, the minimal policies that would
+/// allow exactly it: for responders (evidence, `netiso explain`), not for bulk replays.
+pub fn explain_with_suggestion(engine: &PolicyEngine, flow: &Flow) -> Result<Explanation, EngineError> {
+    let mut explanation = engine.explain(flow)?;
+    if explanation.verdict == Verdict::Denied {
+        let (from, to) = (engine.resolve(&flow.from)?, engine.resolve(&flow.to)?);
+        explanation.suggestion = Some(suggest(engine, &explanation, from, to));
+    }
+    Ok(explanation)
+}
+
+fn suggest(engine: &PolicyEngine, explanation: &Explanation, from: Endpoint, to: Endpoint) -> Suggestion {
     let port = explanation.flow.port;
     let protocol = explanation.flow.protocol;
     let mut notes = Vec::new();

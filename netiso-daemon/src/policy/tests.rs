@@ -355,7 +355,8 @@ fn allowed_flows_name_the_policy_rule_peer_and_port() {
 
 fn with_suggestion(policies: &str, f: &Flow) -> PolicyEngine {
     let e = engine(policies);
-    let x = e.explain(f).unwrap();
+    assert_eq!(e.explain(f).unwrap().suggestion, None, "asked for, not built by every explanation");
+    let x = super::suggest::explain_with_suggestion(&e, f).unwrap();
     let s = x.suggestion.expect("denied flows get a suggestion");
     assert!(s.verified);
     assert!(!s.yaml.contains("pod-template-hash"), "{}", s.yaml);

@@ -13,7 +13,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use super::compile::{PolicyError, PolicyRef};
-use super::engine::{ClusterState, NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
+use super::engine::{NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
+use super::model::ClusterState;
 use super::model::{EndpointRef, Flow, Labels, PodInfo, Protocol};
 use super::suggest::{dns_label, stable_labels};
 
