@@ -58,7 +58,7 @@ async fn the_inventory_converges_after_each_fault() {
         inv.status().synced && who(&inv, "10.9.0.1").as_deref() == Some("prod/api:api")
     })
     .await;
-    assert_eq!(inv.engine().policies().len(), 1);
+    assert_eq!(inv.cluster_state().policies.len(), 1);
 
     api.apply(pod("prod", "api", "uid-api", "10.9.0.1", json!({"app": "api-v2"})));
     eventually("MODIFIED arrives", long, || who(&inv, "10.9.0.1").as_deref() == Some("prod/api:api-v2")).await;
@@ -77,7 +77,7 @@ async fn the_inventory_converges_after_each_fault() {
     api.expire_watches();
     eventually("a relist after 410 Gone", long, || lists_of(&api, "api/v1/pods") > pod_lists).await;
     api.apply(policy("prod", "allow", json!({"podSelector": {}, "ingress": [{}]})));
-    eventually("the inventory follows the new watch", long, || inv.engine().policies().len() == 2).await;
+    eventually("the inventory follows the new watch", long, || inv.cluster_state().policies.len() == 2).await;
 
     // The server goes away: the inventory goes stale and keeps what it knew.
     api.go_away();

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::engines::Engines;
 use super::record::{Attribution, Evidence, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
 use super::store::StoreOp;
 use crate::datapath::reasons::ReasonClass;
@@ -99,6 +100,7 @@ impl Ids {
 
 pub struct Correlator {
     inventory: Arc<Inventory>,
+    engines: Engines,
     node: String,
     ids: Ids,
     /// Stored records of the keys the datapath is still counting.
@@ -112,6 +114,7 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(inventory: Arc<Inventory>, node: String, last_id: u64, forget_after: Duration) -> Self {
         Correlator {
+            engines: Engines::new(inventory.clone()),
             inventory,
             node,
             ids: Ids::after(last_id),
@@ -257,7 +260,7 @@ impl Correlator {
         };
         let snapshots: Vec<&PodSnapshot> =
             [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
-        let engine = self.inventory.engine_with(&snapshots);
+        let engine = self.engines.with(&snapshots);
         let flow = Flow { from: end(source), to: end(destination), port: r.dst_port, protocol };
         // The responder's bundle offers the fix: the suggestion is computed once, here.
         let explanation = match explain_with_suggestion(&engine, &flow) {

@@ -1,6 +1,7 @@
 //! Evidence: flow records built from datapath events and the inventory, and kept on the node.
 
 pub mod correlate;
+pub mod engines;
 pub mod record;
 pub mod store;
 

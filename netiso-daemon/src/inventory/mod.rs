@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 use self::identity::{EndpointKind, Identity, Workload};
 use self::timeline::{IpTimeline, PodSnapshot};
 use crate::cluster::{ClusterState, Labels, NamespaceInfo, PodInfo, PolicyRef};
-use crate::policy::PolicyEngine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -95,9 +94,8 @@ struct State {
     nodes: BTreeMap<String, Node>,
     replicasets: BTreeMap<Key, ReplicaSet>,
     timeline: IpTimeline,
-    engine: Option<Arc<PolicyEngine>>,
-    engine_built: Option<Instant>,
-    dirty: bool,
+    /// Moves on every change.
+    generation: u64,
     synced: HashSet<Kind>,
     /// Kinds whose source is failing, with the time of their latest failure.
     stale: std::collections::HashMap<Kind, Instant>,
@@ -145,10 +143,6 @@ fn log_freshness(was_stale: bool, stale: bool) {
         _ => {}
     }
 }
-
-/// Engines are rebuilt at most this often under a stream of changes; records in between use
-/// the previous one.
-const REBUILD_INTERVAL: Duration = Duration::from_millis(250);
 
 fn workload_of(pod: &Pod, replicasets: &BTreeMap<Key, ReplicaSet>) -> Option<Workload> {
     let owners = pod.metadata.owner_references.as_ref()?;
@@ -309,7 +303,7 @@ impl Inventory {
                 s.synced.insert(kind);
             }
         }
-        s.dirty = true;
+        s.generation += 1;
         s.last_sync = Some(at);
         s.timeline.prune(at, self.history);
     }
@@ -352,40 +346,21 @@ impl Inventory {
         }
     }
 
-    /// The policy engine over the current state.
-    pub fn engine(&self) -> Arc<PolicyEngine> {
-        {
-            let s = self.state.read().expect("inventory lock");
-            if let Some(engine) = &s.engine
-                && (!s.dirty || s.engine_built.is_some_and(|b| b.elapsed() < REBUILD_INTERVAL))
-            {
-                return engine.clone();
-            }
-        }
-        let mut s = self.state.write().expect("inventory lock");
-        let engine = Arc::new(PolicyEngine::new(s.cluster_state(&[])));
-        s.engine = Some(engine.clone());
-        s.engine_built = Some(Instant::now());
-        s.dirty = false;
-        engine
+    /// A counter that moves on every change, for caches of what is derived from the state.
+    pub fn generation(&self) -> u64 {
+        self.state.read().expect("inventory lock").generation
     }
 
-    /// The engine for evaluating a flow between these pods: the current one, or, when a pod has
-    /// been deleted since, one that includes it as it was.
-    pub fn engine_with(&self, pods: &[&PodSnapshot]) -> Arc<PolicyEngine> {
-        let missing = {
-            let s = self.state.read().expect("inventory lock");
-            pods.iter().any(|p| {
-                s.pods
-                    .get(&(p.info.namespace.clone(), p.info.name.clone()))
-                    .is_none_or(|current| State::pod_uid(current) != p.uid)
-            })
-        };
-        if !missing {
-            return self.engine();
-        }
+    /// The cluster as it is now, plus those of `pods` deleted or replaced since their snapshot
+    /// (a flow is judged with the pods as they were); None when every one is current.
+    pub fn cluster_state_with_departed(&self, pods: &[&PodSnapshot]) -> Option<ClusterState> {
         let s = self.state.read().expect("inventory lock");
-        Arc::new(PolicyEngine::new(s.cluster_state(pods)))
+        let departed = pods.iter().any(|p| {
+            s.pods
+                .get(&(p.info.namespace.clone(), p.info.name.clone()))
+                .is_none_or(|current| State::pod_uid(current) != p.uid)
+        });
+        departed.then(|| s.cluster_state(pods))
     }
 
     /// Who held `ip` at `at`: the pod (with its snapshot, for evaluation), or a node, Service or
@@ -500,9 +475,9 @@ mod tests {
         assert_eq!(now.pod.as_deref(), Some("search"));
         // The deleted pod can still be evaluated.
         let snapshot = snapshot.unwrap();
-        let engine = inv.engine_with(&[&snapshot]);
-        assert!(engine.pods().iter().any(|p| p.name == "cart"));
-        assert!(!inv.engine().pods().iter().any(|p| p.name == "cart"));
+        let then = inv.cluster_state_with_departed(&[&snapshot]).expect("cart has departed");
+        assert!(then.pods.iter().any(|p| p.name == "cart"));
+        assert!(!inv.cluster_state().pods.iter().any(|p| p.name == "cart"));
     }
 
     #[test]
