@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::{Daemon, connect, ip, node_and_pod, tag, tc_programs, wait_until};
@@ -25,12 +24,7 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
     );
 
     // Eight flows from the pod, more than the flow map holds.
-    let sender = Command::new("ip")
-        .args(["netns", "exec", &pod, "sh", "-c"])
-        .arg("for p in 1 2 3 4 5 6 7 8; do echo x | nc -u -w0 -p 4000$p 10.77.0.1 9$p; done")
-        .status()
-        .unwrap();
-    assert!(sender.success());
+    support::udp_flows_from_pod(&pod, 40001, 8, 9100);
     let flows_from_pod = |daemon: &Daemon| {
         let records = daemon.stdout.lock().unwrap();
         records.iter().filter(|r| r["event"] == "flow" && r["src_ip"] == "10.77.0.2" && r["protocol"] == "UDP").count()
