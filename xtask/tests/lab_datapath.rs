@@ -121,7 +121,7 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
         from_pod: Some("develop/debug".into()),
         to_pod: Some("production/api".into()),
         port: Some(8080),
-        protocol: Some("TCP".into()),
+        protocol: Some(netiso::datapath::record::IpProtocol::Tcp),
         ..Default::default()
     });
     let record =
@@ -153,7 +153,8 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
     assert!(ingress[0].policy.policies.iter().any(|p| p.name == "allow-from-ingress-nginx"));
     let dns = forwarded("develop/debug", "kube-system/coredns", 53);
     assert!(
-        dns.iter().any(|r| r.protocol == "UDP") && dns.iter().any(|r| r.protocol == "TCP"),
+        dns.iter().any(|r| r.protocol == netiso::datapath::record::IpProtocol::Udp)
+            && dns.iter().any(|r| r.protocol == netiso::datapath::record::IpProtocol::Tcp),
         "DNS over UDP and TCP is recorded"
     );
     drop(store);

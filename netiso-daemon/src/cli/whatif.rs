@@ -13,7 +13,7 @@ use crate::evidence::record::{FlowList, FlowRecord};
 use crate::inventory::identity::Identity;
 use crate::inventory::{InventoryView, manifests};
 use crate::policy::whatif::{self, RecordedEnd, RecordedFlow, WhatIfReport};
-use crate::policy::{ClusterState, Labels, Protocol};
+use crate::policy::{ClusterState, Labels};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -76,7 +76,7 @@ fn recorded_flow(r: &FlowRecord) -> Option<RecordedFlow> {
     if r.is_reply {
         return None;
     }
-    let protocol = r.protocol.parse::<Protocol>().ok()?;
+    let protocol = r.protocol.policy()?;
     Some(RecordedFlow {
         source: end(&r.source),
         destination: end(&r.destination),

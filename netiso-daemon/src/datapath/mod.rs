@@ -34,7 +34,7 @@ use self::kallsyms::Kallsyms;
 use self::netns::PodNamespaces;
 use self::reasons::{DropReasons, ReasonClass, ReasonError, ReasonSelection, classify, infer};
 pub use self::record::{DatapathRecord, Direction, EventKind};
-use self::record::{protocol_name, tcp_flag_names, tuple_addrs};
+use self::record::{IpProtocol, tcp_flag_names, tuple_addrs};
 
 /// The compiled eBPF object, built from netiso-ebpf by this crate's build script.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netiso-probes"));
@@ -647,7 +647,7 @@ pub fn tuple_record(event: EventKind, tuple: &FlowTuple, c: &Counters) -> Datapa
         dst_ip,
         src_port: tuple.src_port,
         dst_port: tuple.dst_port,
-        protocol: protocol_name(tuple.protocol),
+        protocol: IpProtocol::from_number(tuple.protocol),
         icmp_type: icmp.then_some(tuple.icmp_type),
         icmp_code: icmp.then_some(tuple.icmp_code),
         reason: None,

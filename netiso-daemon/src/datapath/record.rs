@@ -1,7 +1,9 @@
 //! The raw datapath stream: one record per newly seen drop key or flow key, before any identity
 //! is attached. Later stages build on this type; its JSON form is the `netiso run` log line.
 
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::SystemTime;
 
 use netiso_common::{
@@ -11,6 +13,7 @@ use netiso_common::{
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::reasons::ReasonClass;
+use crate::cluster::Protocol;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,15 +41,81 @@ impl Direction {
     }
 }
 
-/// Transport protocol names as Kubernetes and Hubble spell them.
-pub fn protocol_name(protocol: u8) -> String {
-    match protocol {
-        IPPROTO_TCP => "TCP".into(),
-        IPPROTO_UDP => "UDP".into(),
-        IPPROTO_SCTP => "SCTP".into(),
-        IPPROTO_ICMP => "ICMP".into(),
-        IPPROTO_ICMPV6 => "ICMPv6".into(),
-        other => format!("IP-{other}"),
+/// A flow's IP protocol, spelled in records as Kubernetes and Hubble do: `TCP`, `UDP`, `SCTP`,
+/// `ICMP`, `ICMPv6`, or `IP-<number>` for the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+    Icmp,
+    Icmpv6,
+    Other(u8),
+}
+
+impl IpProtocol {
+    pub fn from_number(number: u8) -> Self {
+        match number {
+            IPPROTO_TCP => IpProtocol::Tcp,
+            IPPROTO_UDP => IpProtocol::Udp,
+            IPPROTO_SCTP => IpProtocol::Sctp,
+            IPPROTO_ICMP => IpProtocol::Icmp,
+            IPPROTO_ICMPV6 => IpProtocol::Icmpv6,
+            other => IpProtocol::Other(other),
+        }
+    }
+
+    /// The protocol as NetworkPolicy names it; none for those it does not govern.
+    pub fn policy(self) -> Option<Protocol> {
+        match self {
+            IpProtocol::Tcp => Some(Protocol::Tcp),
+            IpProtocol::Udp => Some(Protocol::Udp),
+            IpProtocol::Sctp => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IpProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpProtocol::Tcp => f.write_str("TCP"),
+            IpProtocol::Udp => f.write_str("UDP"),
+            IpProtocol::Sctp => f.write_str("SCTP"),
+            IpProtocol::Icmp => f.write_str("ICMP"),
+            IpProtocol::Icmpv6 => f.write_str("ICMPv6"),
+            IpProtocol::Other(number) => write!(f, "IP-{number}"),
+        }
+    }
+}
+
+impl FromStr for IpProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_uppercase().as_str() {
+            "TCP" => IpProtocol::Tcp,
+            "UDP" => IpProtocol::Udp,
+            "SCTP" => IpProtocol::Sctp,
+            "ICMP" => IpProtocol::Icmp,
+            "ICMPV6" => IpProtocol::Icmpv6,
+            other => {
+                other.strip_prefix("IP-").and_then(|n| n.parse().ok()).map(IpProtocol::from_number).ok_or_else(
+                    || format!("`{s}` is not a protocol: use TCP, UDP, SCTP, ICMP, ICMPv6 or IP-<number>"),
+                )?
+            }
+        })
+    }
+}
+
+impl Serialize for IpProtocol {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -78,7 +147,7 @@ pub struct DatapathRecord {
     pub dst_ip: IpAddr,
     pub src_port: u16,
     pub dst_port: u16,
-    pub protocol: String,
+    pub protocol: IpProtocol,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp_type: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,7 +235,18 @@ mod tests {
     fn flag_names() {
         assert_eq!(tcp_flag_names(0x12), "SYN|ACK");
         assert_eq!(tcp_flag_names(0), "");
-        assert_eq!(protocol_name(58), "ICMPv6");
-        assert_eq!(protocol_name(47), "IP-47");
+    }
+
+    #[test]
+    fn protocols_are_named_and_read_back() {
+        for number in 0..=u8::MAX {
+            let protocol = IpProtocol::from_number(number);
+            assert_eq!(protocol.to_string().parse::<IpProtocol>(), Ok(protocol), "{protocol}");
+        }
+        assert_eq!(IpProtocol::from_number(58).to_string(), "ICMPv6");
+        assert_eq!(IpProtocol::from_number(47).to_string(), "IP-47");
+        assert_eq!("tcp".parse(), Ok(IpProtocol::Tcp));
+        assert!("IP-300".parse::<IpProtocol>().is_err());
+        assert_eq!(IpProtocol::Icmp.policy(), None);
     }
 }

@@ -10,13 +10,14 @@ use super::engines::Engines;
 use super::record::{Attribution, Evidence, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
 use super::store::StoreOp;
 use crate::datapath::reasons::ReasonClass;
+use crate::datapath::record::IpProtocol;
 use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
 use crate::inventory::identity::{EndpointKind, Identity};
 use crate::inventory::timeline::PodSnapshot;
 use crate::policy::engine::DirectionReport;
 use crate::policy::suggest::explain_with_suggestion;
-use crate::policy::{EndpointRef, Explanation, Flow, PolicyRef, Protocol, Verdict};
+use crate::policy::{EndpointRef, Explanation, Flow, PolicyRef, Verdict};
 
 /// The labels a flow record contributes to metrics, kept for its later count updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,27 +58,33 @@ pub struct Handled {
     pub evaluation: Option<Duration>,
 }
 
-/// The datapath's aggregation key, as text.
-type DatapathKey = String;
-
-fn datapath_key(r: &DatapathRecord) -> DatapathKey {
-    format!(
-        "{:?}|{}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}",
-        r.event,
-        r.src_ip,
-        r.src_port,
-        r.dst_ip,
-        r.dst_port,
-        r.protocol,
-        r.icmp_type,
-        r.icmp_code,
-        r.reason,
-        r.location,
-        r.direction
-    )
+/// The datapath's aggregation key: one stored record per key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DatapathKey {
+    event: EventKind,
+    source: (IpAddr, u16),
+    destination: (IpAddr, u16),
+    protocol: IpProtocol,
+    icmp: (Option<u8>, Option<u8>),
+    reason: Option<String>,
+    location: Option<String>,
+    direction: Option<PacketDirection>,
 }
 
-type Conversation = (String, IpAddr, u16, IpAddr, u16);
+fn datapath_key(r: &DatapathRecord) -> DatapathKey {
+    DatapathKey {
+        event: r.event,
+        source: (r.src_ip, r.src_port),
+        destination: (r.dst_ip, r.dst_port),
+        protocol: r.protocol,
+        icmp: (r.icmp_type, r.icmp_code),
+        reason: r.reason.clone(),
+        location: r.location.clone(),
+        direction: r.direction,
+    }
+}
+
+type Conversation = (IpProtocol, IpAddr, u16, IpAddr, u16);
 
 /// Record ids: nanoseconds since the epoch of the first packet, made unique and increasing, so
 /// ids sort by time and stay unique across restarts.
@@ -197,7 +204,7 @@ impl Correlator {
             last_seen: r.last_seen,
             node: self.node.clone(),
             verdict,
-            protocol: r.protocol.clone(),
+            protocol: r.protocol,
             source,
             destination,
             icmp_type: r.icmp_type,
@@ -228,7 +235,7 @@ impl Correlator {
     ) -> (PolicyVerdict, Option<Evidence>) {
         let dropped = r.event == EventKind::Drop;
         let policy_drop = r.reason_class == Some(ReasonClass::Policy);
-        let Ok(protocol) = r.protocol.parse::<Protocol>() else {
+        let Some(protocol) = r.protocol.policy() else {
             let attribution = if dropped && !policy_drop {
                 Attribution::DroppedByKernelForNonPolicyReason
             } else {
@@ -292,11 +299,11 @@ impl Correlator {
 }
 
 fn conversation(r: &DatapathRecord) -> Conversation {
-    (r.protocol.clone(), r.src_ip, r.src_port, r.dst_ip, r.dst_port)
+    (r.protocol, r.src_ip, r.src_port, r.dst_ip, r.dst_port)
 }
 
 fn reverse(r: &DatapathRecord) -> Conversation {
-    (r.protocol.clone(), r.dst_ip, r.dst_port, r.src_ip, r.src_port)
+    (r.protocol, r.dst_ip, r.dst_port, r.src_ip, r.src_port)
 }
 
 fn denied_side(x: &Explanation) -> (Option<PolicySides>, Vec<PolicyRef>) {
@@ -387,7 +394,7 @@ mod tests {
             dst_ip: dst.parse().unwrap(),
             src_port: sport,
             dst_port: dport,
-            protocol: protocol.into(),
+            protocol: protocol.parse().unwrap(),
             icmp_type: None,
             icmp_code: None,
             reason: None,

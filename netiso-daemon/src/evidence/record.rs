@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::datapath::Direction as PacketDirection;
 use crate::datapath::reasons::ReasonClass;
+use crate::datapath::record::IpProtocol;
 use crate::inventory::identity::Identity;
 use crate::policy::engine::Suggestion;
 use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
@@ -156,7 +157,7 @@ pub struct FlowRecord {
     pub last_seen: SystemTime,
     pub node: String,
     pub verdict: FlowVerdict,
-    pub protocol: String,
+    pub protocol: IpProtocol,
     pub source: Identity,
     pub destination: Identity,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -14,6 +14,7 @@ use thiserror::Error;
 use tokio::sync::{broadcast, mpsc};
 
 use super::record::{FlowRecord, FlowVerdict};
+use crate::datapath::record::IpProtocol;
 
 /// A change to the store: a new record, or new counts for a stored one.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,7 +135,7 @@ pub struct Query {
     pub from_label: Option<String>,
     pub to_label: Option<String>,
     pub port: Option<u16>,
-    pub protocol: Option<String>,
+    pub protocol: Option<IpProtocol>,
     pub reason: Option<String>,
     /// `namespace/name`.
     pub policy: Option<String>,
@@ -179,7 +180,7 @@ impl Query {
             && self.from_label.as_ref().is_none_or(|l| label_matches(&r.source.labels, l))
             && self.to_label.as_ref().is_none_or(|l| label_matches(&r.destination.labels, l))
             && self.port.is_none_or(|p| r.destination.port == p)
-            && self.protocol.as_ref().is_none_or(|p| r.protocol.eq_ignore_ascii_case(p))
+            && self.protocol.is_none_or(|p| r.protocol == p)
             && self.reason.as_ref().is_none_or(|x| r.reason.as_ref().is_some_and(|y| y.eq_ignore_ascii_case(x)))
             && self.policy.as_ref().is_none_or(|p| r.policy_keys().contains(p))
             && self.since.is_none_or(|s| r.last_seen >= s)

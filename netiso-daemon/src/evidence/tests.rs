@@ -49,7 +49,7 @@ fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: O
         last_seen: time,
         node: "n".into(),
         verdict,
-        protocol: "TCP".into(),
+        protocol: crate::datapath::record::IpProtocol::Tcp,
         source: from,
         destination: to,
         icmp_type: None,

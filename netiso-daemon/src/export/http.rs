@@ -95,7 +95,7 @@ pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), Ba
             "from-label" => q.from_label = text(),
             "to-label" => q.to_label = text(),
             "port" => q.port = Some(value.parse().map_err(|_| bad(name, format!("`{value}` is not a port number")))?),
-            "protocol" => q.protocol = text(),
+            "protocol" => q.protocol = Some(value.parse().map_err(|e: String| bad(name, e))?),
             "reason" => q.reason = text(),
             "policy" => {
                 if !value.contains('/') {
@@ -446,6 +446,7 @@ mod tests {
             (vec![("since", "yesterday-ish")], "since"),
             (vec![("since", "300000000000y")], "since"),
             (vec![("until", "300000000000y")], "until"),
+            (vec![("protocol", "tcpp")], "protocol"),
             (vec![("colour", "red")], "colour"),
         ] {
             let err = parse_query(&params(&pairs)).unwrap_err();
