@@ -10,6 +10,7 @@ use futures::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 /// Where `observe` and `evidence` ask.
 #[derive(Clone, Debug, clap::Args)]
@@ -219,13 +220,9 @@ pub fn excerpt(body: &[u8]) -> String {
 
 /// Percent-encodes a query value or path segment.
 pub fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    // RFC 3986's unreserved characters, and `/` (ours: namespace/name) stay as they are.
+    const KEPT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+    utf8_percent_encode(value, KEPT).to_string()
 }
 
 /// A GET through the API server's pod proxy.

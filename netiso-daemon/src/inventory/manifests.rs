@@ -59,19 +59,19 @@ fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
         return Ok(vec![path.into()]);
     }
     let mut found = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|source| ManifestError::Read { path: dir.clone(), source })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| ManifestError::Read { path: dir.clone(), source })?;
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
-                found.push(p);
-            }
+    for entry in walkdir::WalkDir::new(path).follow_links(true) {
+        let entry = entry.map_err(|e| {
+            let at = e.path().unwrap_or(path).to_path_buf();
+            ManifestError::Read { path: at, source: e.into() }
+        })?;
+        let p = entry.path();
+        if entry.file_type().is_file()
+            && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+        {
+            found.push(p.to_path_buf());
         }
     }
+    // Full paths in order: a later file's definition of an object wins, as documented.
     found.sort();
     if found.is_empty() {
         return Err(ManifestError::Empty { path: path.into() });
