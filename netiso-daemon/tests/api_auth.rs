@@ -37,8 +37,9 @@ async fn the_api_requires_a_granted_token_and_fails_closed() {
     fake.grant("alice", true);
     fake.grant("carol", true);
 
-    let dir = std::env::temp_dir().join(&tag);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, also when the test fails: it holds keys and kubeconfigs.
+    let scratch = tempfile::Builder::new().prefix(&tag).tempdir().unwrap();
+    let dir = scratch.path();
     let kubeconfig = dir.join("kubeconfig");
     fake.kubeconfig(&kubeconfig);
     let store = dir.join("evidence.redb");
@@ -106,7 +107,6 @@ async fn the_api_requires_a_granted_token_and_fails_closed() {
     for token in ["good-token-1", "good-token-2", "good-token-3", "good-token-4", "not-a-token"] {
         assert!(!logs.contains(token), "the daemon logged a token");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `netiso observe --kube`: the CLI finds the netiso pods and reads each through the API
@@ -119,8 +119,9 @@ async fn observe_through_the_api_servers_pod_proxy() {
     let netiso_pod = |name: &str| json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "netiso", "uid": name, "labels": {"app.kubernetes.io/name": "netiso"}}, "status": {"podIP": "10.99.0.1"}});
     fake.apply(netiso_pod("netiso-a"));
     fake.apply(netiso_pod("netiso-b"));
-    let dir = std::env::temp_dir().join(&tag);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, also when the test fails: it holds keys and kubeconfigs.
+    let scratch = tempfile::Builder::new().prefix(&tag).tempdir().unwrap();
+    let dir = scratch.path();
     let kubeconfig = dir.join("kubeconfig");
     fake.kubeconfig(&kubeconfig);
     support::connect(&node, &pod_ns);
@@ -187,7 +188,6 @@ async fn observe_through_the_api_servers_pod_proxy() {
     );
     a.stop();
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A certificate from files is used, and replaced without a restart when the files change.
@@ -195,9 +195,10 @@ async fn observe_through_the_api_servers_pod_proxy() {
 async fn the_api_certificate_is_reloaded_when_its_files_change() {
     let tag = tag("nt");
     let (node, _pod, mut cleanup) = node_and_pod(&tag);
-    let dir = std::env::temp_dir().join(&tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (first_ca, cert, key) = write_certificate(&dir, "one");
+    // Removed when dropped, also when the test fails: it holds keys and kubeconfigs.
+    let scratch = tempfile::Builder::new().prefix(&tag).tempdir().unwrap();
+    let dir = scratch.path();
+    let (first_ca, cert, key) = write_certificate(dir, "one");
     let store = dir.join("evidence.redb");
     cleanup.files.push(store.clone());
     let mut daemon =
@@ -211,11 +212,10 @@ async fn the_api_certificate_is_reloaded_when_its_files_change() {
         .success()
     };
     assert!(observe(&first_ca));
-    let (second_ca, _, _) = write_certificate(&dir, "two");
+    let (second_ca, _, _) = write_certificate(dir, "two");
     assert!(!observe(&second_ca), "not yet: the first certificate is served");
     assert!(daemon.wait_log("API TLS certificate reloaded", Duration::from_secs(15)));
     assert!(observe(&second_ca), "the new certificate is served");
     assert!(!observe(&first_ca));
     daemon.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }

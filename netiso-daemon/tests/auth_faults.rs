@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,13 +16,15 @@ use support::{Cleanup, Daemon, connect, curl, node_and_pod, tag, udp_flows_from_
 const FLOWS: &str = "https://127.0.0.1:9963/v1/flows";
 
 /// A daemon in its own node namespace whose API asks `fake` about every token.
-async fn daemon_asking_a_fake(prefix: &str) -> (String, String, Cleanup, FakeApiServer, Daemon, PathBuf) {
+/// The scratch directory (kubeconfig, store, the generated CA) goes with the returned `TempDir`.
+async fn daemon_asking_a_fake(prefix: &str) -> (String, String, Cleanup, FakeApiServer, Daemon, tempfile::TempDir) {
     let tag = tag(prefix);
     let (node, pod, mut cleanup) = node_and_pod(&tag);
     let fake = FakeApiServer::start_in(Some(&node)).await;
     fake.apply(namespace("default", json!({"kubernetes.io/metadata.name": "default"})));
-    let dir = std::env::temp_dir().join(&tag);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, also when the test fails: it holds keys and kubeconfigs.
+    let scratch = tempfile::Builder::new().prefix(&tag).tempdir().unwrap();
+    let dir = scratch.path();
     let kubeconfig = dir.join("kubeconfig");
     fake.kubeconfig(&kubeconfig);
     let store = dir.join("evidence.redb");
@@ -30,7 +32,7 @@ async fn daemon_asking_a_fake(prefix: &str) -> (String, String, Cleanup, FakeApi
     let args = ["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "n1", "--api-auth", "kubernetes"];
     let daemon =
         Daemon::start(&node, &store, &[&args[..], &["--auth-cache-ttl", "2s", "--drain-interval", "200ms"]].concat());
-    (node, pod, cleanup, fake, daemon, dir)
+    (node, pod, cleanup, fake, daemon, scratch)
 }
 
 /// `count` API calls at once, each with its token: their (status, body), in order.
@@ -50,7 +52,7 @@ fn concurrent_calls(node: &str, tokens: Vec<String>) -> Vec<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_that_never_answers_costs_callers_seconds_and_is_asked_once_per_token() {
-    let (node, _pod, _cleanup, fake, mut daemon, dir) = daemon_asking_a_fake("nf").await;
+    let (node, _pod, _cleanup, fake, mut daemon, _scratch) = daemon_asking_a_fake("nf").await;
     fake.add_token("t-alice", "alice", &[]);
     fake.grant("alice", true);
     fake.stall_reviews(true);
@@ -80,7 +82,6 @@ async fn an_api_server_that_never_answers_costs_callers_seconds_and_is_asked_onc
     assert_eq!(curl(&node, &[FLOWS, "-H", "Authorization: Bearer t-alice"]).0, 200);
     assert!(daemon.is_running());
     daemon.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `netiso observe -f` as `token`'s holder; its stdout and stderr lines as they come.
@@ -121,13 +122,13 @@ fn received(lines: &Mutex<Vec<String>>, port: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_grant_ends_an_open_follow_stream_within_the_cache_ttl() {
-    let (node, pod, _cleanup, fake, mut daemon, dir) = daemon_asking_a_fake("nv").await;
+    let (node, pod, _cleanup, fake, mut daemon, scratch) = daemon_asking_a_fake("nv").await;
     connect(&node, &pod);
     fake.add_token("t-erin", "erin", &[]);
     fake.add_token("t-frank", "frank", &[]);
     fake.grant("erin", true);
     fake.grant("frank", true);
-    let ca = dir.join("api-ca.pem");
+    let ca = scratch.path().join("api-ca.pem");
     let (mut erin, erin_lines) = follow(&node, &ca, "t-erin");
     let (mut frank, frank_lines) = follow(&node, &ca, "t-frank");
 
@@ -152,5 +153,4 @@ async fn a_revoked_grant_ends_an_open_follow_stream_within_the_cache_ttl() {
     frank.kill().unwrap();
     frank.wait().unwrap();
     daemon.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }

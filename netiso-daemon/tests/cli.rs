@@ -105,12 +105,10 @@ fn explain_fails_clearly_when_the_manifests_cannot_be_read() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("/nonexistent/dir"), "{err}");
 
-    let dir = std::env::temp_dir().join(format!("netiso-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "kind: NetworkPolicy\nmetadata: {name: x, namespace: y}\nspec: {podSelector: 7}\n").unwrap();
     let out = netiso(&["explain", "--manifests", bad.to_str().unwrap(), "--from", "a/b", "--to", "c/d", "--port", "1"]);
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("bad.yaml: document 1: NetworkPolicy y/x: field spec.podSelector"), "{err}");

@@ -48,9 +48,10 @@ fn connect_from(netns: &str, to: &str, count: usize) -> Vec<TcpStream> {
 fn the_api_listener_survives_running_out_of_file_descriptors() {
     let tag = tag("nm");
     let (node, _pod, mut cleanup) = node_and_pod(&tag);
-    let dir = std::env::temp_dir().join(&tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = write_certificate(&dir, "api");
+    // Removed when dropped, also when the test fails: it holds keys and kubeconfigs.
+    let scratch = tempfile::Builder::new().prefix(&tag).tempdir().unwrap();
+    let dir = scratch.path();
+    let (ca, cert, key) = write_certificate(dir, "api");
     let store = dir.join("evidence.redb");
     cleanup.files.push(store.clone());
     let tls = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
@@ -106,5 +107,4 @@ fn the_api_listener_survives_running_out_of_file_descriptors() {
     assert!(daemon.stderr.lock().unwrap().iter().any(|l| l.contains("accepting connections again")));
     drop(idle);
     daemon.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
