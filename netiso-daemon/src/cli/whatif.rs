@@ -113,7 +113,7 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
                     })?)
                 }
                 Ok((status, body)) => {
-                    eprintln!("netiso: {}: HTTP {status}: {}", endpoint.name(), String::from_utf8_lossy(&body).trim())
+                    eprintln!("netiso: {}: HTTP {status}: {}", endpoint.name(), excerpt(&body))
                 }
                 Err(e) => eprintln!("netiso: {}: {e:#}", endpoint.name()),
             }

@@ -209,12 +209,11 @@ pub struct StreamNotice {
     pub ends: bool,
 }
 
-impl StreamNotice {
-    pub fn line(&self) -> String {
-        let mut line = serde_json::to_string(self).unwrap_or_default();
-        line.push('\n');
-        line
-    }
+/// One line of a newline-delimited JSON stream.
+pub fn ndjson_line(value: &impl Serialize) -> String {
+    let mut line = serde_json::to_string(value).unwrap_or_default();
+    line.push('\n');
+    line
 }
 
 /// Most records one `GET /v1/flows` may return.
@@ -261,11 +260,14 @@ pub struct EndLabels {
 }
 
 impl EvidenceBundle {
-    pub fn of(r: &FlowRecord) -> Self {
-        let evidence = r.evidence.as_ref();
-        let explanation = evidence.map(|e| &e.explanation);
+    pub fn of(mut r: FlowRecord) -> Self {
+        let (policies_in_force, evaluation) = match r.evidence.take() {
+            Some(Evidence { explanation, policies }) => (policies, Some(explanation)),
+            None => (vec![], None),
+        };
+        // Also kept inside the evaluation: the bundle shows it on its own for responders.
+        let suggested_policy = evaluation.as_ref().and_then(|x| x.suggestion.clone());
         EvidenceBundle {
-            record: r.listed(),
             kernel: KernelFacts {
                 reason: r.reason.clone(),
                 reason_class: r.reason_class,
@@ -273,23 +275,25 @@ impl EvidenceBundle {
                 location: r.location.clone(),
                 interface: r.interface.clone(),
             },
-            policies_in_force: evidence.map(|e| e.policies.clone()).unwrap_or_default(),
+            policies_in_force,
             labels: EndLabels {
                 source: r.source.labels.clone(),
                 destination: r.destination.labels.clone(),
-                source_namespace: explanation.and_then(|x| x.flow.from.namespace_labels.clone()),
-                destination_namespace: explanation.and_then(|x| x.flow.to.namespace_labels.clone()),
+                source_namespace: evaluation.as_ref().and_then(|x| x.flow.from.namespace_labels.clone()),
+                destination_namespace: evaluation.as_ref().and_then(|x| x.flow.to.namespace_labels.clone()),
             },
-            evaluation: explanation.cloned(),
-            suggested_policy: explanation.and_then(|x| x.suggestion.clone()),
+            record: r,
+            evaluation,
+            suggested_policy,
         }
     }
 }
 
 impl FlowRecord {
     /// The record as listed: without its evidence.
-    pub fn listed(&self) -> FlowRecord {
-        FlowRecord { evidence: None, ..self.clone() }
+    pub fn listed(mut self) -> FlowRecord {
+        self.evidence = None;
+        self
     }
 
     /// Namespaces of both ends, for the index.

@@ -20,7 +20,7 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
-use crate::evidence::record::StreamNotice;
+use crate::evidence::record::{StreamNotice, ndjson_line};
 use tokio::sync::Semaphore;
 
 /// The resource attribute a caller must be allowed (`get nodes/proxy <node>`).
@@ -259,7 +259,7 @@ fn revocable(response: Response, authorizer: Arc<Authorizer>, token: String) -> 
                     };
                     tracing::info!(reason = %ended, "follow stream ended: access re-checked");
                     let notice = StreamNotice { error: format!("stream ended: {ended}"), ends: true };
-                    let _ = tx.send(Ok(notice.line().into())).await;
+                    let _ = tx.send(Ok(ndjson_line(&notice).into())).await;
                     return;
                 }
             }

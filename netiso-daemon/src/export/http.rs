@@ -19,7 +19,9 @@ use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
 use crate::datapath::DatapathStats;
-use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict, MAX_LIMIT, StreamNotice};
+use crate::evidence::record::{
+    EvidenceBundle, FlowList, FlowRecord, FlowVerdict, MAX_LIMIT, StreamNotice, ndjson_line,
+};
 use crate::evidence::store::{Query, Store};
 use crate::inventory::{Freshness, Inventory, InventoryView};
 
@@ -146,13 +148,13 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
     let history = page.records;
     if !follow {
         // `more`: older records match too; a client that needs them all narrows the window.
-        let flows = history.iter().map(FlowRecord::listed).collect();
+        let flows = history.into_iter().map(FlowRecord::listed).collect();
         return axum::Json(FlowList { flows, more: page.more }).into_response();
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     tokio::spawn(async move {
         let mut last = 0u64;
-        for r in history.iter().rev() {
+        for r in history.into_iter().rev() {
             last = last.max(r.id);
             if tx.send(Ok(Bytes::from(ndjson_line(&r.listed())))).await.is_err() {
                 return;
@@ -162,7 +164,7 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
             match live.recv().await {
                 Ok(r) if r.id > last && query.matches(&r) => {
                     last = r.id;
-                    if tx.send(Ok(Bytes::from(ndjson_line(&r.listed())))).await.is_err() {
+                    if tx.send(Ok(Bytes::from(ndjson_line(&FlowRecord::clone(&r).listed())))).await.is_err() {
                         return;
                     }
                 }
@@ -172,7 +174,7 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
                         error: format!("{n} records were skipped: the reader is too slow"),
                         ends: false,
                     };
-                    if tx.send(Ok(Bytes::from(note.line()))).await.is_err() {
+                    if tx.send(Ok(Bytes::from(ndjson_line(&note)))).await.is_err() {
                         return;
                     }
                 }
@@ -180,26 +182,8 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
             }
         }
     });
-    let body = Body::from_stream(ChannelStream(rx));
+    let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
     Response::builder().header(header::CONTENT_TYPE, "application/x-ndjson").body(body).expect("valid response")
-}
-
-struct ChannelStream(tokio::sync::mpsc::Receiver<Result<Bytes, std::convert::Infallible>>);
-
-impl futures::Stream for ChannelStream {
-    type Item = Result<Bytes, std::convert::Infallible>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
-    }
-}
-
-fn ndjson_line(r: &FlowRecord) -> String {
-    let mut line = serde_json::to_string(r).unwrap_or_default();
-    line.push('\n');
-    line
 }
 
 async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
@@ -208,7 +192,7 @@ async fn evidence(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> 
     };
     let store = shared.store.clone();
     match tokio::task::spawn_blocking(move || store.get(id)).await {
-        Ok(Ok(Some(r))) => axum::Json(EvidenceBundle::of(&r)).into_response(),
+        Ok(Ok(Some(r))) => axum::Json(EvidenceBundle::of(r)).into_response(),
         Ok(Ok(None)) => (
             StatusCode::NOT_FOUND,
             axum::Json(json!({"error": format!("no record {id} (removed by retention, or on another node)")})),
