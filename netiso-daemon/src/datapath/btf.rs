@@ -41,6 +41,8 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
+const MAX_ANONYMOUS_NESTING: u32 = 16;
+
 struct Member {
     name: u32,
     type_id: u32,
@@ -222,7 +224,7 @@ impl Btf {
         let Some(Type::Composite { members, .. }) = self.resolve(*id) else {
             return Err(missing());
         };
-        match self.find_member(members, member, 0) {
+        match self.find_member(members, member, 0, 0) {
             Some((_, true)) => Err(BtfError::Bitfield { strukt: strukt.into(), member: member.into() }),
             Some((bits, false)) if bits % 8 == 0 => Ok(bits / 8),
             Some(_) => Err(BtfError::Bitfield { strukt: strukt.into(), member: member.into() }),
@@ -230,12 +232,15 @@ impl Btf {
         }
     }
 
-    fn find_member(&self, members: &[Member], wanted: &str, base_bits: u32) -> Option<(u32, bool)> {
+    fn find_member(&self, members: &[Member], wanted: &str, base_bits: u32, depth: u32) -> Option<(u32, bool)> {
         for m in members {
-            let bits = base_bits + m.bit_offset;
+            let bits = base_bits.checked_add(m.bit_offset)?;
             if m.name == 0 {
-                if let Some(Type::Composite { members: inner, .. }) = self.resolve(m.type_id)
-                    && let Some(found) = self.find_member(inner, wanted, bits)
+                // Real kernels nest anonymous members a few levels deep; the bound stops a
+                // malformed struct that contains itself from recursing until the stack overflows.
+                if depth < MAX_ANONYMOUS_NESTING
+                    && let Some(Type::Composite { members: inner, .. }) = self.resolve(m.type_id)
+                    && let Some(found) = self.find_member(inner, wanted, bits, depth + 1)
                 {
                     return Some(found);
                 }
@@ -304,13 +309,18 @@ mod tests {
         push(&[0, KIND_FUNC_PROTO << 24 | 3, 0, 0, 0, 0, 1, 0, 1]);
         push(&[0, KIND_PTR << 24, 6]);
         push(&[s("btf_trace_tp"), KIND_TYPEDEF << 24, 7]);
+        blob(&types, strings)
+    }
+
+    /// A BTF header followed by the type and string sections.
+    fn blob(types: &[u8], strings: &[u8]) -> Vec<u8> {
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
         for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&w.to_le_bytes());
         }
-        blob.extend_from_slice(&types);
+        blob.extend_from_slice(types);
         blob.extend_from_slice(strings);
         blob
     }
@@ -326,6 +336,18 @@ mod tests {
         assert_eq!(btf.enum_values("e").unwrap(), vec![("X".to_owned(), 3)]);
         assert_eq!(btf.tracepoint_args("tp").unwrap(), 2);
         assert!(matches!(btf.tracepoint_args("other"), Err(BtfError::MissingType { .. })));
+    }
+
+    #[test]
+    fn a_struct_that_contains_itself_anonymously_is_a_missing_member_not_a_stack_overflow() {
+        let strings = b"\0loop\0";
+        let mut types = Vec::new();
+        // 1: struct loop { <anonymous> struct loop @ 0 }
+        for w in [1u32, KIND_STRUCT << 24 | 1, 8, 0, 1, 0] {
+            types.extend_from_slice(&w.to_le_bytes());
+        }
+        let btf = Btf::parse(&blob(&types, strings)).unwrap();
+        assert!(matches!(btf.member_offset("loop", "x"), Err(BtfError::MissingMember { .. })));
     }
 
     #[test]
