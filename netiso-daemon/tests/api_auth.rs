@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace};
-use support::{Daemon, curl, node_and_pod, tag, write_certificate};
+use support::{curl, node_and_pod, start_daemon, tag, write_certificate};
 
 fn api(node: &str, token: Option<&str>) -> (u16, String) {
     let header = token.map(|t| format!("Authorization: Bearer {t}"));
@@ -53,7 +53,7 @@ async fn the_api_requires_a_granted_token_and_fails_closed() {
         "--auth-cache-ttl",
         "2s",
     ];
-    let mut daemon = Daemon::start(&node, &store, &args);
+    let mut daemon = start_daemon(&node, &store, &args);
     cleanup.files.push(store.clone());
     assert!(daemon.wait_log("generated a certificate for the API", Duration::from_secs(5)));
 
@@ -102,8 +102,8 @@ async fn the_api_requires_a_granted_token_and_fails_closed() {
     assert!(daemon.is_running());
     assert_eq!(curl(&node, &["http://127.0.0.1:9962/metrics"]).0, 200);
 
-    daemon.stop();
-    let logs = daemon.stderr.lock().unwrap().join("\n");
+    daemon.stop().unwrap();
+    let logs = daemon.diagnostics().join("\n");
     for token in ["good-token-1", "good-token-2", "good-token-3", "good-token-4", "not-a-token"] {
         assert!(!logs.contains(token), "the daemon logged a token");
     }
@@ -127,7 +127,7 @@ async fn observe_through_the_api_servers_pod_proxy() {
     support::connect(&node, &pod_ns);
     let (store_a, store_b) = (dir.join("a.redb"), dir.join("b.redb"));
     cleanup.files.extend([store_a.clone(), store_b.clone()]);
-    let mut a = Daemon::start(
+    let mut a = start_daemon(
         &node,
         &store_a,
         &[
@@ -141,7 +141,7 @@ async fn observe_through_the_api_servers_pod_proxy() {
             "200ms",
         ],
     );
-    let mut b = Daemon::start(
+    let mut b = start_daemon(
         &node,
         &store_b,
         &[
@@ -186,8 +186,8 @@ async fn observe_through_the_api_servers_pod_proxy() {
         nodes.contains(&"node-a") && nodes.contains(&"node-b"),
         "both daemons answered through the proxy: {flows:#?}"
     );
-    a.stop();
-    b.stop();
+    a.stop().unwrap();
+    b.stop().unwrap();
 }
 
 /// A certificate from files is used, and replaced without a restart when the files change.
@@ -202,7 +202,7 @@ async fn the_api_certificate_is_reloaded_when_its_files_change() {
     let store = dir.join("evidence.redb");
     cleanup.files.push(store.clone());
     let mut daemon =
-        Daemon::start(&node, &store, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+        start_daemon(&node, &store, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     let observe = |ca: &std::path::Path| {
         netiso_cli(
             &node,
@@ -217,5 +217,5 @@ async fn the_api_certificate_is_reloaded_when_its_files_change() {
     assert!(daemon.wait_log("API TLS certificate reloaded", Duration::from_secs(15)));
     assert!(observe(&second_ca), "the new certificate is served");
     assert!(!observe(&first_ca));
-    daemon.stop();
+    daemon.stop().unwrap();
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace};
-use support::{Cleanup, Daemon, connect, curl, node_and_pod, tag, udp_flows_from_pod, wait_until};
+use support::{Cleanup, Daemon, connect, curl, node_and_pod, start_daemon, tag, udp_flows_from_pod, wait_until};
 
 const FLOWS: &str = "https://127.0.0.1:9963/v1/flows";
 
@@ -31,7 +31,7 @@ async fn daemon_asking_a_fake(prefix: &str) -> (String, String, Cleanup, FakeApi
     cleanup.files.push(store.clone());
     let args = ["--kubeconfig", kubeconfig.to_str().unwrap(), "--node-name", "n1", "--api-auth", "kubernetes"];
     let daemon =
-        Daemon::start(&node, &store, &[&args[..], &["--auth-cache-ttl", "2s", "--drain-interval", "200ms"]].concat());
+        start_daemon(&node, &store, &[&args[..], &["--auth-cache-ttl", "2s", "--drain-interval", "200ms"]].concat());
     (node, pod, cleanup, fake, daemon, scratch)
 }
 
@@ -81,7 +81,7 @@ async fn an_api_server_that_never_answers_costs_callers_seconds_and_is_asked_onc
     assert_eq!(fake.reviews(), before, "the negative decision came from the cache");
     assert_eq!(curl(&node, &[FLOWS, "-H", "Authorization: Bearer t-alice"]).0, 200);
     assert!(daemon.is_running());
-    daemon.stop();
+    daemon.stop().unwrap();
 }
 
 /// `netiso observe -f` as `token`'s holder; its stdout and stderr lines as they come.
@@ -152,5 +152,5 @@ async fn a_revoked_grant_ends_an_open_follow_stream_within_the_cache_ttl() {
     assert!(frank.try_wait().unwrap().is_none(), "{:?}", tail(&frank_lines));
     frank.kill().unwrap();
     frank.wait().unwrap();
-    daemon.stop();
+    daemon.stop().unwrap();
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Daemon, connect, ip, node_and_pod, tag, tc_programs, wait_until};
+use support::{Daemon, connect, ip, node_and_pod, start_daemon, tag, tc_programs, wait_until};
 
 #[test]
 fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
@@ -13,32 +13,32 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
     let (node, pod, mut cleanup) = node_and_pod(&tag);
     let store = std::env::temp_dir().join(format!("{tag}.redb"));
     cleanup.files.push(store.clone());
-    let mut daemon = Daemon::start(&node, &store, &["--flow-map-entries", "4", "--drain-interval", "200ms"]);
+    let mut daemon = start_daemon(&node, &store, &["--flow-map-entries", "4", "--drain-interval", "200ms"]);
 
     // A pod interface appears after netiso started.
     connect(&node, &pod);
     assert!(
         daemon.wait_log("observing interface", Duration::from_secs(10)),
         "vpod was not attached: {:?}",
-        daemon.stderr.lock().unwrap()
+        daemon.diagnostics()
     );
 
     // Eight flows from the pod, more than the flow map holds.
     support::udp_flows_from_pod(&pod, 40001, 8, 9100);
     let flows_from_pod = |daemon: &Daemon| {
-        let records = daemon.stdout.lock().unwrap();
+        let records = daemon.records();
         records.iter().filter(|r| r["event"] == "flow" && r["src_ip"] == "10.77.0.2" && r["protocol"] == "UDP").count()
     };
     assert!(
         wait_until(Duration::from_secs(30), || flows_from_pod(&daemon) >= 8),
         "every flow is reported, in the map or as an overflow record: {:#?}",
-        daemon.stdout.lock().unwrap()
+        daemon.records()
     );
 
     ip(&["-n", &node, "link", "delete", "vpod"]);
     assert!(daemon.wait_log("interface gone; detached", Duration::from_secs(10)));
-    let stats = daemon.stop();
-    let records = daemon.stdout.lock().unwrap().clone();
+    let stats = daemon.stop().unwrap();
+    let records = daemon.records().clone();
 
     let from_pod: Vec<&serde_json::Value> = records
         .iter()
@@ -64,22 +64,20 @@ fn blocked_flows_are_logged_once_per_interval_with_suppressed_repeats() {
     let store = std::env::temp_dir().join(format!("{tag}.redb"));
     cleanup.files.push(store.clone());
     connect(&node, &pod);
-    let mut daemon = Daemon::start(&node, &store, &["--drain-interval", "200ms", "--blocked-log-interval", "5s"]);
+    let mut daemon = start_daemon(&node, &store, &["--drain-interval", "200ms", "--blocked-log-interval", "5s"]);
     let logged = |daemon: &Daemon| {
-        daemon.stderr.lock().unwrap().iter().filter(|l| l.contains("flow blocked") && l.contains("9401")).count()
+        daemon.diagnostics().iter().filter(|l| l.contains("flow blocked") && l.contains("9401")).count()
     };
     // Two attempts (two source ports) within one interval: one line.
     support::udp_flows_from_pod(&pod, 44001, 2, 9401);
-    assert!(wait_until(Duration::from_secs(20), || logged(&daemon) == 1), "{:?}", daemon.stderr.lock().unwrap());
+    assert!(wait_until(Duration::from_secs(20), || logged(&daemon) == 1), "{:?}", daemon.diagnostics());
     // The interval is time itself: once it has passed, the next attempt is logged again.
     std::thread::sleep(Duration::from_secs(6));
     support::udp_flows_from_pod(&pod, 44003, 1, 9401);
-    assert!(wait_until(Duration::from_secs(20), || logged(&daemon) == 2), "{:?}", daemon.stderr.lock().unwrap());
-    daemon.stop();
+    assert!(wait_until(Duration::from_secs(20), || logged(&daemon) == 2), "{:?}", daemon.diagnostics());
+    daemon.stop().unwrap();
     let lines: Vec<serde_json::Value> = daemon
-        .stderr
-        .lock()
-        .unwrap()
+        .diagnostics()
         .iter()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "flow blocked" && v["destination_port"] == 9401)
@@ -95,7 +93,7 @@ fn blocked_flows_are_logged_once_per_interval_with_suppressed_repeats() {
     // Before 5.17 the reason is inferred from where the packet was dropped, and said so, once.
     let given = support::kernel_gives_drop_reasons();
     assert_eq!(lines[0]["reason_inferred"], !given, "{}", lines[0]);
-    let said = daemon.stderr.lock().unwrap().iter().filter(|l| l.contains("this kernel gives no drop reasons")).count();
+    let said = daemon.diagnostics().iter().filter(|l| l.contains("this kernel gives no drop reasons")).count();
     assert_eq!(said, usize::from(!given));
 }
 
@@ -113,7 +111,7 @@ fn a_killed_daemons_attachments_are_replaced_by_the_next_start() {
         hooks == ["egress netiso_to_pod", "ingress netiso_from_pod"]
     };
 
-    let mut first = Daemon::start(&node, &store, &[]);
+    let mut first = start_daemon(&node, &store, &[]);
     assert!(
         wait_until(Duration::from_secs(10), || one_set(&tc_programs(&node, "vpod"))),
         "{:?}",
@@ -123,7 +121,7 @@ fn a_killed_daemons_attachments_are_replaced_by_the_next_start() {
     let left = tc_programs(&node, "vpod");
     assert!(left.iter().all(|p| p.starts_with("clsact ")), "TCX links go with the process: {left:?}");
 
-    let mut second = Daemon::start(&node, &store, &["--drain-interval", "200ms"]);
+    let mut second = start_daemon(&node, &store, &["--drain-interval", "200ms"]);
     let attached = tc_programs(&node, "vpod");
     assert!(one_set(&attached), "one set of programs, the stale filters replaced: {attached:?}");
     if !left.is_empty() {
@@ -132,11 +130,11 @@ fn a_killed_daemons_attachments_are_replaced_by_the_next_start() {
     support::udp_from_pod(&pod, 44201, 9421);
     assert!(
         wait_until(Duration::from_secs(20), || {
-            second.stdout.lock().unwrap().iter().any(|r| r["event"] == "drop" && r["dst_port"] == 9421)
+            second.records().iter().any(|r| r["event"] == "drop" && r["dst_port"] == 9421)
         }),
         "the new daemon records drops: {:?}",
-        second.stderr.lock().unwrap()
+        second.diagnostics()
     );
-    second.stop();
+    second.stop().unwrap();
     assert_eq!(tc_programs(&node, "vpod"), Vec::<String>::new(), "a clean stop detaches everything");
 }

@@ -6,7 +6,7 @@ mod support;
 
 use std::process::{Command, Output};
 
-use support::{Daemon, node_and_pod, tag};
+use support::{node_and_pod, start_daemon, tag};
 
 /// netiso's CLI inside the node namespace, where the daemon's API listens on 127.0.0.1:9963.
 fn cli(node: &str, args: &[&str]) -> Output {
@@ -45,7 +45,7 @@ fn whatif_and_advise_fail_closed() {
     std::fs::write(&deny, DEFAULT_DENY).unwrap();
     std::fs::write(&invalid, INVALID_OPERATOR).unwrap();
     let manifests = format!("{}/tests/fixtures/course.yaml", env!("CARGO_MANIFEST_DIR"));
-    let mut daemon = Daemon::start(&node, &store, &["--manifests", &manifests]);
+    let mut daemon = start_daemon(&node, &store, &["--manifests", &manifests]);
     let deny = deny.to_str().unwrap();
     let gate = |extra: &[&str]| {
         let mut args = vec!["whatif", "--policies", deny, "--fail-on-deny", "--since", "1h"];
@@ -82,5 +82,5 @@ fn whatif_and_advise_fail_closed() {
         "no advice from no traffic: {nothing:?}"
     );
     assert!(nothing.stdout.is_empty(), "no allow set printed: {}", String::from_utf8_lossy(&nothing.stdout));
-    daemon.stop();
+    daemon.stop().unwrap();
 }

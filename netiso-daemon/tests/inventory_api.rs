@@ -13,7 +13,7 @@ use netiso::inventory::identity::EndpointKind;
 use netiso::inventory::{Inventory, Kind, kubernetes};
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace, pod, policy};
-use support::{Daemon, connect, node_and_pod, tag, udp_from_pod};
+use support::{connect, node_and_pod, start_daemon, tag, udp_from_pod};
 
 async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -110,13 +110,13 @@ async fn capture_continues_while_the_api_is_unreachable_and_records_say_so() {
     api.kubeconfig(&kubeconfig);
     connect(&node, &pod_ns);
 
-    let daemon = Arc::new(std::sync::Mutex::new(Daemon::start(
+    let daemon = Arc::new(std::sync::Mutex::new(start_daemon(
         &node,
         &store_path,
         &["--kubeconfig", kubeconfig.to_str().unwrap(), "--drain-interval", "200ms", "--node-name", "n1"],
     )));
     let listed = daemon.lock().unwrap().wait_log("listed", Duration::from_secs(20));
-    assert!(listed, "{:#?}", daemon.lock().unwrap().stderr.lock().unwrap());
+    assert!(listed, "{:#?}", daemon.lock().unwrap().diagnostics());
     tokio::time::sleep(Duration::from_millis(500)).await;
     udp_from_pod(&pod_ns, 41001, 9001);
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -131,7 +131,7 @@ async fn capture_continues_while_the_api_is_unreachable_and_records_say_so() {
     assert!(daemon.lock().unwrap().wait_log("inventory is fresh again", Duration::from_secs(40)));
     udp_from_pod(&pod_ns, 41003, 9003);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    daemon.lock().unwrap().stop();
+    daemon.lock().unwrap().stop().unwrap();
 
     let store = Store::open(&store_path, Default::default()).unwrap();
     let dropped = store

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::{Daemon, curl, node_and_pod, tag, wait_until, write_certificate};
+use support::{curl, node_and_pod, start_daemon, tag, wait_until, write_certificate};
 
 /// One request on a kept-alive HTTP/1.1 connection: (status, body).
 fn get(connection: &mut TcpStream, path: &str) -> (u16, String) {
@@ -55,7 +55,7 @@ fn the_api_listener_survives_running_out_of_file_descriptors() {
     let store = dir.join("evidence.redb");
     cleanup.files.push(store.clone());
     let tls = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
-    let mut daemon = Daemon::start(&node, &store, &[&tls[..], &["--connection-timeout", "3s"]].concat());
+    let mut daemon = start_daemon(&node, &store, &[&tls[..], &["--connection-timeout", "3s"]].concat());
     let api = |ca: &std::path::Path| {
         curl(&node, &["--max-time", "5", "--cacert", ca.to_str().unwrap(), "https://127.0.0.1:9963/v1/flows"])
     };
@@ -98,13 +98,13 @@ fn the_api_listener_survives_running_out_of_file_descriptors() {
     assert!(
         recovered,
         "the API did not come back: {:?}",
-        daemon.stderr.lock().unwrap().iter().rev().take(5).collect::<Vec<_>>()
+        daemon.diagnostics().iter().rev().take(5).collect::<Vec<_>>()
     );
     let mut first = &idle[0];
     first.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     assert_eq!(first.read(&mut [0u8; 16]).unwrap(), 0, "an idle connection that never handshook was closed");
     assert!(daemon.is_running());
-    assert!(daemon.stderr.lock().unwrap().iter().any(|l| l.contains("accepting connections again")));
+    assert!(daemon.diagnostics().iter().any(|l| l.contains("accepting connections again")));
     drop(idle);
-    daemon.stop();
+    daemon.stop().unwrap();
 }

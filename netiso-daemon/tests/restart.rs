@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use netiso::evidence::store::{Query, Store};
-use support::{Daemon, connect, curl, node_and_pod, tag, udp_from_pod, wait_until};
+use support::{connect, curl, node_and_pod, start_daemon, tag, udp_from_pod, wait_until};
 
 #[test]
 fn records_survive_a_daemon_restart() {
@@ -16,7 +16,7 @@ fn records_survive_a_daemon_restart() {
     connect(&node, &pod);
     let args = ["--drain-interval", "200ms"];
 
-    let mut first = Daemon::start(&node, &store, &args);
+    let mut first = start_daemon(&node, &store, &args);
     // Stopped once the drop is stored: what is asserted is that records survive, not how fast.
     let stored = |port: u16| {
         let (_, body) = curl(&node, &[&format!("http://127.0.0.1:9963/v1/flows?verdict=dropped&port={port}")]);
@@ -24,14 +24,14 @@ fn records_survive_a_daemon_restart() {
     };
     udp_from_pod(&pod, 42001, 9101);
     assert!(wait_until(Duration::from_secs(30), || stored(9101)));
-    first.stop();
+    first.stop().unwrap();
     let before = Store::open(&store, Default::default()).unwrap().query(&Query::default()).unwrap();
     assert!(before.iter().any(|r| r.destination.port == 9101), "the first run stored its drop");
 
-    let mut second = Daemon::start(&node, &store, &args);
+    let mut second = start_daemon(&node, &store, &args);
     udp_from_pod(&pod, 42002, 9102);
     assert!(wait_until(Duration::from_secs(30), || stored(9102)));
-    second.stop();
+    second.stop().unwrap();
 
     let after = Store::open(&store, Default::default()).unwrap().query(&Query::default()).unwrap();
     for r in &before {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use netiso::evidence::store::{Query, Store};
-use support::{Daemon, connect, curl, node_and_pod, tag, udp_flows_from_pod, wait_until};
+use support::{connect, curl, node_and_pod, start_daemon, tag, udp_flows_from_pod, wait_until};
 
 /// A tmpfs of its own, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
@@ -31,7 +31,7 @@ fn a_full_disk_makes_the_daemon_unready_until_space_returns_and_loses_no_record(
         Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&fs.0).status().unwrap().success()
     );
     let store = fs.0.join("evidence.redb");
-    let mut daemon = Daemon::start(&node, &store, &["--drain-interval", "200ms"]);
+    let mut daemon = start_daemon(&node, &store, &["--drain-interval", "200ms"]);
     let readyz = || curl(&node, &["http://127.0.0.1:9962/readyz"]);
     assert!(wait_until(Duration::from_secs(10), || readyz().0 == 200), "{:?}", readyz());
 
@@ -47,7 +47,7 @@ fn a_full_disk_makes_the_daemon_unready_until_space_returns_and_loses_no_record(
     assert!(
         wait_until(Duration::from_secs(30), || readyz().0 == 503),
         "not ready while writes fail: {:?}",
-        daemon.stderr.lock().unwrap()
+        daemon.diagnostics()
     );
     let (_, why) = readyz();
     assert!(why.contains("evidence store writes fail") && why.contains("No space left"), "{why}");
@@ -65,8 +65,8 @@ fn a_full_disk_makes_the_daemon_unready_until_space_returns_and_loses_no_record(
         "ready again once space returns: {:?}",
         readyz()
     );
-    daemon.stop();
-    let logged = daemon.stderr.lock().unwrap().iter().filter(|l| l.contains("evidence store writes fail;")).count();
+    daemon.stop().unwrap();
+    let logged = daemon.diagnostics().iter().filter(|l| l.contains("evidence store writes fail;")).count();
     assert!((1..=2).contains(&logged), "failures are logged at a bounded rate, not per write: {logged}");
 
     let records =

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use crate::observer::Observer;
 use crate::sh;
+use netiso::daemon::process::Process;
 
 const SINK_PORT: u16 = 5001;
 const FLOOD_PORT: u16 = 5002;
@@ -268,7 +268,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
             eprintln!("{size}-byte packets, round {}/{rounds}: without netiso", round + 1);
             without.push(bench.blast(SINK_PORT, seconds, size)?);
             eprintln!("{size}-byte packets, round {}/{rounds}: with netiso", round + 1);
-            let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
+            let mut observer = Process::start_on_cpu(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
             with.push(bench.blast(SINK_PORT, seconds, size)?);
             observer.stop()?;
         }
@@ -278,7 +278,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
     eprintln!("per-packet program cost");
     let tc_ns_per_packet = {
         let _stats = BpfStats::enable()?;
-        let mut observer = Observer::start_on(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
+        let mut observer = Process::start_on_cpu(netiso, &bench.receiver_ns, &bench.store, &[], Some(DAEMON_CPU))?;
         bench.blast(SINK_PORT, seconds, PACKET_SIZES[0])?;
         let (runs, ns) = program_stats("netiso_from_pod")?;
         observer.stop()?;
@@ -287,7 +287,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
 
     eprintln!("drop flood");
     let stats = BpfStats::enable()?;
-    let mut observer = Observer::start_on(
+    let mut observer = Process::start_on_cpu(
         netiso,
         &bench.receiver_ns,
         &bench.store,
@@ -306,10 +306,7 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
     // Let one drain interval pass so the map's counts are read before stopping.
     std::thread::sleep(Duration::from_millis(1500));
     let nft_dropped = bench.nft_dropped()? - nft_before;
-    let status = observer.stop()?;
-    if !status.success() {
-        bail!("netiso exited with {status}");
-    }
+    observer.stop()?;
     let diagnostics = observer.diagnostics();
     Ok(Figures {
         throughput,

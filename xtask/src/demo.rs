@@ -115,8 +115,7 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
     {
         println!("   {line}");
     }
-    let status = observer.stop()?;
-    anyhow::ensure!(status.success(), "netiso run exited with {status}");
+    observer.stop()?;
     println!("\nThe demo removes its lab now. To keep one running and query it yourself:");
     println!("  cargo xtask lab up && cargo xtask lab traffic");
     println!(

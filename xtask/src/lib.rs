@@ -9,7 +9,6 @@ pub mod lab;
 pub mod leftovers;
 pub mod netns;
 pub mod nft;
-pub mod observer;
 pub mod probe;
 pub mod sh;
 pub mod vm;

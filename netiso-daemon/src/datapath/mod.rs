@@ -72,7 +72,7 @@ pub enum DatapathError {
     Pattern { pattern: String, source: glob::PatternError },
     #[error("netlink: {0}")]
     Netlink(std::io::Error),
-    #[error("cannot read this process's network namespace (/proc/self/ns/net): {0}")]
+    #[error("cannot read this thread's network namespace (/proc/thread-self/ns/net): {0}")]
     Netns(std::io::Error),
     #[error("ring buffer: {0}")]
     RingBuffer(std::io::Error),

@@ -59,9 +59,11 @@ impl PodNamespaces {
     }
 }
 
-/// The inode number of this process's network namespace, as the kernel's `ns.inum`.
+/// The inode number of this thread's network namespace, as the kernel's `ns.inum`. The thread's,
+/// not the process's: a daemon started in-process on a thread that entered a namespace
+/// observes that namespace.
 pub fn own_inode() -> std::io::Result<u32> {
-    Ok(std::fs::metadata("/proc/self/ns/net")?.ino() as u32)
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino() as u32)
 }
 
 /// The namespaces under [`NETNS_DIR`] that are peers of this namespace's interfaces (`peer_ids`:
@@ -112,7 +114,7 @@ mod tests {
 
     #[test]
     fn the_own_namespace_has_the_inode_proc_shows() {
-        let link = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let link = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         assert_eq!(link.to_string_lossy(), format!("net:[{}]", own_inode().unwrap()));
     }
 }

@@ -23,6 +23,16 @@ use serde_json::json;
 use crate::evidence::record::{StreamNotice, ndjson_line};
 use tokio::sync::Semaphore;
 
+/// How query API callers are authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiAuth {
+    /// Every caller is trusted (only sensible on loopback).
+    None,
+    /// Bearer tokens checked with TokenReview; `get nodes/proxy` on this node required
+    /// (SubjectAccessReview).
+    Kubernetes,
+}
+
 /// The resource attribute a caller must be allowed (`get nodes/proxy <node>`).
 pub const VERB: &str = "get";
 pub const RESOURCE: &str = "nodes";

@@ -5,10 +5,8 @@
 
 pub mod apiserver;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub fn ip(args: &[&str]) {
@@ -153,90 +151,11 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     condition()
 }
 
-pub struct Daemon {
-    child: Child,
-    pub stdout: Arc<Mutex<Vec<serde_json::Value>>>,
-    pub stderr: Arc<Mutex<Vec<String>>>,
-}
+pub use netiso::daemon::process::Process as Daemon;
 
-impl Daemon {
-    pub fn start(netns: &str, store: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_netiso"), "run", "--log-format", "json", "--store"])
-            .arg(store)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (out, err) = (stdout.clone(), stderr.clone());
-        let pipe = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                out.lock().unwrap().push(serde_json::from_str(&line).expect("stdout is JSON lines"));
-            }
-        });
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                err.lock().unwrap().push(line);
-            }
-        });
-        let daemon = Daemon { child, stdout, stderr };
-        assert!(
-            daemon.wait_log("datapath ready", Duration::from_secs(20)),
-            "not ready: {:?}",
-            daemon.stderr.lock().unwrap()
-        );
-        daemon
-    }
-
-    pub fn wait_log(&self, text: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.stderr.lock().unwrap().iter().any(|l| l.contains(text)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-
-    /// netiso's process id (`ip netns exec` execs it).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGKILL, as the OOM killer or a node's crash would: no chance to detach anything.
-    pub fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM; asserts a clean exit and returns the final log line.
-    pub fn stop(&mut self) -> serde_json::Value {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "exit {status}: {:?}", self.stderr.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(100));
-        let stderr = self.stderr.lock().unwrap();
-        let last = stderr.iter().rev().find(|l| l.contains("stopped")).expect("final log line");
-        serde_json::from_str(last).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `netiso run --log-format json --store STORE ARGS` in `netns`, once its programs are attached.
+pub fn start_daemon(netns: &str, store: &Path, args: &[&str]) -> Daemon {
+    Daemon::start(Path::new(env!("CARGO_BIN_EXE_netiso")), netns, store, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, written as PEM files.

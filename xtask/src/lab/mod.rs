@@ -80,7 +80,7 @@ impl Lab {
 
     /// Starts `netiso run` in the node namespace with the lab's manifests as its inventory, its
     /// API on 127.0.0.1:9963 and its metrics on 127.0.0.1:9962 of that namespace.
-    pub fn observe(&self, netiso: &Path, extra_args: &[&str]) -> anyhow::Result<crate::observer::Observer> {
+    pub fn observe(&self, netiso: &Path, extra_args: &[&str]) -> anyhow::Result<netiso::daemon::process::Process> {
         self.observe_as(netiso, "lab", "127.0.0.1:9963", "127.0.0.1:9962", extra_args)
     }
 
@@ -93,14 +93,14 @@ impl Lab {
         listen: &str,
         metrics_listen: &str,
         extra_args: &[&str],
-    ) -> anyhow::Result<crate::observer::Observer> {
+    ) -> anyhow::Result<netiso::daemon::process::Process> {
         let manifests = self.manifests_path();
         let manifests = manifests.to_str().context("manifests path is not UTF-8")?;
         let mut args =
             vec!["--manifests", manifests, "--node-name", name, "--listen", listen, "--metrics-listen", metrics_listen];
         args.extend_from_slice(extra_args);
         let store = if name == "lab" { self.store_path() } else { self.out_dir.join(format!("evidence-{name}.redb")) };
-        crate::observer::Observer::start(netiso, &self.node_ns(), &store, &args)
+        netiso::daemon::process::Process::start(netiso, &self.node_ns(), &store, &args)
     }
 
     /// One probe from a lab pod: whether it got through.
