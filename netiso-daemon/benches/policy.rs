@@ -20,7 +20,7 @@ fn labels(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
 }
 
 fn policy(yaml: String) -> k8s_openapi::api::networking::v1::NetworkPolicy {
-    serde_yaml::from_str(&yaml).expect("synthetic policy parses")
+    serde_saphyr::from_str(&yaml).expect("synthetic policy parses")
 }
 
 fn ip(ns: usize, pod: usize) -> IpAddr {

@@ -27,13 +27,8 @@ fn render(dir: &Path) -> Vec<Value> {
     let out = Command::new(kubectl()).arg("kustomize").arg(dir).output().expect("kubectl (scripts/setup installs it)");
     assert!(out.status.success(), "kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
+    serde_saphyr::from_multiple_with_options(&text, serde_saphyr::options! { strict_booleans: true }).unwrap()
 }
-
-use serde::Deserialize;
 
 fn kustomizations() -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -194,7 +189,7 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
         assert!(names.contains(&n.to_owned()), "Flux Kustomization {n}");
     }
     // The rollback manifest is applied by hand, outside any kustomization.
-    let rollback: NetworkPolicy = serde_yaml::from_str(
+    let rollback: NetworkPolicy = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join("deploy/network-policies/rollback/allow-all.yaml")).unwrap(),
     )
     .unwrap();

@@ -37,11 +37,12 @@ fn expressions() -> Vec<(String, String)> {
             out.push((format!("panel {}", panel["title"]), expr));
         }
     }
-    let rules: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap())
-            .unwrap();
-    for group in rules["spec"]["groups"].as_sequence().unwrap() {
-        for rule in group["rules"].as_sequence().unwrap() {
+    let rules: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap(),
+    )
+    .unwrap();
+    for group in rules["spec"]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
             out.push((format!("alert {}", rule["alert"].as_str().unwrap()), rule["expr"].as_str().unwrap().to_owned()));
         }
     }
@@ -145,11 +146,12 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     let _ = &prometheus;
 
     // promtool: the rules and the exposition are clean.
-    let rules: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap())
-            .unwrap();
+    let rules: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap(),
+    )
+    .unwrap();
     let rules_file = out.join("rules.yml");
-    std::fs::write(&rules_file, serde_yaml::to_string(&rules["spec"]).unwrap()).unwrap();
+    std::fs::write(&rules_file, serde_saphyr::to_string(&rules["spec"]).unwrap()).unwrap();
     let check = promtool(&["check", "rules", rules_file.to_str().unwrap()], None);
     assert!(
         check.status.success(),

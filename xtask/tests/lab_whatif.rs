@@ -24,9 +24,9 @@ fn write_default_deny(dir: &Path) {
     let base =
         std::fs::read_to_string(lab::repo_root().join("deploy/network-policies/base/default-deny.yaml")).unwrap();
     for ns in ["develop", "staging", "production"] {
-        let mut policy: serde_yaml::Value = serde_yaml::from_str(&base).unwrap();
+        let mut policy: serde_json::Value = serde_saphyr::from_str(&base).unwrap();
         policy["metadata"]["namespace"] = ns.into();
-        std::fs::write(dir.join(format!("default-deny-{ns}.yaml")), serde_yaml::to_string(&policy).unwrap()).unwrap();
+        std::fs::write(dir.join(format!("default-deny-{ns}.yaml")), serde_saphyr::to_string(&policy).unwrap()).unwrap();
     }
 }
 

@@ -238,7 +238,7 @@ pub fn advise(args: AdviseArgs) -> anyhow::Result<ExitCode> {
     println!("# Checked with the what-if engine: with default-deny-all and these policies, none of the");
     println!("# {forwarded} recorded forwarded flows of {ns} (window: {}) would be denied.", args.window.since);
     for policy in &advice {
-        print!("---\n{}", serde_yaml::to_string(policy)?);
+        print!("---\n{}", serde_saphyr::to_string(policy)?);
     }
     eprintln!(
         "netiso: checked: 0 of {forwarded} recorded forwarded flows would be denied under default deny plus this advice"

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde_json::Value;
 use thiserror::Error;
 
 use super::{Change, Inventory, Kind, Object};
@@ -20,6 +20,8 @@ pub enum ManifestError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: no .yaml, .yml or .json files")]
     Empty { path: PathBuf },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
     #[error("{path}: document {document}: {message}")]
     Parse { path: PathBuf, document: usize, message: String },
 }
@@ -89,23 +91,27 @@ pub fn load(path: &Path) -> Result<Manifests, ManifestError> {
     Ok(manifests)
 }
 
-/// Parses one file's text (YAML; JSON is YAML too).
+/// Parses one file's text (YAML; JSON is YAML too). Documents are numbered as the file's
+/// non-empty ones; a syntax error names its line and column. Only `true` and `false` are
+/// booleans: the documents are read untyped first, and YAML 1.1's `y`, `n`, `yes`, `no`, `on`
+/// and `off` are names and label values here, as Kubernetes reads them into its string fields.
 pub fn parse_into(file: &Path, text: &str, out: &mut Manifests) -> Result<(), ManifestError> {
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError::Parse {
-            path: file.into(),
-            document: i + 1,
-            message: e.to_string(),
-        })?;
-        if value.is_null() {
-            continue;
+    let documents: Vec<Value> = serde_saphyr::from_multiple_with_options(
+        text,
+        serde_saphyr::options! {
+            strict_booleans: true,
+        },
+    )
+    .map_err(|e| ManifestError::Syntax { path: file.into(), message: e.to_string() })?;
+    for (i, value) in documents.into_iter().enumerate() {
+        if !value.is_null() {
+            add_object(file, i + 1, value, out)?;
         }
-        add_object(file, i + 1, value, out)?;
     }
     Ok(())
 }
 
-fn describe(value: &serde_yaml::Value) -> String {
+fn describe(value: &Value) -> String {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("object");
     let meta = value.get("metadata");
     let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
@@ -115,11 +121,7 @@ fn describe(value: &serde_yaml::Value) -> String {
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(
-    file: &Path,
-    document: usize,
-    value: serde_yaml::Value,
-) -> Result<T, ManifestError> {
+fn typed<T: serde::de::DeserializeOwned>(file: &Path, document: usize, value: Value) -> Result<T, ManifestError> {
     let what = describe(&value);
     serde_path_to_error::deserialize(value).map_err(|e| ManifestError::Parse {
         path: file.into(),
@@ -128,16 +130,11 @@ fn typed<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn add_object(
-    file: &Path,
-    document: usize,
-    value: serde_yaml::Value,
-    out: &mut Manifests,
-) -> Result<(), ManifestError> {
+fn add_object(file: &Path, document: usize, value: Value, out: &mut Manifests) -> Result<(), ManifestError> {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value.get("items").and_then(|i| i.as_array()).cloned().unwrap_or_default();
             for item in items {
                 add_object(file, document, item, out)?;
             }
@@ -335,7 +332,17 @@ items:
         assert!(err.contains("bad.yaml: document 1: NetworkPolicy n/p: field spec.ingress"), "{err}");
         let broken = "kind: Pod\nmetadata: [\n";
         let err = parse_into(Path::new("broken.yaml"), broken, &mut Manifests::default()).unwrap_err().to_string();
-        assert!(err.starts_with("broken.yaml: document 1:"), "{err}");
+        assert!(err.starts_with("broken.yaml: ") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn yaml_1_1_boolean_spellings_are_strings_as_in_kubernetes() {
+        let text = "kind: Namespace\nmetadata: {name: n, labels: {canary: yes, tier: on, team: y}}\n";
+        let mut m = Manifests::default();
+        parse_into(Path::new("ns.yaml"), text, &mut m).unwrap();
+        let labels = &m.state.namespaces[0].labels;
+        assert_eq!(m.state.namespaces[0].name, "n");
+        assert_eq!((labels["canary"].as_str(), labels["tier"].as_str(), labels["team"].as_str()), ("yes", "on", "y"));
     }
 
     #[test]

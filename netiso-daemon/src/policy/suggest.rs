@@ -176,7 +176,8 @@ fn suggest(engine: &PolicyEngine, explanation: &Explanation, from: Endpoint, to:
             engine.policy_admits(&policy, direction, subject, peer_endpoint(direction, from, to), port, protocol);
         policies.push(policy);
     }
-    let yaml = policies.iter().map(|p| serde_yaml::to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("---\n");
+    let yaml =
+        policies.iter().map(|p| serde_saphyr::to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("---\n");
     Suggestion { policies, yaml, verified, notes }
 }
 

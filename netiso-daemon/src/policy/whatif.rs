@@ -434,7 +434,7 @@ mod tests {
         let flows = traffic();
         let dns = Labels::from([("k8s-app".to_owned(), "kube-dns".to_owned())]);
         let advice = advise("prod", &flows, &dns);
-        let yaml: String = advice.iter().map(|p| serde_yaml::to_string(p).unwrap()).collect();
+        let yaml: String = advice.iter().map(|p| serde_saphyr::to_string(p).unwrap()).collect();
         assert!(!yaml.contains("pod-template-hash"), "{yaml}");
         assert!(yaml.contains("k8s-app: kube-dns"), "DNS by the kube-dns Service's selector: {yaml}");
         assert!(yaml.contains("kubernetes.io/metadata.name: web"), "{yaml}");

@@ -173,13 +173,13 @@ impl Lab {
     pub fn apply_policies(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
         let mut docs = Vec::new();
         for ns in scenario::namespaces() {
-            docs.push(serde_yaml::to_string(&ns)?);
+            docs.push(serde_saphyr::to_string(&ns)?);
         }
         for pod in scenario::pods() {
-            docs.push(serde_yaml::to_string(&pod)?);
+            docs.push(serde_saphyr::to_string(&pod)?);
         }
         for service in scenario::services() {
-            docs.push(serde_yaml::to_string(&service)?);
+            docs.push(serde_saphyr::to_string(&service)?);
         }
         // A resourceVersion per apply, as the API server would give, so evidence can cite it.
         let version = std::time::SystemTime::now()
@@ -190,7 +190,7 @@ impl Lab {
         for policy in policies {
             let mut policy = policy.clone();
             policy.metadata.resource_version = Some(version.clone());
-            docs.push(serde_yaml::to_string(&policy)?);
+            docs.push(serde_saphyr::to_string(&policy)?);
         }
         let manifests = self.manifests_path();
         std::fs::write(&manifests, docs.join("---\n")).with_context(|| format!("writing {}", manifests.display()))?;
