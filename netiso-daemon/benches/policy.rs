@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use netiso::policy::{
-    ClusterState, ContainerPort, EndpointRef, NamespaceInfo, PodInfo, PolicyEngine, Protocol, VerdictCache,
+    ClusterState, ContainerPort, EndpointRef, NamespaceInfo, PodInfo, PolicyEngine, Protocol,
 };
 
 const NAMESPACES: usize = 200;
@@ -110,19 +110,7 @@ fn verdicts(c: &mut Criterion) {
     let mut group = c.benchmark_group("verdicts");
     group.throughput(Throughput::Elements(FLOWS as u64));
     group.sample_size(10);
-    group.bench_function("uncached", |b| b.iter(|| flows.iter().filter(|f| decide(black_box(f))).count()));
-    let mut cache = VerdictCache::default();
-    let resolved: Vec<_> = flows
-        .iter()
-        .map(|(s, d, p)| {
-            (engine.resolve(&EndpointRef::Ip(*s)).unwrap(), engine.resolve(&EndpointRef::Ip(*d)).unwrap(), *p)
-        })
-        .collect();
-    group.bench_function("cached", |b| {
-        b.iter(|| {
-            resolved.iter().filter(|(from, to, port)| cache.allows(&engine, *from, *to, *port, Protocol::Tcp)).count()
-        })
-    });
+    group.bench_function("decide", |b| b.iter(|| flows.iter().filter(|f| decide(black_box(f))).count()));
     group.finish();
 
     c.bench_function("engine build (10,000 pods, 1,000 policies)", |b| {

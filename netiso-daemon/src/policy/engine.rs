@@ -837,23 +837,3 @@ pub struct Clause {
     pub peer: ClausePeer,
     pub port: Option<ClausePort>,
 }
-
-/// Caches verdicts by resolved endpoints, for callers that decide the same flows repeatedly.
-/// Valid for one engine: build a new cache with each new engine.
-#[derive(Default)]
-pub struct VerdictCache {
-    verdicts: HashMap<(Endpoint, Endpoint, u16, Protocol), bool>,
-}
-
-impl VerdictCache {
-    pub fn allows(
-        &mut self,
-        engine: &PolicyEngine,
-        from: Endpoint,
-        to: Endpoint,
-        port: u16,
-        protocol: Protocol,
-    ) -> bool {
-        *self.verdicts.entry((from, to, port, protocol)).or_insert_with(|| engine.allows(from, to, port, protocol))
-    }
-}

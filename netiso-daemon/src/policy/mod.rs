@@ -11,7 +11,7 @@ pub mod whatif;
 
 pub use compile::{PolicyError, PolicyRef};
 pub use engine::{
-    Clause, ClausePeer, ClausePort, Direction, Endpoint, EngineError, Explanation, PolicyEngine, Verdict, VerdictCache,
+    Clause, ClausePeer, ClausePort, Direction, Endpoint, EngineError, Explanation, PolicyEngine, Verdict,
 };
 pub use model::{ClusterState, ContainerPort, EndpointRef, Flow, Labels, NamespaceInfo, PodInfo, Protocol};
 #[cfg(test)]

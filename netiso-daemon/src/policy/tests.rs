@@ -380,18 +380,6 @@ fn the_suggested_policy_allows_exactly_the_flow() {
 }
 
 #[test]
-fn a_verdict_cache_agrees_with_the_engine() {
-    let e = engine(DENY_INGRESS_A);
-    let mut cache = VerdictCache::default();
-    let from = e.resolve(&"b/client".parse().unwrap()).unwrap();
-    let to = e.resolve(&"a/web".parse().unwrap()).unwrap();
-    for _ in 0..2 {
-        assert!(!cache.allows(&e, from, to, 80, Protocol::Tcp));
-        assert!(cache.allows(&e, to, from, 80, Protocol::Tcp));
-    }
-}
-
-#[test]
 fn unknown_pods_are_an_error_not_a_panic() {
     let e = engine("");
     assert_eq!(e.verdict(&flow("a/nope", "a/web", 1, Protocol::Tcp)), Err(EngineError::UnknownPod("a/nope".into())));
