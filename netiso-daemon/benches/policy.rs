@@ -7,9 +7,7 @@ use std::hint::black_box;
 use std::net::IpAddr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use netiso::policy::{
-    ClusterState, ContainerPort, EndpointRef, NamespaceInfo, PodInfo, PolicyEngine, Protocol,
-};
+use netiso::policy::{ClusterState, ContainerPort, EndpointRef, NamespaceInfo, PodInfo, PolicyEngine, Protocol};
 
 const NAMESPACES: usize = 200;
 const PODS_PER_NAMESPACE: usize = 50;

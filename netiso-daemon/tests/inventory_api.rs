@@ -7,9 +7,9 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use netiso::cluster::EndpointKind;
 use netiso::evidence::record::FlowVerdict;
 use netiso::evidence::store::{Query, Store};
-use netiso::inventory::identity::EndpointKind;
 use netiso::inventory::{Inventory, Kind, kubernetes};
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace, pod, policy};

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
 use super::client::{self, Target, encode, excerpt};
+use crate::cluster::Identity;
 use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, StreamNotice};
-use crate::inventory::identity::Identity;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {

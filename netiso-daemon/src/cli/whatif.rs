@@ -10,9 +10,8 @@ use clap::{Args, ValueEnum};
 
 use super::client::{self, Endpoint, Target, excerpt};
 use crate::evidence::record::{FlowList, FlowRecord};
-use crate::inventory::identity::Identity;
 use crate::inventory::{InventoryView, manifests};
-use crate::policy::whatif::{self, RecordedEnd, RecordedFlow, WhatIfReport};
+use crate::policy::whatif::{self, RecordedFlow, WhatIfReport};
 use crate::policy::{ClusterState, Labels};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -60,27 +59,17 @@ struct Recorded {
     flows: Vec<RecordedFlow>,
 }
 
-fn end(id: &Identity) -> RecordedEnd {
-    RecordedEnd {
-        namespace: id.namespace.clone(),
-        pod: id.pod.clone(),
-        workload: id.workload.clone(),
-        labels: id.labels.clone(),
-        ip: id.ip,
-    }
-}
-
 /// A flow record as a flow to decide again; replies and protocols NetworkPolicy does not govern
 /// are left out.
-fn recorded_flow(r: &FlowRecord) -> Option<RecordedFlow> {
+fn recorded_flow(r: FlowRecord) -> Option<RecordedFlow> {
     if r.is_reply {
         return None;
     }
     let protocol = r.protocol.policy()?;
     Some(RecordedFlow {
-        source: end(&r.source),
-        destination: end(&r.destination),
         port: r.destination.port,
+        source: r.source,
+        destination: r.destination,
         protocol,
         recorded: r.verdict.as_str().to_owned(),
     })
@@ -89,14 +78,14 @@ fn recorded_flow(r: &FlowRecord) -> Option<RecordedFlow> {
 /// The flows of one server's answer. A gate must judge every recorded flow: an answer that says
 /// it holds only part of the window is an error (and one whose records cannot be read is not a
 /// `FlowList` at all).
-fn recorded_flows(server: &str, answer: &FlowList) -> anyhow::Result<Vec<RecordedFlow>> {
+fn recorded_flows(server: &str, answer: FlowList) -> anyhow::Result<Vec<RecordedFlow>> {
     if answer.more {
         bail!(
             "{server} holds more than {} records in the window; narrow --since so that every recorded flow is replayed",
             crate::evidence::record::MAX_LIMIT
         );
     }
-    Ok(answer.flows.iter().filter_map(recorded_flow).collect())
+    Ok(answer.flows.into_iter().filter_map(recorded_flow).collect())
 }
 
 async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
@@ -129,7 +118,7 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
         }
         let answer: FlowList = serde_json::from_slice(&body)
             .with_context(|| format!("{name} did not answer with readable flow records: {}", excerpt(&body)))?;
-        flows.extend(recorded_flows(&name, &answer)?);
+        flows.extend(recorded_flows(&name, answer)?);
     }
     let Some(inventory) = inventory else { bail!("no server answered with its inventory") };
     Ok(Recorded { state: inventory.state, dns: inventory.dns_selector, flows })
@@ -267,7 +256,7 @@ mod tests {
     #[test]
     fn a_port_out_of_range_is_not_wrapped_into_another_port() {
         let list: FlowList = serde_json::from_value(json!({"flows": [record("1", json!(8080))]})).unwrap();
-        assert_eq!(recorded_flows("n1", &list).unwrap()[0].port, 8080);
+        assert_eq!(recorded_flows("n1", list).unwrap()[0].port, 8080);
         let wrapped = serde_json::from_value::<FlowList>(json!({"flows": [record("1", json!(65536 + 8080))]}));
         assert!(wrapped.unwrap_err().to_string().contains("73616"));
     }
@@ -276,7 +265,7 @@ mod tests {
     fn a_partial_or_unreadable_answer_fails_the_replay() {
         let capped: FlowList =
             serde_json::from_value(json!({"flows": [record("1", json!(8080))], "more": true})).unwrap();
-        let err = recorded_flows("n1", &capped).unwrap_err();
+        let err = recorded_flows("n1", capped).unwrap_err();
         assert!(err.to_string().contains("n1 holds more than"), "{err}");
         let unreadable = json!({"flows": [record("1", json!(8080)), {"id": "2", "verdict": "forwarded"}]});
         assert!(serde_json::from_value::<FlowList>(unreadable).is_err());

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::engines::Engines;
-use super::record::{Attribution, Evidence, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
+use super::record::{Attribution, Evidence, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
 use super::store::StoreOp;
+use crate::cluster::{EndpointKind, Identity};
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::record::IpProtocol;
 use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
-use crate::inventory::identity::{EndpointKind, Identity};
 use crate::inventory::timeline::PodSnapshot;
 use crate::policy::engine::DirectionReport;
 use crate::policy::suggest::explain_with_suggestion;
@@ -199,6 +199,7 @@ impl Correlator {
         let stale = self.inventory.status().stale;
         let (policy, evidence) = self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply);
         Some(FlowRecord {
+            schema: FLOW_SCHEMA,
             id: self.ids.next(at),
             time: at,
             last_seen: r.last_seen,

@@ -6,10 +6,10 @@ use std::time::SystemTime;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::Identity;
 use crate::datapath::Direction as PacketDirection;
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::record::IpProtocol;
-use crate::inventory::identity::Identity;
 use crate::policy::engine::Suggestion;
 use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
 
@@ -146,8 +146,35 @@ pub struct PolicyVerdict {
     pub summary: String,
 }
 
+/// The flow record's schema. Raised when a field changes meaning or goes away (adding a field does
+/// not raise it), so that a reader refuses records it would misread.
+pub const FLOW_SCHEMA: u32 = 1;
+
+mod schema {
+    use serde::{Deserialize, Deserializer};
+
+    /// Records stored before the field existed are of the first schema.
+    pub fn first() -> u32 {
+        1
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let schema = u32::deserialize(d)?;
+        if schema > super::FLOW_SCHEMA {
+            return Err(serde::de::Error::custom(format!(
+                "flow records of schema {schema} are newer than this netiso reads (up to {}): upgrade netiso",
+                super::FLOW_SCHEMA
+            )));
+        }
+        Ok(schema)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowRecord {
+    /// [`FLOW_SCHEMA`] of the netiso that wrote the record.
+    #[serde(default = "schema::first", deserialize_with = "schema::deserialize")]
+    pub schema: u32,
     #[serde(with = "id_string")]
     pub id: u64,
     /// First packet.

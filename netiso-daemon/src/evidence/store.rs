@@ -168,7 +168,7 @@ fn label_matches(labels: &Option<crate::policy::Labels>, want: &str) -> bool {
 impl Query {
     pub fn matches(&self, r: &FlowRecord) -> bool {
         let ns = |want: &Option<String>, have: &Option<String>| want.as_ref().is_none_or(|w| have.as_ref() == Some(w));
-        let pod = |want: &Option<String>, id: &crate::inventory::identity::Identity| {
+        let pod = |want: &Option<String>, id: &crate::cluster::Identity| {
             want.as_ref().is_none_or(|w| id.pod_key().as_ref() == Some(w))
         };
         self.verdict.is_none_or(|v| v == r.verdict)

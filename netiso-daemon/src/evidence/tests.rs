@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::record::{Attribution, FlowRecord, FlowVerdict, PolicyVerdict};
+use super::record::{Attribution, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicyVerdict};
 use super::store::{Query, Retention, Store, StoreOp};
-use crate::inventory::identity::{EndpointKind, Identity};
+use crate::cluster::{EndpointKind, Identity};
 use crate::policy::PolicyRef;
 
 struct TempDir(PathBuf);
@@ -44,6 +44,7 @@ fn pod(ns: &str, name: &str, ip: &str, port: u16) -> Identity {
 fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: Option<&str>) -> FlowRecord {
     let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(id);
     FlowRecord {
+        schema: FLOW_SCHEMA,
         id,
         time,
         last_seen: time,
@@ -83,6 +84,19 @@ fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: O
 fn now_id(offset_secs: u64) -> u64 {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
     now - offset_secs * 1_000_000_000
+}
+
+#[test]
+fn records_carry_their_schema_and_a_newer_one_is_refused_not_misread() {
+    let r = record(1, FlowVerdict::Dropped, pod("a", "x", "10.0.0.1", 1), pod("b", "y", "10.0.0.2", 80), None);
+    let mut json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["schema"], FLOW_SCHEMA);
+    json.as_object_mut().unwrap().remove("schema");
+    let stored_before_the_field: FlowRecord = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(stored_before_the_field.schema, 1);
+    json["schema"] = (FLOW_SCHEMA + 1).into();
+    let err = serde_json::from_value::<FlowRecord>(json).unwrap_err().to_string();
+    assert!(err.contains("newer than this netiso reads") && err.contains("upgrade netiso"), "{err}");
 }
 
 #[test]

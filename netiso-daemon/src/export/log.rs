@@ -32,7 +32,7 @@ pub struct BlockedFlowLog {
     last: std::collections::HashMap<String, (std::time::Instant, u64)>,
 }
 
-fn end(id: &crate::inventory::identity::Identity) -> String {
+fn end(id: &crate::cluster::Identity) -> String {
     id.pod_key().unwrap_or_else(|| id.ip.to_string())
 }
 

@@ -2,7 +2,6 @@
 //! Services and nodes, from the Kubernetes API or from manifests, behind one interface. Keeps
 //! who held each IP address when, so late or racing events are attributed correctly.
 
-pub mod identity;
 pub mod kubernetes;
 pub mod manifests;
 pub mod timeline;
@@ -18,9 +17,9 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use serde::{Deserialize, Serialize};
 
-use self::identity::{EndpointKind, Identity, Workload};
 use self::timeline::{IpTimeline, PodSnapshot};
 use crate::cluster::{ClusterState, Labels, NamespaceInfo, PodInfo, PolicyRef};
+use crate::cluster::{EndpointKind, Identity, Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {

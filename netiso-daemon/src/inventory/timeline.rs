@@ -14,7 +14,7 @@ use crate::cluster::PodInfo;
 pub struct PodSnapshot {
     pub uid: String,
     pub info: PodInfo,
-    pub workload: Option<super::identity::Workload>,
+    pub workload: Option<crate::cluster::Workload>,
     pub node: Option<String>,
 }
 

@@ -17,42 +17,32 @@ use super::engine::{NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
 use super::model::ClusterState;
 use super::model::{EndpointRef, Flow, Labels, PodInfo, Protocol};
 use super::suggest::{dns_label, stable_labels};
+use crate::cluster::Identity;
 
-/// One end of a recorded flow, as the record names it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedEnd {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub workload: Option<String>,
-    pub labels: Option<Labels>,
-    pub ip: IpAddr,
+/// How a recorded end is named to the engine: the pod it was, else its address.
+fn endpoint(end: &Identity) -> EndpointRef {
+    match (&end.namespace, &end.pod) {
+        (Some(namespace), Some(name)) => {
+            EndpointRef::Pod { namespace: namespace.clone(), name: name.clone(), ip: Some(end.ip) }
+        }
+        _ => EndpointRef::Ip(end.ip),
+    }
 }
 
-impl RecordedEnd {
-    fn endpoint(&self) -> EndpointRef {
-        match (&self.namespace, &self.pod) {
-            (Some(namespace), Some(name)) => {
-                EndpointRef::Pod { namespace: namespace.clone(), name: name.clone(), ip: Some(self.ip) }
-            }
-            _ => EndpointRef::Ip(self.ip),
-        }
-    }
-
-    /// `namespace/workload`, `namespace/pod`, or the address.
-    pub fn group_name(&self) -> String {
-        match (&self.namespace, &self.workload, &self.pod) {
-            (Some(ns), Some(w), _) => format!("{ns}/{w}"),
-            (Some(ns), None, Some(p)) => format!("{ns}/{p}"),
-            _ => self.ip.to_string(),
-        }
+/// `namespace/workload`, `namespace/pod`, or the address.
+fn group_name(end: &Identity) -> String {
+    match (&end.namespace, &end.workload, &end.pod) {
+        (Some(ns), Some(w), _) => format!("{ns}/{w}"),
+        (Some(ns), None, Some(p)) => format!("{ns}/{p}"),
+        _ => end.ip.to_string(),
     }
 }
 
 /// A recorded flow (not a reply), ready to be decided again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedFlow {
-    pub source: RecordedEnd,
-    pub destination: RecordedEnd,
+    pub source: Identity,
+    pub destination: Identity,
     pub port: u16,
     pub protocol: Protocol,
     /// `forwarded` or `dropped`, as recorded.
@@ -152,10 +142,10 @@ pub fn replay(current: &ClusterState, proposed: &[NetworkPolicy], flows: &[Recor
     let mut unchanged = 0;
     let mut evaluated = 0;
     for f in flows {
-        let flow = Flow { from: f.source.endpoint(), to: f.destination.endpoint(), port: f.port, protocol: f.protocol };
+        let flow = Flow { from: endpoint(&f.source), to: endpoint(&f.destination), port: f.port, protocol: f.protocol };
         let (Ok(was), Ok(now)) = (before.explain(&flow), after.explain(&flow)) else { continue };
         evaluated += 1;
-        let key = (f.source.group_name(), f.destination.group_name(), f.port, f.protocol);
+        let key = (group_name(&f.source), group_name(&f.destination), f.port, f.protocol);
         let group = |policies: Vec<PolicyRef>, nearest_miss: Option<String>| FlowGroup {
             source: key.0.clone(),
             destination: key.1.clone(),
@@ -231,7 +221,7 @@ enum PeerKey {
     Address(IpAddr),
 }
 
-fn peer_key(end: &RecordedEnd, dns: &Labels) -> PeerKey {
+fn peer_key(end: &Identity, dns: &Labels) -> PeerKey {
     match (&end.namespace, &end.pod, &end.labels) {
         (Some(ns), Some(_), Some(labels)) => {
             let stable = stable_labels(labels);
@@ -364,19 +354,24 @@ pub fn advise(namespace: &str, flows: &[RecordedFlow], dns: &Labels) -> Vec<Netw
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::EndpointKind;
     use crate::policy::NamespaceInfo;
 
-    fn end(ns: &str, pod: &str, labels: &[(&str, &str)], ip: &str) -> RecordedEnd {
-        RecordedEnd {
+    fn end(ns: &str, pod: &str, labels: &[(&str, &str)], ip: &str) -> Identity {
+        Identity {
+            kind: EndpointKind::Pod,
             namespace: Some(ns.into()),
             pod: Some(pod.into()),
             workload: Some(format!("Deployment/{pod}")),
             labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            node: None,
+            service: None,
             ip: ip.parse().unwrap(),
+            port: 0,
         }
     }
 
-    fn flow(from: RecordedEnd, to: RecordedEnd, port: u16, protocol: Protocol) -> RecordedFlow {
+    fn flow(from: Identity, to: Identity, port: u16, protocol: Protocol) -> RecordedFlow {
         RecordedFlow { source: from, destination: to, port, protocol, recorded: "forwarded".into() }
     }
 
