@@ -3,6 +3,7 @@
 //! into a stream of [`DatapathRecord`]s.
 
 pub mod btf;
+pub mod drain;
 pub mod interfaces;
 pub mod kallsyms;
 pub mod netns;
@@ -29,6 +30,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use self::btf::{Btf, BtfError};
+use self::drain::{Change, Ledger, loss_deltas, sum};
 use self::interfaces::{Link, LinkChange};
 use self::kallsyms::Kallsyms;
 use self::netns::PodNamespaces;
@@ -601,14 +603,6 @@ impl Datapath {
     }
 }
 
-/// What each loss counter added since `reported`; never negative, whatever the counters did.
-fn loss_deltas(
-    totals: &[u64; LOSS_COUNTERS as usize],
-    reported: &[u64; LOSS_COUNTERS as usize],
-) -> [u64; LOSS_COUNTERS as usize] {
-    std::array::from_fn(|i| totals[i].saturating_sub(reported[i]))
-}
-
 /// A ring buffer item as the kernel wrote it; None when it is too short to be one.
 pub fn read_event(item: &[u8]) -> Option<Event> {
     if item.len() < std::mem::size_of::<Event>() {
@@ -671,48 +665,22 @@ pub fn tuple_record(event: EventKind, tuple: &FlowTuple, c: &Counters) -> Datapa
 /// One kernel map and what user space already knows of its keys.
 struct Drain<K: aya::Pod> {
     map: PerCpuHashMap<MapData, K, Counters>,
-    /// Packets and bytes of each key at the previous drain.
-    known: HashMap<K, (u64, u64)>,
-}
-
-/// A key whose counters moved since the previous drain.
-struct Change<K> {
-    key: K,
-    counters: Counters,
-    new_key: bool,
-    delta_packets: u64,
-    delta_bytes: u64,
+    ledger: Ledger<K>,
 }
 
 impl<K: aya::Pod + Eq + Hash> Drain<K> {
     fn new(map: PerCpuHashMap<MapData, K, Counters>) -> Self {
-        Drain { map, known: HashMap::new() }
+        Drain { map, ledger: Ledger::default() }
     }
 
-    /// Returns the keys that are new or saw packets since the last drain, and removes keys idle
-    /// for longer than `idle_ns` from the map (a later packet makes them new again).
+    /// Reads the map: the keys that are new or saw packets since the last read. Keys idle for
+    /// longer than `idle_ns` leave the map.
     fn drain(&mut self, now_ns: u64, idle_ns: u64) -> Vec<Change<K>> {
         let entries: Vec<(K, Counters)> =
             self.map.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect();
-        let mut changes = Vec::new();
-        for (key, counters) in entries {
-            let previous = self.known.get(&key).copied();
-            let (before_packets, before_bytes) = previous.unwrap_or((0, 0));
-            // A key evicted and re-created between two drains restarts from zero.
-            let (delta_packets, delta_bytes) = if counters.packets >= before_packets {
-                (counters.packets - before_packets, counters.bytes.saturating_sub(before_bytes))
-            } else {
-                (counters.packets, counters.bytes)
-            };
-            if previous.is_none() || delta_packets > 0 {
-                changes.push(Change { key, counters, new_key: previous.is_none(), delta_packets, delta_bytes });
-            }
-            if now_ns.saturating_sub(counters.last_seen_ns) > idle_ns {
-                let _ = self.map.remove(&key);
-                self.known.remove(&key);
-            } else {
-                self.known.insert(key, (counters.packets, counters.bytes));
-            }
+        let (changes, idle) = self.ledger.read(entries, now_ns, idle_ns);
+        for key in idle {
+            let _ = self.map.remove(&key);
         }
         changes
     }
@@ -721,26 +689,6 @@ impl<K: aya::Pod + Eq + Hash> Drain<K> {
 struct Drains {
     drops: Drain<DropKey>,
     flows: Drain<FlowKey>,
-}
-
-/// Sums per-CPU counters: totals add up, first/last seen span the CPUs that saw packets.
-fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counters>) -> Counters {
-    let mut total = Counters::default();
-    for c in per_cpu.filter(|c| c.packets > 0) {
-        if total.packets == 0 || c.first_seen_ns < total.first_seen_ns {
-            total.first_seen_ns = c.first_seen_ns;
-        }
-        if c.last_seen_ns >= total.last_seen_ns {
-            total.last_seen_ns = c.last_seen_ns;
-            total.ifindex = c.ifindex;
-        }
-        total.packets += c.packets;
-        total.bytes += c.bytes;
-        total.tcp_flags |= c.tcp_flags;
-    }
-    // Flows stamp later packets with the coarse clock, which may lag the precise first sighting.
-    total.last_seen_ns = total.last_seen_ns.max(total.first_seen_ns);
-    total
 }
 
 fn monotonic_ns() -> u64 {
@@ -761,43 +709,6 @@ fn wall_clock(mono_ns: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn per_cpu_counters_sum_to_the_span_of_all_cpus() {
-        let a = Counters {
-            packets: 2,
-            bytes: 200,
-            first_seen_ns: 50,
-            last_seen_ns: 90,
-            ifindex: 3,
-            tcp_flags: 0x02,
-            _pad: [0; 3],
-        };
-        let b = Counters {
-            packets: 1,
-            bytes: 60,
-            first_seen_ns: 40,
-            last_seen_ns: 95,
-            ifindex: 4,
-            tcp_flags: 0x10,
-            _pad: [0; 3],
-        };
-        let idle = Counters::default();
-        let total = sum([a, idle, b].iter());
-        assert_eq!(total.packets, 3);
-        assert_eq!(total.bytes, 260);
-        assert_eq!(total.first_seen_ns, 40);
-        assert_eq!(total.last_seen_ns, 95);
-        assert_eq!(total.ifindex, 4);
-        assert_eq!(total.tcp_flags, 0x12);
-    }
-
-    #[test]
-    fn loss_deltas_never_go_negative() {
-        assert_eq!(loss_deltas(&[5, 3, 0, 9], &[2, 3, 0, 4]), [3, 0, 0, 5]);
-        // A counter that went back (a map read anew) reports no loss rather than wrapping.
-        assert_eq!(loss_deltas(&[1, 0, 0, 0], &[7, 0, 0, 0]), [0, 0, 0, 0]);
-    }
 
     #[test]
     fn offsets_come_from_the_running_kernel() {
