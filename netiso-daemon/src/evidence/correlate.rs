@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::attribution::attribute;
 use super::engines::Engines;
 use super::record::{Attribution, Evidence, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
 use super::store::StoreOp;
@@ -15,9 +16,8 @@ use crate::datapath::record::IpProtocol;
 use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
 use crate::inventory::timeline::PodSnapshot;
-use crate::policy::engine::DirectionReport;
 use crate::policy::suggest::explain_with_suggestion;
-use crate::policy::{EndpointRef, Explanation, Flow, PolicyRef, Verdict};
+use crate::policy::{EndpointRef, Flow, PolicyRef};
 
 /// The labels a flow record contributes to metrics, kept for its later count updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -307,64 +307,12 @@ fn reverse(r: &DatapathRecord) -> Conversation {
     (r.protocol, r.dst_ip, r.dst_port, r.src_ip, r.src_port)
 }
 
-fn denied_side(x: &Explanation) -> (Option<PolicySides>, Vec<PolicyRef>) {
-    let denied: Vec<&DirectionReport> =
-        [&x.egress, &x.ingress].into_iter().filter(|d| d.verdict == Verdict::Denied).collect();
-    let direction = PolicySides::of(denied.iter().map(|d| d.direction));
-    let mut policies: Vec<PolicyRef> = denied.iter().flat_map(|d| d.isolating_policies.iter().cloned()).collect();
-    policies.dedup();
-    (direction, policies)
-}
-
-/// The attribution of a flow record from the engine's explanation and what the kernel did.
-pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVerdict {
-    let summary_of = |d: &DirectionReport| d.summary.clone();
-    match x.verdict {
-        Verdict::Denied => {
-            let (direction, policies) = denied_side(x);
-            let reasons: Vec<String> =
-                [&x.egress, &x.ingress].into_iter().filter(|d| d.verdict == Verdict::Denied).map(summary_of).collect();
-            let attribution = match (dropped, policy_drop) {
-                (true, true) => Attribution::DeniedByNetworkPolicy,
-                (true, false) => Attribution::DroppedByKernelForNonPolicyReason,
-                (false, _) => Attribution::ForwardedDespiteNetworkPolicy,
-            };
-            PolicyVerdict {
-                verdict: Some(Verdict::Denied),
-                direction,
-                attribution,
-                policies,
-                summary: reasons.join("; "),
-            }
-        }
-        Verdict::Allowed => {
-            let isolated: Vec<&DirectionReport> = [&x.egress, &x.ingress].into_iter().filter(|d| d.isolated).collect();
-            let mut policies: Vec<PolicyRef> =
-                isolated.iter().flat_map(|d| d.allowed_by.iter().map(|r| r.policy.clone())).collect();
-            policies.dedup();
-            let direction = PolicySides::of(isolated.iter().map(|d| d.direction));
-            let attribution = match (dropped, policy_drop, isolated.is_empty()) {
-                (true, true, _) => Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
-                (true, false, _) => Attribution::DroppedByKernelForNonPolicyReason,
-                (false, _, true) => Attribution::NotIsolated,
-                (false, _, false) => Attribution::AllowedByNetworkPolicy,
-            };
-            let summary = match attribution {
-                Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain => {
-                    "NetworkPolicy allows this flow: a firewall rule outside NetworkPolicy dropped it".to_owned()
-                }
-                _ => isolated.iter().map(|d| summary_of(d)).collect::<Vec<_>>().join("; "),
-            };
-            PolicyVerdict { verdict: Some(Verdict::Allowed), direction, attribution, policies, summary }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::inventory::{Change, Kind, Object};
-    use crate::policy::engine::MissKind;
+    use crate::policy::Verdict;
+    use crate::policy::explain::MissKind;
 
     fn inventory() -> Arc<Inventory> {
         let inv = Inventory::new(&[], Duration::from_secs(3600));

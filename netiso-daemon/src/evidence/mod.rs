@@ -1,5 +1,6 @@
 //! Evidence: flow records built from datapath events and the inventory, and kept on the node.
 
+pub mod attribution;
 pub mod correlate;
 pub mod engines;
 pub mod record;

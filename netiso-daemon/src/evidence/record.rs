@@ -10,7 +10,7 @@ use crate::cluster::Identity;
 use crate::datapath::Direction as PacketDirection;
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::record::IpProtocol;
-use crate::policy::engine::Suggestion;
+use crate::policy::explain::Suggestion;
 use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
 
 pub mod rfc3339 {

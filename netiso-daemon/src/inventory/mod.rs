@@ -4,9 +4,10 @@
 
 pub mod kubernetes;
 pub mod manifests;
+mod state;
 pub mod timeline;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,9 +18,9 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use serde::{Deserialize, Serialize};
 
-use self::timeline::{IpTimeline, PodSnapshot};
-use crate::cluster::{ClusterState, Labels, NamespaceInfo, PodInfo, PolicyRef};
-use crate::cluster::{EndpointKind, Identity, Workload};
+use self::state::State;
+use self::timeline::PodSnapshot;
+use crate::cluster::{ClusterState, EndpointKind, Identity, Labels, PolicyRef};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -78,29 +79,6 @@ pub enum Change {
     Replace(Kind, Vec<Object>),
 }
 
-type Key = (String, String);
-
-fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
-}
-
-#[derive(Default)]
-struct State {
-    namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<Key, Pod>,
-    policies: BTreeMap<Key, NetworkPolicy>,
-    services: BTreeMap<Key, Service>,
-    nodes: BTreeMap<String, Node>,
-    replicasets: BTreeMap<Key, ReplicaSet>,
-    timeline: IpTimeline,
-    /// Moves on every change.
-    generation: u64,
-    synced: HashSet<Kind>,
-    /// Kinds whose source is failing, with the time of their latest failure.
-    stale: std::collections::HashMap<Kind, Instant>,
-    last_sync: Option<SystemTime>,
-}
-
 /// Health of the inventory, for readiness, metrics and records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InventoryStatus {
@@ -140,145 +118,6 @@ fn log_freshness(was_stale: bool, stale: bool) {
         (false, true) => tracing::warn!("inventory is stale: records name ends from the last known state"),
         (true, false) => tracing::info!("inventory is fresh again"),
         _ => {}
-    }
-}
-
-fn workload_of(pod: &Pod, replicasets: &BTreeMap<Key, ReplicaSet>) -> Option<Workload> {
-    let owners = pod.metadata.owner_references.as_ref()?;
-    let owner = owners.iter().find(|o| o.controller == Some(true)).or_else(|| owners.first())?;
-    if owner.kind == "ReplicaSet" {
-        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        if let Some(rs) = replicasets.get(&(namespace, owner.name.clone()))
-            && let Some(parent) = rs.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true))
-        {
-            return Some(Workload { kind: parent.kind.clone(), name: parent.name.clone() });
-        }
-    }
-    Some(Workload { kind: owner.kind.clone(), name: owner.name.clone() })
-}
-
-fn start_time(pod: &Pod) -> Option<SystemTime> {
-    let t = pod.status.as_ref()?.start_time.as_ref()?;
-    let secs = t.0.as_second();
-    (secs > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64))
-}
-
-impl State {
-    fn snapshot(&self, pod: &Pod, info: PodInfo) -> Arc<PodSnapshot> {
-        Arc::new(PodSnapshot {
-            uid: pod.metadata.uid.clone().unwrap_or_else(|| format!("{}/{}", info.namespace, info.name)),
-            workload: workload_of(pod, &self.replicasets),
-            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-            info,
-        })
-    }
-
-    fn track_pod(&mut self, pod: &Pod, at: SystemTime) {
-        let Ok(info) = manifests::pod_info(pod) else { return };
-        let ips = if info.host_network { Vec::new() } else { info.ips.clone() };
-        let snapshot = self.snapshot(pod, info);
-        self.timeline.update(snapshot, &ips, at, start_time(pod));
-    }
-
-    fn pod_uid(pod: &Pod) -> String {
-        pod.metadata.uid.clone().unwrap_or_else(|| {
-            let (ns, name) = key(&pod.metadata);
-            format!("{ns}/{name}")
-        })
-    }
-
-    fn apply(&mut self, object: Object, at: SystemTime) {
-        match object {
-            Object::Namespace(o) => {
-                self.namespaces.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            }
-            Object::Pod(o) => {
-                self.track_pod(&o, at);
-                self.pods.insert(key(&o.metadata), o);
-            }
-            Object::NetworkPolicy(o) => {
-                self.policies.insert(key(&o.metadata), o);
-            }
-            Object::Service(o) => {
-                self.services.insert(key(&o.metadata), o);
-            }
-            Object::Node(o) => {
-                self.nodes.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            }
-            Object::ReplicaSet(o) => {
-                self.replicasets.insert(key(&o.metadata), o);
-            }
-        }
-    }
-
-    fn delete(&mut self, object: &Object, at: SystemTime) {
-        match object {
-            Object::Namespace(o) => {
-                self.namespaces.remove(o.metadata.name.as_deref().unwrap_or_default());
-            }
-            Object::Pod(o) => {
-                self.timeline.release(&Self::pod_uid(o), at);
-                self.pods.remove(&key(&o.metadata));
-            }
-            Object::NetworkPolicy(o) => {
-                self.policies.remove(&key(&o.metadata));
-            }
-            Object::Service(o) => {
-                self.services.remove(&key(&o.metadata));
-            }
-            Object::Node(o) => {
-                self.nodes.remove(o.metadata.name.as_deref().unwrap_or_default());
-            }
-            Object::ReplicaSet(o) => {
-                self.replicasets.remove(&key(&o.metadata));
-            }
-        }
-    }
-
-    fn replace(&mut self, kind: Kind, objects: Vec<Object>, at: SystemTime) {
-        match kind {
-            Kind::Namespace => self.namespaces.clear(),
-            Kind::Pod => {
-                let listed: HashSet<String> = objects
-                    .iter()
-                    .filter_map(|o| if let Object::Pod(p) = o { Some(Self::pod_uid(p)) } else { None })
-                    .collect();
-                for uid in self.timeline.current_holders() {
-                    if !listed.contains(&uid) {
-                        self.timeline.release(&uid, at);
-                    }
-                }
-                self.pods.clear();
-            }
-            Kind::NetworkPolicy => self.policies.clear(),
-            Kind::Service => self.services.clear(),
-            Kind::Node => self.nodes.clear(),
-            Kind::ReplicaSet => self.replicasets.clear(),
-        }
-        for o in objects.into_iter().filter(|o| o.kind() == kind) {
-            self.apply(o, at);
-        }
-    }
-
-    fn cluster_state(&self, extra: &[&PodSnapshot]) -> ClusterState {
-        let mut pods: Vec<PodInfo> = self.pods.values().filter_map(|p| manifests::pod_info(p).ok()).collect();
-        for snapshot in extra {
-            if !pods.iter().any(|p| p.namespace == snapshot.info.namespace && p.name == snapshot.info.name) {
-                pods.push(snapshot.info.clone());
-            }
-        }
-        ClusterState {
-            namespaces: self
-                .namespaces
-                .values()
-                .map(|n| NamespaceInfo {
-                    name: n.metadata.name.clone().unwrap_or_default(),
-                    labels: n.metadata.labels.clone().unwrap_or_default(),
-                })
-                .collect(),
-            pods,
-            policies: self.policies.values().cloned().collect(),
-        }
     }
 }
 

@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use super::engine::{DirectionReport, EndpointView, Explanation, Verdict};
+use super::engine::Verdict;
+use super::explain::{DirectionReport, EndpointView, Explanation};
 
 fn endpoint(view: &EndpointView) -> String {
     match (&view.namespace, &view.pod, view.ip) {

@@ -10,9 +10,8 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::engine::{
-    Direction, Endpoint, EngineError, Explanation, NAMESPACE_NAME_LABEL, PolicyEngine, Suggestion, Verdict,
-};
+use super::engine::{Direction, Endpoint, EngineError, NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
+use super::explain::{Explanation, Suggestion};
 use super::model::Flow;
 use super::model::{Labels, PodInfo, Protocol};
 

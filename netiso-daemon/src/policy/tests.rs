@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::engine::{MissKind, PeerMiss};
+use super::explain::{MissKind, PeerMiss};
 use super::*;
 use super::{ClausePeer, Direction, Endpoint};
 use crate::inventory::manifests::{Manifests, parse_into};
