@@ -52,7 +52,14 @@ fn executable(args: &[&str], target: &str) -> anyhow::Result<PathBuf> {
     }
     let out = cmd.output().context("running cargo")?;
     if !out.status.success() {
-        bail!("`cargo {}` failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        // With --message-format=json the compiler's diagnostics are on stdout, as JSON.
+        let diagnostics: String = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|msg| msg["reason"] == "compiler-message")
+            .filter_map(|msg| msg["message"]["rendered"].as_str().map(str::to_owned))
+            .collect();
+        bail!("`cargo {}` failed:\n{diagnostics}{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
