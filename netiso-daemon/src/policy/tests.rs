@@ -4,7 +4,6 @@ use std::path::Path;
 
 use super::explain::{MissKind, PeerMiss};
 use super::*;
-use super::{ClausePeer, Direction, Endpoint};
 use crate::inventory::manifests::{Manifests, parse_into};
 
 /// Namespaces `a` (team=x) and `b` (team=y); pods a/web (app=web, named port http=8080, IPv4 and
@@ -383,62 +382,4 @@ fn the_suggested_policy_allows_exactly_the_flow() {
 fn unknown_pods_are_an_error_not_a_panic() {
     let e = engine("");
     assert_eq!(e.verdict(&flow("a/nope", "a/web", 1, Protocol::Tcp)), Err(EngineError::UnknownPod("a/nope".into())));
-}
-
-/// What an enforcement compiled from [`PolicyEngine::clauses`] would decide for one direction.
-fn clauses_admit(
-    e: &PolicyEngine,
-    direction: Direction,
-    subject: Endpoint,
-    peer: Endpoint,
-    port: u16,
-    protocol: Protocol,
-) -> bool {
-    let Some(clauses) = e.clauses(direction, subject) else { return true };
-    let peer_ips: Vec<std::net::IpAddr> = match peer {
-        Endpoint::Pod { index, .. } => e.pods()[index as usize].ips.clone(),
-        Endpoint::Ip(ip) => vec![ip],
-    };
-    clauses.iter().any(|c| {
-        let peer_ok = match &c.peer {
-            ClausePeer::Any => true,
-            ClausePeer::Pod(q) => matches!(peer, Endpoint::Pod { index, .. } if index == *q),
-            ClausePeer::Block { cidr, except } => {
-                peer_ips.first().is_some_and(|ip| cidr.contains(ip) && !except.iter().any(|x| x.contains(ip)))
-            }
-        };
-        let port_ok =
-            c.port.is_none_or(|p| p.protocol == protocol && p.range.is_none_or(|(lo, hi)| (lo..=hi).contains(&port)));
-        peer_ok && port_ok
-    })
-}
-
-#[test]
-fn compiled_clauses_decide_exactly_as_the_engine() {
-    let policy_sets = [
-        DENY_INGRESS_A.to_owned(),
-        "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: http}, {port: 53, protocol: UDP}]}]}\n".to_owned(),
-        "kind: NetworkPolicy\nmetadata: {name: p, namespace: b}\nspec: {podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: http}]}, {to: [{ipBlock: {cidr: 10.1.0.0/16, except: [10.1.0.2/32]}}]}]}\n".to_owned(),
-        "kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: client}}}], ports: [{port: 8000, endPort: 8080}]}]\n".to_owned(),
-    ];
-    let ends = ["a/web", "a/db", "b/client", "203.0.113.9", "10.1.0.2"];
-    for policies in &policy_sets {
-        let e = engine(policies);
-        for from in ends {
-            for to in ends {
-                for (port, protocol) in
-                    [(8080, Protocol::Tcp), (9090, Protocol::Tcp), (53, Protocol::Udp), (7999, Protocol::Tcp)]
-                {
-                    let (f, t) = (e.resolve(&from.parse().unwrap()).unwrap(), e.resolve(&to.parse().unwrap()).unwrap());
-                    let compiled = clauses_admit(&e, Direction::Egress, f, t, port, protocol)
-                        && clauses_admit(&e, Direction::Ingress, t, f, port, protocol);
-                    assert_eq!(
-                        compiled,
-                        e.allows(f, t, port, protocol),
-                        "{from} -> {to} {protocol}/{port} under\n{policies}"
-                    );
-                }
-            }
-        }
-    }
 }
