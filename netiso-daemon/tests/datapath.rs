@@ -53,6 +53,53 @@ fn interfaces_are_followed_and_a_full_map_loses_nothing_silently() {
         "each map-full loss is counted and reported: {stats}"
     );
     assert_eq!(stats["ringbuf_full"].as_u64(), Some(0));
+    assert!(
+        !daemon.diagnostics().iter().any(|l| l.contains("netiso::kernel")),
+        "the kernel programs' diagnostics are off unless asked for"
+    );
+}
+
+/// With `NETISO_LOG=netiso::kernel=debug` the kernel programs log their rare paths through
+/// aya-log: a full flow map is reported, at the first loss on a CPU and each time the count
+/// doubles, not once per packet.
+#[test]
+fn kernel_diagnostics_name_a_full_map_at_debug_level_without_a_line_per_packet() {
+    let tag = tag("nz");
+    let (node, pod, mut cleanup) = node_and_pod(&tag);
+    let store = std::env::temp_dir().join(format!("{tag}.redb"));
+    cleanup.files.push(store.clone());
+    connect(&node, &pod);
+    let mut daemon = Daemon::start_with(
+        std::path::Path::new(env!("CARGO_BIN_EXE_netiso")),
+        &node,
+        &store,
+        &["--flow-map-entries", "2", "--drain-interval", "200ms"],
+        None,
+        &[("NETISO_LOG", "info,netiso::kernel=debug")],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    support::udp_flows_from_pod(&pod, 44701, 16, 9471);
+    let kernel_lines = |daemon: &Daemon| -> Vec<serde_json::Value> {
+        daemon
+            .diagnostics()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "netiso::kernel")
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || kernel_lines(&daemon)
+            .iter()
+            .any(|v| v["message"].as_str().is_some_and(|m| m.starts_with("flow map full")))),
+        "{:#?}",
+        daemon.diagnostics()
+    );
+    let stats = daemon.stop().unwrap();
+    let lines = kernel_lines(&daemon);
+    let losses = stats["flow_map_full"].as_u64().unwrap();
+    assert!(losses >= 14, "16 new flows, room for 2: {stats}");
+    assert!((lines.len() as u64) < losses, "{} lines for {losses} losses: {lines:#?}", lines.len());
+    assert!(lines.iter().all(|v| v["level"] == "DEBUG"), "{lines:#?}");
 }
 
 /// One log line per newly blocked flow, carrying the evidence fields; repeats of the same flow

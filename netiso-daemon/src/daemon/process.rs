@@ -39,7 +39,20 @@ impl Process {
         args: &[&str],
         cpu: Option<usize>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(netiso, netns, store, args, cpu, &[])
+    }
+
+    /// As [`Process::start_on_cpu`], with these environment variables set (`NETISO_LOG`).
+    pub fn start_with(
+        netiso: &Path,
+        netns: &str,
+        store: &Path,
+        args: &[&str],
+        cpu: Option<usize>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new("ip");
+        command.envs(env.iter().copied());
         command.args(["netns", "exec", netns]);
         if let Some(cpu) = cpu {
             command.args(["taskset", "-c", &cpu.to_string()]);

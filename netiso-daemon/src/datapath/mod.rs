@@ -6,6 +6,7 @@ pub mod btf;
 pub mod drain;
 pub mod interfaces;
 pub mod kallsyms;
+pub mod kernel_log;
 pub mod netns;
 pub mod privileges;
 pub mod reasons;
@@ -170,6 +171,7 @@ const FLOW_PROGRAMS: [(&str, TcAttachType); 2] =
 /// Loaded and attached programs. Dropping it detaches everything and frees the maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    kernel_log: Option<aya_log::EbpfLogger<kernel_log::Forward>>,
     reasons: DropReasons,
     /// Applied in user space where the kernel gives no reasons to filter by.
     selection: ReasonSelection,
@@ -235,10 +237,12 @@ impl Datapath {
         }
         let kernel_btf = aya::Btf::parse(&btf_data, aya::Endianness::default()).map_err(DatapathError::KernelBtf)?;
 
+        let log_level = kernel_log::level();
         let mut ebpf = EbpfLoader::new()
             .btf(&kernel_btf)
             .override_global("OFFSETS", &offsets, true)
             .override_global("COARSE_CLOCK", &u8::from(coarse_clock_supported()), true)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("DROPS", config.drop_map_entries)
             .map_max_entries("FLOWS", config.flow_map_entries)
             .load(PROBES)
@@ -262,12 +266,15 @@ impl Datapath {
             prog.load().map_err(prog_err(name))?;
         }
 
+        // After every program is loaded: the reader takes the log map, which loading needs.
+        let kernel_log = kernel_log::reader(&mut ebpf, log_level);
         let symbols = Kallsyms::load().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read /proc/kallsyms; drop locations will be raw addresses");
             Kallsyms::parse(std::io::empty())
         });
         Ok(Datapath {
             ebpf,
+            kernel_log,
             reasons,
             selection,
             own_netns: netns::own_inode().map_err(DatapathError::Netns)?,
@@ -384,6 +391,15 @@ impl Datapath {
             PerCpuHashMap::try_from(self.ebpf.take_map("FLOWS").expect("map in object")).map_err(map_err("FLOWS"))?;
         let losses: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(self.ebpf.take_map("LOSSES").expect("map in object")).map_err(map_err("LOSSES"))?;
+        let mut kernel_log = match self.kernel_log.take() {
+            // SAFETY: the logger owns its map fd, which stays open and unchanged until the AsyncFd
+            // that owns the logger is dropped.
+            Some(logger) => Some(
+                unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                    .map_err(|e| DatapathError::RingBuffer(std::io::Error::other(e.to_string())))?,
+            ),
+            None => None,
+        };
 
         let (link_tx, mut link_rx) = mpsc::channel(256);
         let watcher = tokio::spawn(interfaces::watch(link_tx));
@@ -445,6 +461,11 @@ impl Datapath {
                         soon.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(50));
                         soon_armed = true;
                     }
+                },
+                guard = async { kernel_log.as_mut().expect("checked").readable_mut().await }, if kernel_log.is_some() => {
+                    let mut guard = guard.map_err(DatapathError::RingBuffer)?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
                 },
                 _ = &mut soon, if soon_armed => {
                     soon_armed = false;
