@@ -60,11 +60,10 @@ const EEXIST: i32 = 17;
 const HEADER_UNSET: u16 = 0xffff;
 
 /// Counts a packet the programs could not record in full. The first such packet of each cause on
-/// a CPU, and each time that count doubles, is also logged (aya-log, debug level), so the cause
-/// shows without a line per packet in a flood; user space sets the log level before loading, and
-/// with logging off the verifier prunes the log code.
+/// a CPU, and each time that count doubles, is also logged, so the cause shows without a line per
+/// packet in a flood.
 #[inline(always)]
-fn count_loss<C: EbpfContext>(ctx: &C, index: u32) {
+fn count_loss(index: u32) {
     let Some(counter) = LOSSES.get_ptr_mut(index) else { return };
     // SAFETY: a per-CPU array slot is only written by this CPU, and programs do not nest on one
     // CPU for these hooks, so the increment cannot race.
@@ -73,17 +72,26 @@ fn count_loss<C: EbpfContext>(ctx: &C, index: u32) {
         *counter
     };
     if count.is_power_of_two() {
-        debug!(ctx, "{}: {} packets on this CPU so far", loss_cause(index), count);
+        log_loss(index, count);
     }
 }
 
-#[inline(always)]
-fn loss_cause(index: u32) -> &'static str {
+/// The log line of a loss (aya-log, debug level). User space sets the level before loading; with
+/// logging off the verifier prunes the log code. Not inlined: one copy per program, verified once
+/// rather than at each call site (which made Linux 5.10 and 6.1 take too long to verify), and its
+/// arguments are scalars, which those kernels accept in a called function. aya-log's macros take a
+/// program context they do not use; this function has none to give.
+#[inline(never)]
+fn log_loss(index: u32, count: u64) {
     match index {
-        LOSS_RINGBUF_FULL => "ring buffer full: new keys not announced",
-        LOSS_DROP_MAP_FULL => "drop map full: drops of new keys recorded one by one",
-        LOSS_FLOW_MAP_FULL => "flow map full: packets of new flows recorded one by one",
-        _ => "IP packet not parsed: headers unset or cut short",
+        LOSS_RINGBUF_FULL => debug!(&(), "ring buffer full: new keys not announced ({} on this CPU)", count),
+        LOSS_DROP_MAP_FULL => {
+            debug!(&(), "drop map full: drops of new keys recorded one by one ({} on this CPU)", count)
+        }
+        LOSS_FLOW_MAP_FULL => {
+            debug!(&(), "flow map full: packets of new flows recorded one by one ({} on this CPU)", count)
+        }
+        _ => debug!(&(), "IP packet not parsed: headers unset or cut short ({} on this CPU)", count),
     }
 }
 
@@ -136,8 +144,7 @@ fn add(counters: *mut Counters, sample: Sample) {
 /// full the ring-buffer record is the only trace of the packet, and the loss is counted either
 /// way.
 #[inline(always)]
-fn record<C: EbpfContext, K>(
-    ctx: &C,
+fn record<K>(
     map: &PerCpuHashMap<K, Counters>,
     key: &K,
     sample: Sample,
@@ -167,12 +174,12 @@ fn record<C: EbpfContext, K>(
             return;
         }
         Err(_) => {
-            count_loss(ctx, map_full_loss);
+            count_loss(map_full_loss);
             EVENT_FLAG_MAP_FULL
         }
     };
     if EVENTS.output(&event(flags), 0).is_err() {
-        count_loss(ctx, LOSS_RINGBUF_FULL);
+        count_loss(LOSS_RINGBUF_FULL);
     }
 }
 
@@ -212,19 +219,19 @@ fn netiso_drop(ctx: BtfTracePointContext) -> i32 {
     {
         return 0;
     }
-    let _ = record_drop(&ctx, ctx.arg(0), ctx.arg(1), reason);
+    let _ = record_drop(ctx.arg(0), ctx.arg(1), reason);
     0
 }
 
 /// For kernels before 5.17, which pass no reason: `kfree_skb(skb, location)`.
 #[btf_tracepoint(function = "kfree_skb")]
 fn netiso_drop_loc(ctx: BtfTracePointContext) -> i32 {
-    let _ = record_drop(&ctx, ctx.arg(0), ctx.arg(1), REASON_NONE);
+    let _ = record_drop(ctx.arg(0), ctx.arg(1), REASON_NONE);
     0
 }
 
 #[inline(always)]
-fn record_drop(ctx: &BtfTracePointContext, skb: u64, location: u64, reason: u32) -> Option<()> {
+fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
     let off = OFFSETS.load();
     let protocol = u16::from_be(read_kernel(skb + off.skb_protocol as u64)?);
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
@@ -233,11 +240,11 @@ fn record_drop(ctx: &BtfTracePointContext, skb: u64, location: u64, reason: u32)
     let head: u64 = read_kernel(skb + off.skb_head as u64)?;
     let network_header: u16 = read_kernel(skb + off.skb_network_header as u64)?;
     if network_header == HEADER_UNSET || head == 0 {
-        count_loss(ctx, LOSS_UNPARSED);
+        count_loss(LOSS_UNPARSED);
         return None;
     }
     let Some(Parsed { tuple, tcp_flags }) = parse_ip(&KernelMemory(head), protocol, network_header as usize) else {
-        count_loss(ctx, LOSS_UNPARSED);
+        count_loss(LOSS_UNPARSED);
         return None;
     };
     let len: u32 = read_kernel(skb + off.skb_len as u64).unwrap_or(0);
@@ -253,7 +260,7 @@ fn record_drop(ctx: &BtfTracePointContext, skb: u64, location: u64, reason: u32)
     let key = DropKey { tuple, reason, netns, location };
     // SAFETY: a helper without preconditions.
     let sample = Sample { now: unsafe { bpf_ktime_get_ns() }, len, ifindex, tcp_flags };
-    record(ctx, &DROPS, &key, sample, LOSS_DROP_MAP_FULL, |flags| Event {
+    record(&DROPS, &key, sample, LOSS_DROP_MAP_FULL, |flags| Event {
         kind: EVENT_DROP,
         flags,
         direction: 0,
@@ -331,7 +338,7 @@ fn observe(ctx: &TcContext, direction: u8) {
         return;
     }
     let Some(Parsed { tuple, tcp_flags }) = parse_ip(&packet, ethertype, l3) else {
-        count_loss(ctx, LOSS_UNPARSED);
+        count_loss(LOSS_UNPARSED);
         return;
     };
     let key = FlowKey { tuple, direction, _pad: [0; 7] };
@@ -339,7 +346,7 @@ fn observe(ctx: &TcContext, direction: u8) {
     // SAFETY: `skb` is the valid `__sk_buff` the program was called with.
     let (len, ifindex) = unsafe { ((*skb).len, (*skb).ifindex) };
     let sample = Sample { now: coarse_now(), len, ifindex, tcp_flags };
-    record(ctx, &FLOWS, &key, sample, LOSS_FLOW_MAP_FULL, |flags| Event {
+    record(&FLOWS, &key, sample, LOSS_FLOW_MAP_FULL, |flags| Event {
         kind: EVENT_FLOW,
         flags,
         direction,
