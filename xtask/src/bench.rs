@@ -195,15 +195,6 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(total_ns as f64 / 1e9)
 }
 
-/// A number from netiso's final JSON log line.
-fn final_stat(diagnostics: &[String], field: &str) -> Option<u64> {
-    diagnostics
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["message"].as_str().is_some_and(|m| m.starts_with("stopped")))
-        .and_then(|v| v[field].as_u64())
-}
-
 /// Run count and total run time of the loaded programs named `name`, from bpftool (needs
 /// kernel.bpf_stats_enabled=1 while they run).
 fn program_stats(name: &str) -> anyhow::Result<(u64, u64)> {
@@ -306,15 +297,15 @@ pub fn run(netiso: &Path, helper: &Path, rounds: usize, seconds: f64) -> anyhow:
     // Let one drain interval pass so the map's counts are read before stopping.
     std::thread::sleep(Duration::from_millis(1500));
     let nft_dropped = bench.nft_dropped()? - nft_before;
-    observer.stop()?;
-    let diagnostics = observer.diagnostics();
+    let totals = observer.stop()?;
+    let total = |field: &str| totals[field].as_u64().unwrap_or(0);
     Ok(Figures {
         throughput,
         flood_pps,
         flood_nft_dropped: nft_dropped,
-        flood_netiso_counted: final_stat(&diagnostics, "dropped_packets").unwrap_or(0),
-        flood_losses: final_stat(&diagnostics, "losses").unwrap_or(0),
-        flood_ring_events: final_stat(&diagnostics, "ring_events").unwrap_or(0),
+        flood_netiso_counted: total("dropped_packets"),
+        flood_losses: total("losses"),
+        flood_ring_events: total("ring_events"),
         flood_cpu_percent: 100.0 * cpu / window,
         tc_ns_per_packet,
         tracepoint_ns_per_drop: tracepoint_ns as f64 / tracepoint_runs.max(1) as f64,
