@@ -129,26 +129,12 @@ impl Process {
 
     /// Waits until `predicate` holds for the records so far, or the timeout passes.
     pub fn wait_for(&self, timeout: Duration, predicate: impl Fn(&[serde_json::Value]) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if predicate(&self.records.lock().expect("records")) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        predicate(&self.records.lock().expect("records"))
+        poll(timeout, || predicate(&self.records.lock().expect("records")))
     }
 
     /// Waits until a diagnostic line contains `text`, or the timeout passes.
     pub fn wait_log(&self, text: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.logged(text) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.logged(text)
+        poll(timeout, || self.logged(text))
     }
 
     /// SIGKILL, as the OOM killer or a node's crash would: no chance to detach anything.
@@ -192,6 +178,18 @@ impl Process {
             let _ = reader.join();
         }
     }
+}
+
+/// Checks `condition` every 50 ms until it holds or `timeout` passes; once more at the end.
+fn poll(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
 }
 
 impl Drop for Process {
