@@ -112,7 +112,7 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
 
     let config = out.join("prometheus.yml");
     std::fs::write(&config, "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n- job_name: netiso\n  static_configs:\n  - targets: ['127.0.0.1:9962', '127.0.0.1:9965']\n").unwrap();
-    let prometheus = Killed(
+    let mut prometheus = Killed(
         Command::new("ip")
             .args(["netns", "exec", &node, "prometheus", "--web.listen-address=127.0.0.1:9090"])
             .arg(format!("--config.file={}", config.display()))
@@ -125,6 +125,17 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
 
     for r in lab.traffic().unwrap() {
         assert_eq!(r.observed, r.expected, "{}", r.probe);
+    }
+
+    // Prometheus opens its port some time after it starts, later still on a loaded machine.
+    let prometheus_ready = Instant::now() + Duration::from_secs(120);
+    loop {
+        match netns::get(&node, "127.0.0.1:9090".parse().unwrap(), "/-/ready") {
+            Ok((200, _)) => break,
+            _ if let Ok(Some(status)) = prometheus.0.try_wait() => panic!("Prometheus exited: {status}"),
+            other => assert!(Instant::now() < prometheus_ready, "Prometheus never became ready: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 
     // The blocked flow shows in the policy-drop metric, with the policy's name.
