@@ -17,7 +17,7 @@ use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
 use crate::inventory::timeline::PodSnapshot;
 use crate::policy::suggest::explain_with_suggestion;
-use crate::policy::{EndpointRef, Flow, PolicyRef};
+use crate::policy::{Flow, PolicyRef};
 
 /// The labels a flow record contributes to metrics, kept for its later count updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -260,16 +260,10 @@ impl Correlator {
             };
             return (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None);
         }
-        let end = |id: &Identity| match (&id.namespace, &id.pod) {
-            (Some(namespace), Some(name)) if id.kind == EndpointKind::Pod => {
-                EndpointRef::Pod { namespace: namespace.clone(), name: name.clone(), ip: Some(id.ip) }
-            }
-            _ => EndpointRef::Ip(id.ip),
-        };
         let snapshots: Vec<&PodSnapshot> =
             [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
         let engine = self.engines.with(&snapshots);
-        let flow = Flow { from: end(source), to: end(destination), port: r.dst_port, protocol };
+        let flow = Flow { from: source.into(), to: destination.into(), port: r.dst_port, protocol };
         // The responder's bundle offers the fix: the suggestion is computed once, here.
         let explanation = match explain_with_suggestion(&engine, &flow) {
             Ok(x) => x,

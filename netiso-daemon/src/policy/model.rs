@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cluster::{ClusterState, ContainerPort, Labels, NamespaceInfo, PodInfo, PolicyRef, Protocol};
+use crate::cluster::{EndpointKind, Identity};
 
 /// One end of a flow as the caller names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,6 +34,18 @@ impl FromStr for EndpointRef {
                 Ok(EndpointRef::Pod { namespace: ns.into(), name: name.into(), ip: None })
             }
             _ => Err(format!("`{s}` is neither namespace/pod nor an IP address")),
+        }
+    }
+}
+
+/// How a recorded end is named to the engine: the pod it was, else its address.
+impl From<&Identity> for EndpointRef {
+    fn from(end: &Identity) -> Self {
+        match (&end.namespace, &end.pod) {
+            (Some(namespace), Some(name)) if end.kind == EndpointKind::Pod => {
+                EndpointRef::Pod { namespace: namespace.clone(), name: name.clone(), ip: Some(end.ip) }
+            }
+            _ => EndpointRef::Ip(end.ip),
         }
     }
 }

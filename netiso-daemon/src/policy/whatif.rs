@@ -15,19 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::compile::{PolicyError, PolicyRef};
 use super::engine::{NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
 use super::model::ClusterState;
-use super::model::{EndpointRef, Flow, Labels, PodInfo, Protocol};
+use super::model::{Flow, Labels, PodInfo, Protocol};
 use super::suggest::{dns_label, stable_labels};
 use crate::cluster::Identity;
-
-/// How a recorded end is named to the engine: the pod it was, else its address.
-fn endpoint(end: &Identity) -> EndpointRef {
-    match (&end.namespace, &end.pod) {
-        (Some(namespace), Some(name)) => {
-            EndpointRef::Pod { namespace: namespace.clone(), name: name.clone(), ip: Some(end.ip) }
-        }
-        _ => EndpointRef::Ip(end.ip),
-    }
-}
 
 /// `namespace/workload`, `namespace/pod`, or the address.
 fn group_name(end: &Identity) -> String {
@@ -142,7 +132,7 @@ pub fn replay(current: &ClusterState, proposed: &[NetworkPolicy], flows: &[Recor
     let mut unchanged = 0;
     let mut evaluated = 0;
     for f in flows {
-        let flow = Flow { from: endpoint(&f.source), to: endpoint(&f.destination), port: f.port, protocol: f.protocol };
+        let flow = Flow { from: (&f.source).into(), to: (&f.destination).into(), port: f.port, protocol: f.protocol };
         let (Ok(was), Ok(now)) = (before.explain(&flow), after.explain(&flow)) else { continue };
         evaluated += 1;
         let key = (group_name(&f.source), group_name(&f.destination), f.port, f.protocol);
