@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use xtask::lab::{self, Lab};
+use xtask::nft::Enforcement;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "netiso build helpers and local lab")]
@@ -102,6 +103,9 @@ enum LabAction {
         /// Enforce no policy at all.
         #[arg(long)]
         allow_all: bool,
+        /// What the node does to packets no policy admits.
+        #[arg(long, value_enum, default_value_t)]
+        enforcement: Enforcement,
     },
     /// Replace the enforced policies.
     Apply {
@@ -111,7 +115,8 @@ enum LabAction {
         #[arg(long)]
         with_baseline: bool,
     },
-    /// Drive the scenario's traffic and check each flow against the policies.
+    /// Drive the scenario's traffic (pod to pod, through Services, from the node, to the world)
+    /// and check each flow against what Kubernetes does under the policies.
     Traffic {
         /// Only the traffic the course means to keep (DNS, ingress-nginx to the apps).
         #[arg(long)]
@@ -125,13 +130,14 @@ fn out_dir(id: &str) -> PathBuf {
     lab::repo_root().join("lab-out").join(id)
 }
 
+/// The lab `id`, enforcing as it was brought up.
 fn lab_for(id: &str) -> anyhow::Result<Lab> {
     let helper = std::env::current_exe().context("locating the xtask binary")?;
-    Ok(Lab::new(id, &out_dir(id), &helper))
+    Ok(Lab::new(id, &out_dir(id), &helper).with_recorded_enforcement())
 }
 
 fn probe(kind: &str, addr: &str, source_port: u16) -> anyhow::Result<ExitCode> {
-    Ok(if lab::run_probe(kind, addr, source_port)? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(ExitCode::from(lab::run_probe(kind, addr, source_port)?.exit_code()))
 }
 
 fn policies(
@@ -239,11 +245,12 @@ fn leftovers(remove: bool, prefix: &str) -> anyhow::Result<ExitCode> {
 fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {
     let lab = lab_for(id)?;
     match action {
-        LabAction::Up { policies: path, allow_all } => {
+        LabAction::Up { policies: path, allow_all, enforcement } => {
             let set = if allow_all { Vec::new() } else { policies(path.as_ref(), false)? };
+            let lab = lab.with_enforcement(enforcement);
             lab.up(&set)?;
             println!(
-                "lab `{id}` is up: node namespace {}, manifests {}",
+                "lab `{id}` is up: node namespace {}, manifests {}, policies enforced by {enforcement:?}",
                 lab.node_ns(),
                 lab.manifests_path().display()
             );
@@ -254,18 +261,18 @@ fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {
             println!("lab `{id}` now enforces the policies in {}", lab.manifests_path().display());
         }
         LabAction::Traffic { legitimate } => {
-            let results = if legitimate { lab.traffic_of(lab::legitimate_probes())? } else { lab.traffic()? };
+            let probes = if legitimate { lab::legitimate_probes() } else { lab::all_probes() };
+            let results = lab.traffic_of(probes)?;
             let mut mismatches = 0;
             for r in &results {
-                let verdict = if r.observed { "ALLOWED" } else { "BLOCKED" };
-                let check = if r.observed == r.expected { "as the policies say" } else { "CONTRARY TO THE POLICIES" };
+                let check = if r.observed == r.expected { "as Kubernetes does" } else { "CONTRARY TO KUBERNETES" };
                 if r.observed != r.expected {
                     mismatches += 1;
                 }
-                println!("{verdict:8} {}  ({check})", r.probe);
+                println!("{:10} {}  ({check})", r.outcome.to_string(), r.probe);
             }
             if mismatches > 0 {
-                anyhow::bail!("{mismatches} flows behaved contrary to the policies");
+                anyhow::bail!("{mismatches} flows behaved contrary to what Kubernetes does under the policies");
             }
         }
         LabAction::Down => {

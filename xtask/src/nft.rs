@@ -54,14 +54,37 @@ fn peer_matches(engine: &PolicyEngine, peer: &ClausePeer, field: &str) -> Vec<St
     }
 }
 
+/// What the enforcement does to a packet no policy admits, as CNIs variously do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Enforcement {
+    /// Drop silently: the sender times out.
+    #[default]
+    Drop,
+    /// Answer with ICMP "administratively prohibited": the sender learns at once.
+    Reject,
+    /// TCP gets a forged reset, other protocols the ICMP answer of `Reject`.
+    TcpReset,
+}
+
+impl Enforcement {
+    /// The rules that end a policy chain.
+    fn verdict(self) -> &'static str {
+        match self {
+            Enforcement::Drop => "drop",
+            Enforcement::Reject => "reject with icmpx admin-prohibited",
+            Enforcement::TcpReset => "meta l4proto tcp reject with tcp reset\n\t\treject with icmpx admin-prohibited",
+        }
+    }
+}
+
 fn chain_name(direction: Direction, index: usize) -> String {
     format!("{}_{index}", direction.as_str())
 }
 
 /// The whole ruleset: a table `name` in family inet with a forward chain that accepts replies,
 /// keeps IPv6 neighbour discovery working, and then checks the source's egress and the
-/// destination's ingress.
-pub fn ruleset(table: &str, engine: &PolicyEngine) -> String {
+/// destination's ingress, ending each pod's chain with `enforcement`.
+pub fn ruleset(table: &str, engine: &PolicyEngine, enforcement: Enforcement) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "table inet {table} {{");
     let mut dispatch: Vec<(Direction, Vec<String>)> = vec![(Direction::Egress, vec![]), (Direction::Ingress, vec![])];
@@ -92,7 +115,7 @@ pub fn ruleset(table: &str, engine: &PolicyEngine) -> String {
                     let _ = writeln!(chains, "\t\t{}", rule.trim_start());
                 }
             }
-            let _ = writeln!(chains, "\t\tdrop\n\t}}");
+            let _ = writeln!(chains, "\t\t{}\n\t}}", enforcement.verdict());
         }
     }
     let _ = writeln!(

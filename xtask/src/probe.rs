@@ -28,6 +28,68 @@ pub fn serve(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a probe ended: what the sender learns tells a drop from a reject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server answered.
+    Through,
+    /// Nothing came back before the timeout (a silent drop).
+    NoAnswer,
+    /// A TCP reset or an ICMP port unreachable.
+    Refused,
+    /// An ICMP error other than port unreachable (administratively prohibited, ...).
+    Unreachable,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Through => "ALLOWED",
+            Outcome::NoAnswer => "DROPPED",
+            Outcome::Refused => "REFUSED",
+            Outcome::Unreachable => "REJECTED",
+        })
+    }
+}
+
+impl Outcome {
+    /// The probe subcommand's exit status.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Through => 0,
+            Outcome::NoAnswer => 1,
+            Outcome::Refused => 2,
+            Outcome::Unreachable => 3,
+        }
+    }
+
+    pub fn from_exit_code(code: i32) -> Self {
+        match code {
+            0 => Outcome::Through,
+            2 => Outcome::Refused,
+            3 => Outcome::Unreachable,
+            _ => Outcome::NoAnswer,
+        }
+    }
+
+    fn of_error(error: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        match error.kind() {
+            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => Outcome::Refused,
+            ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => Outcome::Unreachable,
+            _ => Outcome::NoAnswer,
+        }
+    }
+
+    fn of_answer(answered: std::io::Result<usize>) -> Self {
+        match answered {
+            Ok(0) => Outcome::NoAnswer,
+            Ok(_) => Outcome::Through,
+            Err(e) => Outcome::of_error(&e),
+        }
+    }
+}
+
 fn any_addr(remote: &SocketAddr, port: u16) -> SocketAddr {
     let ip = if remote.is_ipv4() { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
     SocketAddr::new(ip, port)
@@ -43,22 +105,28 @@ fn connect(addr: SocketAddr, source_port: u16, timeout: Duration) -> std::io::Re
 }
 
 /// Connects from `source_port` (0: any) and reads the server's line.
-pub fn tcp(addr: SocketAddr, source_port: u16, timeout: Duration) -> bool {
-    let Ok(mut stream) = connect(addr, source_port, timeout) else { return false };
+pub fn tcp(addr: SocketAddr, source_port: u16, timeout: Duration) -> Outcome {
+    let mut stream = match connect(addr, source_port, timeout) {
+        Ok(stream) => stream,
+        Err(e) => return Outcome::of_error(&e),
+    };
     let _ = stream.set_read_timeout(Some(timeout));
     let mut line = [0u8; 64];
-    matches!(stream.read(&mut line), Ok(n) if n > 0)
+    Outcome::of_answer(stream.read(&mut line))
 }
 
-/// Sends a datagram from `source_port` (0: any) and waits for its echo.
-pub fn udp(addr: SocketAddr, source_port: u16, timeout: Duration) -> bool {
-    let Ok(socket) = UdpSocket::bind(any_addr(&addr, source_port)) else { return false };
-    let _ = socket.set_read_timeout(Some(timeout));
-    if socket.send_to(b"netiso-lab", addr).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    matches!(socket.recv_from(&mut buf), Ok((n, _)) if n > 0)
+/// Sends a datagram from `source_port` (0: any) and waits for its echo. The socket is connected,
+/// so an ICMP error comes back as an error.
+pub fn udp(addr: SocketAddr, source_port: u16, timeout: Duration) -> Outcome {
+    let exchange = || -> std::io::Result<usize> {
+        let socket = UdpSocket::bind(any_addr(&addr, source_port))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(addr)?;
+        socket.send(b"netiso-lab")?;
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf)
+    };
+    Outcome::of_answer(exchange())
 }
 
 fn dns_query(name: &str, id: u16) -> Vec<u8> {
@@ -113,12 +181,21 @@ fn dns_answers(response: &[u8], id: u16) -> anyhow::Result<Vec<IpAddr>> {
     Ok(ips)
 }
 
-/// Resolves `name` (A record) at `server` over UDP or TCP.
-pub fn dns(server: SocketAddr, name: &str, over_tcp: bool, timeout: Duration) -> anyhow::Result<Vec<IpAddr>> {
+/// Resolves `name` (A record) at `server` over UDP or TCP, from `source_port` (0: any).
+pub fn dns(
+    server: SocketAddr,
+    source_port: u16,
+    name: &str,
+    over_tcp: bool,
+    timeout: Duration,
+) -> anyhow::Result<Vec<IpAddr>> {
     let id = std::process::id() as u16;
     let query = dns_query(name, id);
     let response = if over_tcp {
-        let mut stream = TcpStream::connect_timeout(&server, timeout)?;
+        let mut stream = connect(server, source_port, timeout)?;
+        // The client closes first here: a reset instead of TIME_WAIT lets the next probe use
+        // the same source port at once.
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.write_all(&(query.len() as u16).to_be_bytes())?;
         stream.write_all(&query)?;
@@ -128,14 +205,24 @@ pub fn dns(server: SocketAddr, name: &str, over_tcp: bool, timeout: Duration) ->
         stream.read_exact(&mut body)?;
         body
     } else {
-        let socket = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        let socket = UdpSocket::bind(any_addr(&server, source_port))?;
         socket.set_read_timeout(Some(timeout))?;
-        socket.send_to(&query, server)?;
+        socket.connect(server)?;
+        socket.send(&query)?;
         let mut buf = [0u8; 512];
-        let (n, _) = socket.recv_from(&mut buf)?;
+        let n = socket.recv(&mut buf)?;
         buf[..n].to_vec()
     };
     dns_answers(&response, id)
+}
+
+/// How resolving `name` at `server` ended: through only with at least one address.
+pub fn dns_outcome(server: SocketAddr, source_port: u16, name: &str, over_tcp: bool, timeout: Duration) -> Outcome {
+    match dns(server, source_port, name, over_tcp, timeout) {
+        Ok(ips) if !ips.is_empty() => Outcome::Through,
+        Ok(_) => Outcome::NoAnswer,
+        Err(e) => e.downcast_ref::<std::io::Error>().map_or(Outcome::NoAnswer, Outcome::of_error),
+    }
 }
 
 #[cfg(test)]
@@ -165,16 +252,18 @@ mod tests {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut up = false;
         for _ in 0..50 {
-            if tcp(addr, 0, Duration::from_millis(200)) {
+            if tcp(addr, 0, Duration::from_millis(200)) == Outcome::Through {
                 up = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(up, "server answers TCP over IPv4");
-        assert!(udp(addr, 0, Duration::from_millis(500)));
-        assert!(tcp(format!("[::1]:{port}").parse().unwrap(), 0, Duration::from_millis(500)));
+        assert_eq!(udp(addr, 0, Duration::from_millis(500)), Outcome::Through);
+        assert_eq!(tcp(format!("[::1]:{port}").parse().unwrap(), 0, Duration::from_millis(500)), Outcome::Through);
         let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        assert!(!tcp(closed, 0, Duration::from_millis(200)));
+        assert_eq!(tcp(closed, 0, Duration::from_millis(200)), Outcome::Refused);
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert_eq!(udp(closed, 0, Duration::from_millis(500)), Outcome::Refused, "the port unreachable is heard");
     }
 }

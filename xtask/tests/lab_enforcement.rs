@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use xtask::lab::{self, Lab, Probe, ProbeKind, scenario};
+use xtask::lab::{self, End, Lab, Probe, ProbeKind, scenario};
 
 const POLICIES: &str = r#"
 # production/api: ingress only from ingress-nginx's controller, on the named port.
@@ -52,8 +52,8 @@ fn policies() -> Vec<NetworkPolicy> {
 /// Probes to the pods that serve (a probe to a pod without a server fails whatever the policy).
 fn probes() -> Vec<Probe> {
     let probe = |from: &str, to: &str, ipv6: bool, port: u16, kind: ProbeKind| Probe {
-        from: scenario::pod(from),
-        to: scenario::pod(to),
+        from: End::Pod(scenario::pod(from)),
+        to: End::Pod(scenario::pod(to)),
         ipv6,
         port,
         kind,

@@ -1,7 +1,11 @@
-//! The local lab: the course scenario as network namespaces on one bridge, with its
-//! NetworkPolicies enforced by nftables in the forward path of a "node" namespace. netiso runs in
-//! that node namespace and sees pod traffic exactly as on a Kubernetes node.
+//! The local lab: a Kubernetes node in network namespaces. Pods hang off a bridge in the "node"
+//! namespace, which enforces their NetworkPolicies with nftables in the forward path (as
+//! iptables/nftables CNIs do), translates Services kube-proxy style, masquerades pod egress, and
+//! routes it through a lab router (which masquerades again, as a cloud NAT) to a "world"
+//! namespace. Nothing routes to the machine's own uplink. netiso runs in the node namespace and
+//! sees traffic exactly as on a Kubernetes node.
 
+pub mod kube_proxy;
 pub mod scenario;
 
 use std::net::{IpAddr, SocketAddr};
@@ -14,8 +18,10 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netiso::inventory::manifests;
 use netiso::policy::{EndpointRef, Flow, PolicyEngine, Protocol, Verdict};
 
+use crate::nft::Enforcement;
+use crate::probe::Outcome;
 use crate::{nft, probe, sh};
-use scenario::{LabPod, PODS, Server};
+use scenario::{LabPod, LabService, PODS, Server};
 
 const NFT_TABLE: &str = "netiso_lab";
 
@@ -50,11 +56,32 @@ pub struct Lab {
     pub out_dir: PathBuf,
     /// An executable with the `lab-serve` subcommand (the xtask binary).
     helper: PathBuf,
+    enforcement: Enforcement,
 }
 
 impl Lab {
     pub fn new(id: &str, out_dir: &Path, helper: &Path) -> Self {
-        Lab { id: id.into(), out_dir: out_dir.into(), helper: helper.into() }
+        Lab { id: id.into(), out_dir: out_dir.into(), helper: helper.into(), enforcement: Enforcement::default() }
+    }
+
+    /// What the node's enforcement does to packets no policy admits.
+    pub fn with_enforcement(mut self, enforcement: Enforcement) -> Self {
+        self.enforcement = enforcement;
+        self
+    }
+
+    /// The enforcement this lab was last brought up with (so `apply` keeps it), else the default.
+    pub fn with_recorded_enforcement(self) -> Self {
+        use clap::ValueEnum;
+        let recorded = std::fs::read_to_string(self.enforcement_path()).ok();
+        match recorded.and_then(|name| Enforcement::from_str(name.trim(), false).ok()) {
+            Some(enforcement) => self.with_enforcement(enforcement),
+            None => self,
+        }
+    }
+
+    fn enforcement_path(&self) -> PathBuf {
+        self.out_dir.join("enforcement")
     }
 
     fn prefix(&self) -> String {
@@ -68,6 +95,26 @@ impl Lab {
 
     pub fn pod_ns(&self, pod: &LabPod) -> String {
         format!("{}{}-{}", self.prefix(), pod.namespace, pod.name)
+    }
+
+    /// The lab router between the node's uplink and the world.
+    pub fn router_ns(&self) -> String {
+        format!("{}router", self.prefix())
+    }
+
+    /// The "world" beyond the node: one server at [`scenario::WORLD_IP`].
+    pub fn world_ns(&self) -> String {
+        format!("{}world", self.prefix())
+    }
+
+    /// The namespace traffic from `end` starts in: a pod's own, or the node's.
+    fn source_ns(&self, end: End) -> anyhow::Result<String> {
+        match end {
+            End::Pod(pod) => Ok(self.pod_ns(pod)),
+            End::Node => Ok(self.node_ns()),
+            End::World => Ok(self.world_ns()),
+            End::Service(service) => bail!("a Service ({}) sends nothing of its own", service.key()),
+        }
     }
 
     pub fn manifests_path(&self) -> PathBuf {
@@ -105,9 +152,19 @@ impl Lab {
 
     /// One probe from a lab pod: whether it got through.
     pub fn probe_from(&self, pod: &str, kind: ProbeKind, target: SocketAddr, source_port: u16) -> bool {
-        let sport = source_port.to_string();
-        let args = [kind.command(), &target.to_string(), "--source-port", &sport];
-        self.in_netns(&self.pod_ns(scenario::pod(pod)), &args)
+        self.probe_in(&self.pod_ns(scenario::pod(pod)), kind, target, source_port) == Outcome::Through
+    }
+
+    fn probe_in(&self, netns: &str, kind: ProbeKind, target: SocketAddr, source_port: u16) -> Outcome {
+        let status = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(&self.helper)
+            .args([kind.command(), &target.to_string(), "--source-port", &source_port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        status.ok().and_then(|s| s.code()).map_or(Outcome::NoAnswer, Outcome::from_exit_code)
     }
 
     /// A command inside the node namespace (netiso's CLI, ...): its output.
@@ -128,6 +185,9 @@ impl Lab {
             std::fs::remove_dir_all(&self.out_dir).with_context(|| format!("removing {}", self.out_dir.display()))?;
         }
         std::fs::create_dir_all(&self.out_dir).with_context(|| format!("creating {}", self.out_dir.display()))?;
+        if let Some(name) = clap::ValueEnum::to_possible_value(&self.enforcement) {
+            std::fs::write(self.enforcement_path(), name.get_name())?;
+        }
         let result = self.build(policies);
         if result.is_err() {
             let _ = self.down();
@@ -162,11 +222,54 @@ impl Lab {
             sh::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             sh::ip(&["-n", &ns, "route", "add", "default", "via", scenario::GATEWAY_V4])?;
         }
+        self.build_uplink()?;
         self.apply_policies(policies)?;
+        self.nft(&node, "kube-proxy.nft", &kube_proxy::ruleset(scenario::SERVICES))?;
         for pod in PODS {
             self.start_server(pod)?;
         }
+        self.start_world_server()?;
         self.wait_for_servers()
+    }
+
+    /// The node's uplink to the lab router, the router, and the world behind it. Pod egress
+    /// leaving the pod network is masqueraded to the node's address (as CNIs and ip-masq-agent
+    /// do), then to the router's (as a cloud NAT does); the world has no route back to either
+    /// inner network.
+    fn build_uplink(&self) -> anyhow::Result<()> {
+        let (node, router, world) = (self.node_ns(), self.router_ns(), self.world_ns());
+        sh::ip(&["netns", "add", &router])?;
+        sh::ip(&["netns", "add", &world])?;
+        for ns in [&node, &router] {
+            sh::run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        sh::ip(&["-n", &node, "link", "add", "uplink", "type", "veth", "peer", "name", "node", "netns", &router])?;
+        sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", scenario::NODE_IP), "dev", "uplink"])?;
+        sh::ip(&["-n", &node, "link", "set", "uplink", "up"])?;
+        sh::ip(&["-n", &node, "route", "add", "default", "via", scenario::ROUTER_IP])?;
+        sh::ip(&["-n", &router, "link", "set", "lo", "up"])?;
+        sh::ip(&["-n", &router, "addr", "add", &format!("{}/24", scenario::ROUTER_IP), "dev", "node"])?;
+        sh::ip(&["-n", &router, "link", "set", "node", "up"])?;
+        sh::ip(&["-n", &router, "link", "add", "world", "type", "veth", "peer", "name", "eth0", "netns", &world])?;
+        sh::ip(&["-n", &router, "addr", "add", &format!("{}/24", scenario::ROUTER_WORLD_IP), "dev", "world"])?;
+        sh::ip(&["-n", &router, "link", "set", "world", "up"])?;
+        sh::ip(&["-n", &world, "link", "set", "lo", "up"])?;
+        sh::ip(&["-n", &world, "addr", "add", &format!("{}/24", scenario::WORLD_IP), "dev", "eth0"])?;
+        sh::ip(&["-n", &world, "link", "set", "eth0", "up"])?;
+        let pods = format!("{}.0/24", scenario::V4_PREFIX);
+        let node_masquerade = format!(
+            "table ip pod-egress {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr {pods} oifname \"uplink\" masquerade\n\t}}\n}}\n"
+        );
+        self.nft(&node, "pod-egress.nft", &node_masquerade)?;
+        let router_masquerade = "table ip cloud-nat {\n\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"world\" masquerade\n\t}\n}\n";
+        self.nft(&router, "cloud-nat.nft", router_masquerade)
+    }
+
+    /// Loads an nftables script (kept in the lab's directory for reading) into namespace `netns`.
+    fn nft(&self, netns: &str, file: &str, script: &str) -> anyhow::Result<()> {
+        let path = self.out_dir.join(file);
+        std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+        sh::run("ip", &["netns", "exec", netns, "nft", "-f", &path.to_string_lossy()]).map(drop)
     }
 
     /// Writes the scenario's manifests with these policies and enforces them in the node.
@@ -181,6 +284,7 @@ impl Lab {
         for service in scenario::services() {
             docs.push(serde_saphyr::to_string(&service)?);
         }
+        docs.push(serde_saphyr::to_string(&scenario::node())?);
         // A resourceVersion per apply, as the API server would give, so evidence can cite it.
         let version = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -198,13 +302,10 @@ impl Lab {
         if let Some(error) = engine.errors().first() {
             bail!("the lab's policies are invalid: {error}");
         }
-        let ruleset = nft::ruleset(NFT_TABLE, &engine);
-        let path = self.out_dir.join("nftables.nft");
+        let ruleset = nft::ruleset(NFT_TABLE, &engine, self.enforcement);
         // Replace the table atomically: delete (if present) and add in one transaction.
         let script = format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{ruleset}");
-        std::fs::write(&path, &script).with_context(|| format!("writing {}", path.display()))?;
-        sh::run("ip", &["netns", "exec", &self.node_ns(), "nft", "-f", &path.to_string_lossy()])?;
-        Ok(())
+        self.nft(&self.node_ns(), "nftables.nft", &script)
     }
 
     /// The engine over the lab's current manifests.
@@ -224,7 +325,7 @@ impl Lab {
                 cmd.arg(&self.helper).args(["lab-serve", &port.to_string()]);
             }
             Server::Dns => {
-                let api = scenario::pod("production/api");
+                let api = scenario::service("production/api");
                 cmd.args([
                     "dnsmasq",
                     "--keep-in-foreground",
@@ -236,33 +337,50 @@ impl Lab {
                     "--pid-file",
                 ])
                 .arg(format!("--listen-address={},{}", pod.ipv4(), pod.ipv6()))
-                .arg(format!("--address=/{}/{}", scenario::API_NAME, api.ipv4()))
+                .arg(format!("--address=/{}/{}", scenario::API_NAME, api.ip()))
                 .arg("--log-facility=-");
             }
         }
+        self.spawn_server(cmd, log, &pod.key())
+    }
+
+    fn start_world_server(&self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.out_dir.join("world.log"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.world_ns()])
+            .arg(&self.helper)
+            .args(["lab-serve", &scenario::WORLD_PORT.to_string()]);
+        self.spawn_server(cmd, log, "the world")
+    }
+
+    fn spawn_server(&self, mut cmd: Command, log: std::fs::File, what: &str) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
-        cmd.spawn().with_context(|| format!("starting the server of {}", pod.key()))?;
+        cmd.spawn().with_context(|| format!("starting the server of {what}"))?;
         Ok(())
     }
 
     /// Servers answer from the node (node → pod traffic is not forwarded, so no policy applies).
     fn wait_for_servers(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        for pod in PODS {
-            let ready = || match pod.server {
-                Server::None => true,
-                Server::Echo(port) => self.in_node(&["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()]),
-                Server::Dns => self.in_node(&["probe-dns-udp", &SocketAddr::new(pod.ipv4(), 53).to_string()]),
-            };
+        let until_ready = |what: &str, ready: &dyn Fn() -> bool| -> anyhow::Result<()> {
             while !ready() {
                 if Instant::now() > deadline {
-                    bail!("the server of {} did not come up; see {}", pod.key(), self.out_dir.display());
+                    bail!("the server of {what} did not come up; see {}", self.out_dir.display());
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+            Ok(())
+        };
+        for pod in PODS {
+            until_ready(&pod.key(), &|| match pod.server {
+                Server::None => true,
+                Server::Echo(port) => self.in_node(&["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()]),
+                Server::Dns => self.in_node(&["probe-dns-udp", &SocketAddr::new(pod.ipv4(), 53).to_string()]),
+            })?;
         }
-        Ok(())
+        let world = SocketAddr::new(scenario::WORLD_IP.parse()?, scenario::WORLD_PORT).to_string();
+        until_ready("the world", &|| self.in_netns(&self.router_ns(), &["probe-tcp", &world]))
     }
 
     fn in_node(&self, args: &[&str]) -> bool {
@@ -287,33 +405,26 @@ impl Lab {
         self.traffic_of(probes())
     }
 
-    /// Drives these probes; each result carries the engine's verdict for it.
+    /// Drives these probes; each result carries what Kubernetes would do with it under the lab's
+    /// current policies.
     pub fn traffic_of(&self, probes: Vec<Probe>) -> anyhow::Result<Vec<ProbeResult>> {
         let engine = self.engine()?;
-        let results: Vec<ProbeResult> = std::thread::scope(|scope| {
+        let results: anyhow::Result<Vec<ProbeResult>> = std::thread::scope(|scope| {
             let handles: Vec<_> = probes
                 .into_iter()
                 .map(|p| {
                     let engine = &engine;
-                    scope.spawn(move || {
-                        let flow = Flow {
-                            from: EndpointRef::Ip(p.from.ipv4()),
-                            to: EndpointRef::Ip(p.target()),
-                            port: p.port,
-                            protocol: p.protocol(),
-                        };
-                        let expected = engine.verdict(&flow).map(|v| v == Verdict::Allowed).unwrap_or(false);
-                        let addr = SocketAddr::new(p.target(), p.port).to_string();
-                        let source_port = p.source_port.to_string();
-                        let args = [p.kind.command(), &addr, "--source-port", &source_port];
-                        let observed = self.in_netns(&self.pod_ns(p.from), &args);
-                        ProbeResult { probe: p, expected, observed }
+                    scope.spawn(move || -> anyhow::Result<ProbeResult> {
+                        let expected = kubernetes_allows(engine, &p);
+                        let target = SocketAddr::new(p.target(), p.port);
+                        let outcome = self.probe_in(&self.source_ns(p.from)?, p.kind, target, p.source_port);
+                        Ok(ProbeResult { probe: p, expected, observed: outcome == Outcome::Through, outcome })
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("probe thread")).collect()
         });
-        Ok(results)
+        results
     }
 
     /// Builds the scenario and returns a guard that tears it down when dropped, also when the
@@ -376,10 +487,72 @@ impl ProbeKind {
     }
 }
 
+/// One end of a probe.
+#[derive(Clone, Copy)]
+pub enum End {
+    Pod(&'static LabPod),
+    /// The node itself, as the kubelet's probes and hostNetwork pods: from its bridge address.
+    Node,
+    /// A Service's ClusterIP (IPv4), translated by the node's kube-proxy.
+    Service(&'static LabService),
+    /// The server beyond the lab router (IPv4).
+    World,
+}
+
+impl End {
+    pub fn key(&self) -> String {
+        match self {
+            End::Pod(pod) => pod.key(),
+            End::Node => "node".into(),
+            End::Service(service) => format!("service {}", service.key()),
+            End::World => "world".into(),
+        }
+    }
+
+    pub fn ip(&self, ipv6: bool) -> IpAddr {
+        match self {
+            End::Pod(pod) if ipv6 => pod.ipv6(),
+            End::Pod(pod) => pod.ipv4(),
+            End::Node if ipv6 => scenario::GATEWAY_V6.parse().expect("valid"),
+            End::Node => scenario::GATEWAY_V4.parse().expect("valid"),
+            End::Service(service) => service.ip(),
+            End::World => scenario::WORLD_IP.parse().expect("valid"),
+        }
+    }
+}
+
+/// Whether Kubernetes lets this probe through under these policies: traffic from the node always;
+/// to a Service, whatever the policies say of its backend on the target port (no endpoints: a
+/// reject); otherwise whatever they say of the flow itself.
+fn kubernetes_allows(engine: &PolicyEngine, p: &Probe) -> bool {
+    let End::Pod(from) = p.from else { return matches!(p.from, End::Node) };
+    let (to, port) = match p.to {
+        End::Service(service) => {
+            let protocol = match p.protocol() {
+                Protocol::Tcp => "TCP",
+                Protocol::Udp => "UDP",
+                Protocol::Sctp => "SCTP",
+            };
+            match (service.backends().first(), service.target_port(p.port, protocol)) {
+                (Some(backend), Some(target)) => (End::Pod(backend).ip(p.ipv6), target),
+                _ => return false,
+            }
+        }
+        to => (to.ip(p.ipv6), p.port),
+    };
+    let flow = Flow {
+        from: EndpointRef::Ip(End::Pod(from).ip(p.ipv6)),
+        to: EndpointRef::Ip(to),
+        port,
+        protocol: p.protocol(),
+    };
+    engine.verdict(&flow).is_ok_and(|v| v == Verdict::Allowed)
+}
+
 #[derive(Clone, Copy)]
 pub struct Probe {
-    pub from: &'static LabPod,
-    pub to: &'static LabPod,
+    pub from: End,
+    pub to: End,
     pub ipv6: bool,
     pub port: u16,
     pub kind: ProbeKind,
@@ -388,17 +561,17 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Whether this probe goes `from` → `to` (pod keys) with this kind and family.
+    /// Whether this probe goes `from` → `to` (keys of [`End`]) with this kind and family.
     pub fn to(&self, from: &str, to: &str, kind: ProbeKind, ipv6: bool) -> bool {
         self.from.key() == from && self.to.key() == to && self.kind == kind && self.ipv6 == ipv6
     }
 
     pub fn from_ip(&self) -> IpAddr {
-        if self.ipv6 { self.from.ipv6() } else { self.from.ipv4() }
+        self.from.ip(self.ipv6)
     }
 
     pub fn target(&self) -> IpAddr {
-        if self.ipv6 { self.to.ipv6() } else { self.to.ipv4() }
+        self.to.ip(self.ipv6)
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -429,17 +602,26 @@ impl std::fmt::Display for Probe {
 
 pub struct ProbeResult {
     pub probe: Probe,
-    /// The engine's verdict under the lab's policies.
+    /// Whether Kubernetes lets it through under the lab's policies.
     pub expected: bool,
     /// Whether the traffic got through.
     pub observed: bool,
+    /// How it ended, to tell a drop from a reject.
+    pub outcome: Outcome,
 }
 
 /// The scenario's traffic: DNS from every app pod, ingress to the apps, and cross-namespace
 /// attempts the baseline blocks.
 pub fn probes() -> Vec<Probe> {
     let p = scenario::pod;
-    let probe = |from, to, ipv6, port, kind| Probe { from: p(from), to: p(to), ipv6, port, kind, source_port: 0 };
+    let probe = |from, to, ipv6, port, kind| Probe {
+        from: End::Pod(p(from)),
+        to: End::Pod(p(to)),
+        ipv6,
+        port,
+        kind,
+        source_port: 0,
+    };
     let mut list = Vec::new();
     for from in ["develop/debug", "staging/web", "production/api"] {
         for kind in [ProbeKind::DnsUdp, ProbeKind::DnsTcp] {
@@ -458,6 +640,42 @@ pub fn probes() -> Vec<Probe> {
         probe.source_port = FIRST_SOURCE_PORT + i as u16;
     }
     list
+}
+
+/// What a node adds to the scenario's traffic: names resolved through the kube-dns ClusterIP,
+/// Service calls (one to a Service without endpoints), the kubelet's probes from the node, a
+/// hostNetwork client of a Service, and egress to the world.
+pub fn node_probes() -> Vec<Probe> {
+    let pod = |key| End::Pod(scenario::pod(key));
+    let service = |key| End::Service(scenario::service(key));
+    let probe = |from, to, port, kind| Probe { from, to, ipv6: false, port, kind, source_port: 0 };
+    let mut list = Vec::new();
+    for from in ["develop/debug", "staging/web", "production/api"] {
+        for kind in [ProbeKind::DnsUdp, ProbeKind::DnsTcp] {
+            list.push(probe(pod(from), service("kube-system/kube-dns"), 53, kind));
+        }
+    }
+    list.extend([
+        probe(pod("ingress-nginx/controller"), service("production/api"), 80, ProbeKind::Tcp),
+        probe(pod("ingress-nginx/controller"), service("staging/web"), 80, ProbeKind::Tcp),
+        probe(pod("develop/debug"), service("production/api"), 80, ProbeKind::Tcp),
+        probe(pod("ingress-nginx/controller"), service("production/payments"), 80, ProbeKind::Tcp),
+        probe(End::Node, pod("production/api"), 8080, ProbeKind::Tcp),
+        probe(End::Node, pod("staging/web"), 8080, ProbeKind::Tcp),
+        probe(End::Node, service("production/api"), 80, ProbeKind::Tcp),
+        probe(pod("ingress-nginx/controller"), End::World, scenario::WORLD_PORT, ProbeKind::Tcp),
+        probe(pod("ingress-nginx/controller"), End::World, scenario::WORLD_PORT, ProbeKind::Udp),
+        probe(pod("develop/debug"), End::World, scenario::WORLD_PORT, ProbeKind::Tcp),
+    ]);
+    for (i, probe) in list.iter_mut().enumerate() {
+        probe.source_port = FIRST_NODE_SOURCE_PORT + i as u16;
+    }
+    list
+}
+
+/// The scenario's traffic and what a node adds to it.
+pub fn all_probes() -> Vec<Probe> {
+    probes().into_iter().chain(node_probes()).collect()
 }
 
 /// The traffic the course means to keep: DNS from the app pods and ingress-nginx to the apps.
@@ -479,16 +697,18 @@ pub fn unique_id(prefix: &str) -> String {
 
 /// Probes send from FIRST_SOURCE_PORT + their index in [`probes`].
 pub const FIRST_SOURCE_PORT: u16 = 40000;
+/// ... and from FIRST_NODE_SOURCE_PORT + their index in [`node_probes`].
+pub const FIRST_NODE_SOURCE_PORT: u16 = 40100;
 
 /// Runs a probe subcommand of the helper (inside a pod's namespace): exit status 0 = got through.
-pub fn run_probe(kind: &str, addr: &str, source_port: u16) -> anyhow::Result<bool> {
+pub fn run_probe(kind: &str, addr: &str, source_port: u16) -> anyhow::Result<Outcome> {
     let addr: SocketAddr = addr.parse().with_context(|| format!("`{addr}` is not ip:port"))?;
     let timeout = Duration::from_millis(1000);
     Ok(match kind {
         "probe-tcp" => probe::tcp(addr, source_port, timeout),
         "probe-udp" => probe::udp(addr, source_port, timeout),
-        "probe-dns-udp" => probe::dns(addr, scenario::API_NAME, false, timeout).is_ok_and(|ips| !ips.is_empty()),
-        "probe-dns-tcp" => probe::dns(addr, scenario::API_NAME, true, timeout).is_ok_and(|ips| !ips.is_empty()),
+        "probe-dns-udp" => probe::dns_outcome(addr, source_port, scenario::API_NAME, false, timeout),
+        "probe-dns-tcp" => probe::dns_outcome(addr, source_port, scenario::API_NAME, true, timeout),
         other => bail!("unknown probe {other}"),
     })
 }

@@ -1,20 +1,35 @@
 //! The course scenario: namespaces develop, staging and production isolated by the baseline
-//! policies of deploy/network-policies, an ingress controller and cluster DNS.
+//! policies of deploy/network-policies, an ingress controller and cluster DNS, reached through
+//! Services as pods reach them on a node, and a "world" beyond the node.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec,
+    Container, ContainerPort, Namespace, Node, NodeAddress, NodeStatus, Pod, PodIP, PodSpec, PodStatus, Service,
+    ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub const V4_PREFIX: &str = "10.244.0";
 pub const V6_PREFIX: &str = "fd00:10:244::";
 pub const GATEWAY_V4: &str = "10.244.0.1";
 pub const GATEWAY_V6: &str = "fd00:10:244::1";
-/// The name the lab's DNS server answers, as a Service name would resolve in a cluster.
+/// The name the lab's DNS server answers with the api Service's ClusterIP, as in a cluster.
 pub const API_NAME: &str = "api.production.svc.cluster.local";
+/// The Node object's name and InternalIP: the node's address on its uplink to the lab router.
+pub const NODE_NAME: &str = "lab";
+pub const NODE_IP: &str = "192.0.2.2";
+/// The lab router's side of the node's uplink (the node's default gateway).
+pub const ROUTER_IP: &str = "192.0.2.1";
+/// The router's address toward the world: what the world sees pods' egress come from.
+pub const ROUTER_WORLD_IP: &str = "203.0.113.1";
+/// A server in the "world" namespace behind the router, with TCP and UDP echo on WORLD_PORT.
+pub const WORLD_IP: &str = "203.0.113.10";
+pub const WORLD_PORT: u16 = 80;
+/// The ClusterIP range kube-proxy translates.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 
 /// Namespaces that get the baseline policies.
 pub const APP_NAMESPACES: [&str; 3] = ["develop", "staging", "production"];
@@ -103,6 +118,74 @@ pub const PODS: &[LabPod] = &[
     },
 ];
 
+/// A ClusterIP Service, translated by the lab's kube-proxy to the pods its selector selects.
+pub struct LabService {
+    pub namespace: &'static str,
+    pub name: &'static str,
+    pub cluster_ip: &'static str,
+    pub selector: &'static [(&'static str, &'static str)],
+    /// (name, port, protocol, target port)
+    pub ports: &'static [(&'static str, u16, &'static str, u16)],
+}
+
+impl LabService {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.cluster_ip.parse().expect("valid")
+    }
+
+    /// The pods of the Service's namespace that its selector selects: its endpoints.
+    pub fn backends(&self) -> Vec<&'static LabPod> {
+        PODS.iter()
+            .filter(|p| p.namespace == self.namespace && self.selector.iter().all(|l| p.labels.contains(l)))
+            .collect()
+    }
+
+    /// The target port of the Service's `port`/`protocol`.
+    pub fn target_port(&self, port: u16, protocol: &str) -> Option<u16> {
+        self.ports.iter().find(|(_, p, proto, _)| *p == port && *proto == protocol).map(|(_, _, _, target)| *target)
+    }
+}
+
+pub const SERVICES: &[LabService] = &[
+    LabService {
+        namespace: "kube-system",
+        name: "kube-dns",
+        cluster_ip: "10.96.0.10",
+        selector: &[("k8s-app", "kube-dns")],
+        ports: &[("dns", 53, "UDP", 53), ("dns-tcp", 53, "TCP", 53)],
+    },
+    LabService {
+        namespace: "staging",
+        name: "web",
+        cluster_ip: "10.96.0.20",
+        selector: &[("app", "web")],
+        ports: &[("http", 80, "TCP", 8080)],
+    },
+    LabService {
+        namespace: "production",
+        name: "api",
+        cluster_ip: "10.96.0.30",
+        selector: &[("app", "api")],
+        ports: &[("http", 80, "TCP", 8080)],
+    },
+    // Scaled to zero: kube-proxy rejects its traffic.
+    LabService {
+        namespace: "production",
+        name: "payments",
+        cluster_ip: "10.96.0.40",
+        selector: &[("app", "payments")],
+        ports: &[("http", 80, "TCP", 8080)],
+    },
+];
+
+pub fn service(key: &str) -> &'static LabService {
+    SERVICES.iter().find(|s| s.key() == key).unwrap_or_else(|| panic!("no lab Service {key}"))
+}
+
 pub fn pod(key: &str) -> &'static LabPod {
     PODS.iter().find(|p| p.key() == key).unwrap_or_else(|| panic!("no lab pod {key}"))
 }
@@ -127,21 +210,48 @@ pub fn namespaces() -> Vec<Namespace> {
         .collect()
 }
 
-/// The cluster DNS Service: advice selects DNS pods by its selector.
 pub fn services() -> Vec<Service> {
-    vec![Service {
-        metadata: ObjectMeta {
-            name: Some("kube-dns".into()),
-            namespace: Some("kube-system".into()),
+    SERVICES
+        .iter()
+        .map(|s| Service {
+            metadata: ObjectMeta {
+                name: Some(s.name.into()),
+                namespace: Some(s.namespace.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                selector: Some(labels(s.selector)),
+                cluster_ip: Some(s.cluster_ip.into()),
+                cluster_ips: Some(vec![s.cluster_ip.into()]),
+                ports: Some(
+                    s.ports
+                        .iter()
+                        .map(|(name, port, protocol, target)| ServicePort {
+                            name: Some(name.to_string()),
+                            port: (*port).into(),
+                            protocol: Some(protocol.to_string()),
+                            target_port: Some(IntOrString::Int((*target).into())),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
             ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            selector: Some(labels(&[("k8s-app", "kube-dns")])),
-            cluster_ip: Some("10.96.0.10".into()),
+        })
+        .collect()
+}
+
+/// The node the lab's pods run on, with its InternalIP.
+pub fn node() -> Node {
+    Node {
+        metadata: ObjectMeta { name: Some(NODE_NAME.into()), ..Default::default() },
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: NODE_IP.into() }]),
             ..Default::default()
         }),
         ..Default::default()
-    }]
+    }
 }
 
 pub fn pods() -> Vec<Pod> {

@@ -1,0 +1,134 @@
+//! The lab as a Kubernetes node: Services translated kube-proxy style, names resolved through the
+//! kube-dns ClusterIP, the kubelet's probes from the node, egress masqueraded to a world behind a
+//! lab router, and enforcement by drop, reject or TCP reset. Real packets decide each case as
+//! Kubernetes does. CI runs these tests in their own stage (`scripts/ci --stage cluster-lab`).
+
+mod cluster_lab {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    use serde_json::Value;
+    use xtask::lab::{self, Lab, ProbeKind, ProbeResult, scenario};
+    use xtask::nft::Enforcement;
+    use xtask::probe::Outcome;
+
+    fn lab(prefix: &str, enforcement: Enforcement) -> Lab {
+        let id = lab::unique_id(prefix);
+        let out = std::env::temp_dir().join(format!("netiso-cluster-lab-{id}"));
+        Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask"))).with_enforcement(enforcement)
+    }
+
+    fn result<'a>(results: &'a [ProbeResult], from: &str, to: &str, kind: ProbeKind) -> &'a ProbeResult {
+        results
+            .iter()
+            .find(|r| r.probe.to(from, to, kind, false))
+            .unwrap_or_else(|| panic!("no probe {from} -> {to} {kind:?}"))
+    }
+
+    fn route_get(netns: &str, destination: &str) -> Result<String, String> {
+        let out = Command::new("ip").args(["-n", netns, "route", "get", destination]).output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    #[test]
+    fn services_the_node_and_the_world_behave_as_on_a_kubernetes_node_under_each_enforcement() {
+        for (enforcement, blocked) in [
+            (Enforcement::Drop, Outcome::NoAnswer),
+            (Enforcement::Reject, Outcome::Unreachable),
+            (Enforcement::TcpReset, Outcome::Refused),
+        ] {
+            let lab = lab("c", enforcement);
+            let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
+            let results = lab.traffic_of(lab::all_probes()).unwrap();
+            let contrary: Vec<String> = results
+                .iter()
+                .filter(|r| r.observed != r.expected)
+                .map(|r| format!("{}: Kubernetes {}, packets {}", r.probe, r.expected, r.outcome))
+                .collect();
+            assert!(contrary.is_empty(), "{enforcement:?}: the lab is not a node:\n{}", contrary.join("\n"));
+
+            let dns = result(&results, "develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp);
+            assert_eq!(dns.outcome, Outcome::Through, "names resolve through the kube-dns ClusterIP");
+            let service = result(&results, "ingress-nginx/controller", "service production/api", ProbeKind::Tcp);
+            assert_eq!(service.outcome, Outcome::Through, "Service port 80 reaches the backend's 8080");
+            for to in ["production/api", "staging/web", "service production/api"] {
+                let kubelet = result(&results, "node", to, ProbeKind::Tcp);
+                assert_eq!(kubelet.outcome, Outcome::Through, "the node reaches {to} whatever the policies");
+            }
+            let world = result(&results, "ingress-nginx/controller", "world", ProbeKind::Tcp);
+            assert_eq!(world.outcome, Outcome::Through, "an unisolated pod reaches the world");
+            let no_endpoints =
+                result(&results, "ingress-nginx/controller", "service production/payments", ProbeKind::Tcp);
+            assert_eq!(no_endpoints.outcome, Outcome::Refused, "kube-proxy rejects a Service without endpoints");
+            for (from, to) in [("develop/debug", "production/api"), ("develop/debug", "world")] {
+                let r = result(&results, from, to, ProbeKind::Tcp);
+                assert_eq!(r.outcome, blocked, "{enforcement:?} of {from} -> {to}");
+            }
+
+            // The world answers pods only through both translations: it has no route back to
+            // the pod network or the node's uplink, and nothing in the lab routes beyond it.
+            let pod = scenario::pod("ingress-nginx/controller").ipv4().to_string();
+            assert!(route_get(&lab.world_ns(), &pod).is_err(), "the world routes to pods");
+            assert!(route_get(&lab.world_ns(), scenario::NODE_IP).is_err(), "the world routes to the node");
+            for ns in [lab.router_ns(), lab.world_ns()] {
+                assert!(route_get(&ns, "198.51.100.1").is_err(), "{ns} routes beyond the lab");
+            }
+            let node_route = route_get(&lab.node_ns(), "198.51.100.1").unwrap();
+            assert!(node_route.contains("dev uplink"), "the node's default route is the lab router: {node_route}");
+        }
+    }
+
+    #[test]
+    fn netiso_on_the_node_records_service_node_and_world_traffic() {
+        let lab = lab("r", Enforcement::Drop);
+        let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
+        let netiso = xtask::build::netiso(false).expect("netiso builds");
+        let mut daemon = lab.observe(&netiso, &[]).expect("netiso observes the node");
+        let probes = lab::node_probes();
+        let results = lab.traffic_of(probes.clone()).unwrap();
+        assert!(results.iter().all(|r| r.observed == r.expected));
+
+        // Every probe leaves a record at its real 5-tuple; a blocked one a drop.
+        let find = |from: &str, to: &str, kind: ProbeKind, verdict: &str| {
+            let probe = probes.iter().find(|p| p.to(from, to, kind, false)).unwrap();
+            let (source, destination) = (probe.from_ip().to_string(), probe.target().to_string());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let out = lab
+                    .in_node_output(
+                        &netiso,
+                        &["observe", "--since", "10m", "-o", "json", "--port", &probe.port.to_string()],
+                    )
+                    .unwrap();
+                let found = String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
+                    let record: Value = serde_json::from_str(line).ok()?;
+                    let matches = record["source"]["ip"] == source.as_str()
+                        && record["destination"]["ip"] == destination.as_str()
+                        && record["source"]["port"] == probe.source_port
+                        && record["verdict"] == verdict;
+                    matches.then_some(record)
+                });
+                if let Some(record) = found {
+                    return record;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no record of {probe}:\n{}",
+                    daemon.diagnostics().join("\n")
+                );
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+        };
+        let kubelet = find("node", "production/api", ProbeKind::Tcp, "forwarded");
+        assert_eq!(kubelet["source"]["ip"], scenario::GATEWAY_V4, "kubelet probes come from the bridge address");
+        find("develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp, "forwarded");
+        find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
+        find("develop/debug", "world", ProbeKind::Tcp, "dropped");
+        find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
+        daemon.stop().expect("netiso stops cleanly");
+    }
+}
