@@ -50,6 +50,7 @@ fn cluster() -> ClusterState {
                     ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
                 ],
                 host_network: false,
+                node: None,
             });
         }
         let team = n % 20;

@@ -1,5 +1,5 @@
-//! The cluster's vocabulary, shared by every stage: labels, namespaces and pods as NetworkPolicy
-//! sees them, the protocols it governs, references to policies, and the identity of a flow's end. Plain data, no behaviour
+//! The cluster's vocabulary, shared by every stage: labels, namespaces, pods and nodes as
+//! NetworkPolicy sees them, the protocols it governs, references to policies, and the identity of a flow's end. Plain data, no behaviour
 //! beyond naming; the inventory builds it, the policy engine decides on it.
 
 use std::collections::BTreeMap;
@@ -69,9 +69,12 @@ pub struct PodInfo {
     /// status.podIPs, primary first.
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPort>,
-    /// NetworkPolicy does not select host-network pods; they are judged as plain IPs.
+    /// NetworkPolicy does not select host-network pods; their addresses are their node's.
     #[serde(default)]
     pub host_network: bool,
+    /// spec.nodeName: traffic between the pod and this node is always allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl PodInfo {
@@ -94,12 +97,22 @@ impl fmt::Display for PolicyRef {
     }
 }
 
+/// A node and the addresses that are its own: its Node object's, its host-network pods', and,
+/// for the node netiso runs on, its interfaces'.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
 /// Everything the engine decides on.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClusterState {
     pub namespaces: Vec<NamespaceInfo>,
     pub pods: Vec<PodInfo>,
     pub policies: Vec<NetworkPolicy>,
+    #[serde(default)]
+    pub nodes: Vec<NodeInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

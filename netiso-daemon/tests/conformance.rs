@@ -117,9 +117,11 @@ fn upstream_conformance_cases_all_hold() {
                         .map(|cp| ContainerPort { name: cp.name.clone(), port: cp.port, protocol: cp.protocol })
                         .collect(),
                     host_network: false,
+                    node: None,
                 })
                 .collect(),
             policies: case.policies.clone(),
+            nodes: vec![],
         };
         let engine = PolicyEngine::new(state);
         for e in &case.expect {

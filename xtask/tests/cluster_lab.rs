@@ -125,10 +125,30 @@ mod cluster_lab {
         };
         let kubelet = find("node", "production/api", ProbeKind::Tcp, "forwarded");
         assert_eq!(kubelet["source"]["ip"], scenario::GATEWAY_V4, "kubelet probes come from the bridge address");
+        assert_eq!(kubelet["source"]["kind"], "node", "the bridge address is the node's own: {kubelet}");
+        assert_eq!(kubelet["source"]["node"], scenario::NODE_NAME);
+        assert_eq!(kubelet["policy"]["attribution"], "node_traffic", "{kubelet}");
         find("develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp, "forwarded");
         find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
         find("develop/debug", "world", ProbeKind::Tcp, "dropped");
         find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
         daemon.stop().expect("netiso stops cleanly");
+
+        // Offline, from the manifests: the node's InternalIP is its own, any other address is not.
+        let manifests = lab.manifests_path();
+        let explain = |from: &str| {
+            let args = ["explain", "--manifests", manifests.to_str().unwrap(), "--from", from, "--to"];
+            let out = Command::new(&netiso)
+                .args(args)
+                .args(["production/api", "--port", "8080", "-o", "json"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+        let from_node = explain(scenario::NODE_IP);
+        assert_eq!(from_node["verdict"], "allowed", "{from_node}");
+        assert_eq!(from_node["ingress"]["own_node"], scenario::NODE_NAME);
+        assert_eq!(explain(scenario::ROUTER_IP)["verdict"], "denied", "the router is not the node");
     }
 }

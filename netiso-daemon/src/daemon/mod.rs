@@ -17,8 +17,9 @@ use anyhow::Context;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::cluster::NodeInfo;
 use crate::datapath::record::DatapathRecord;
-use crate::datapath::{Datapath, DatapathConfig, DatapathStats};
+use crate::datapath::{Datapath, DatapathConfig, DatapathStats, interfaces};
 use crate::evidence::correlate::{Correlator, Handled};
 use crate::evidence::record::FlowVerdict;
 use crate::evidence::store::{self, Retention, Store, StoreOp, StoreWriter};
@@ -126,6 +127,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         (None, ApiAuth::None) => None,
     };
     let inventory = start_inventory(&config, client).await?;
+    let local_addresses = follow_local_addresses(&inventory, &config.node_name).await?;
     let retention = Retention { max_age: config.retention, max_bytes: config.store_max_bytes };
     let store = Arc::new(Store::open(&config.store, retention)?);
     let correlator = Correlator::new(
@@ -209,6 +211,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let task = tokio::spawn(async move {
         let result = pipeline.run(records, shutdown_rx, &mut datapath_task, writer_task).await;
+        local_addresses.abort();
         let _ = http_stop.send(());
         // Follow streams end with the process; do not wait on them.
         let _ = tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(api_task, metrics_task) }).await;
@@ -229,6 +232,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Ok(stats)
     });
     Ok(Running { api_address, metrics_address, shutdown, task })
+}
+
+/// The node's own addresses (its interfaces') into the inventory, now and after every change:
+/// traffic between a pod and its node is always allowed, and the kubelet's probes come from
+/// addresses no Node object lists (a bridge's, a veth's).
+async fn follow_local_addresses(inventory: &Arc<Inventory>, node: &str) -> anyhow::Result<JoinHandle<()>> {
+    let addresses = interfaces::addresses().await.context("listing the node's addresses over rtnetlink")?;
+    inventory.set_local_node(NodeInfo { name: node.to_owned(), addresses });
+    let (inventory, node) = (inventory.clone(), node.to_owned());
+    Ok(tokio::spawn(async move {
+        let (updates, mut received) = mpsc::channel(4);
+        let follow = async {
+            while let Some(addresses) = received.recv().await {
+                inventory.set_local_node(NodeInfo { name: node.clone(), addresses });
+            }
+        };
+        let (watched, ()) = tokio::join!(interfaces::watch_addresses(updates), follow);
+        if let Err(e) = watched {
+            tracing::warn!(error = %e, "no longer following the node's addresses");
+        }
+    }))
 }
 
 /// The stages after the datapath, for each record it produces.

@@ -1,9 +1,12 @@
 //! Watches the network namespace's links over rtnetlink so the tc programs follow pod
-//! interfaces as they appear and go.
+//! interfaces as they appear and go, and its addresses, which are the node's own.
+
+use std::net::IpAddr;
 
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{MulticastGroup, new_connection, new_multicast_connection};
 use tokio::sync::mpsc;
@@ -78,4 +81,52 @@ pub async fn watch(changes: mpsc::Sender<LinkChange>) -> std::io::Result<()> {
     }
     task.abort();
     Ok(())
+}
+
+/// The interface's own address: IFA_LOCAL where given (it differs from IFA_ADDRESS, the peer's,
+/// on point-to-point links), else IFA_ADDRESS.
+fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    let attribute = |local: bool| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if local => Some(*ip),
+            AddressAttribute::Address(ip) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    attribute(true).or_else(|| attribute(false))
+}
+
+/// This network namespace's addresses, loopback left out: what traffic from this node comes from.
+pub async fn addresses() -> std::io::Result<Vec<IpAddr>> {
+    let (conn, handle, _) = new_connection()?;
+    let task = tokio::spawn(conn);
+    let listed = handle.address().get().execute().try_collect::<Vec<AddressMessage>>().await;
+    task.abort();
+    let mut addresses: Vec<IpAddr> =
+        listed.map_err(std::io::Error::other)?.iter().filter_map(address_of).filter(|ip| !ip.is_loopback()).collect();
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
+/// Sends the addresses, then again after every address change, until the receiver is dropped.
+/// Subscribes before the first listing, so no change goes unseen.
+pub async fn watch_addresses(updates: mpsc::Sender<Vec<IpAddr>>) -> std::io::Result<()> {
+    let groups = [MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr];
+    let (conn, _handle, mut messages) = new_multicast_connection(&groups)?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        if updates.send(addresses().await?).await.is_err() {
+            return Ok(());
+        }
+        while messages.next().await.is_some() {
+            if updates.send(addresses().await?).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    task.abort();
+    result
 }

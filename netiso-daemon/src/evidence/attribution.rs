@@ -42,11 +42,13 @@ pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVer
                 isolated.iter().flat_map(|d| d.allowed_by.iter().map(|r| r.policy.clone())).collect();
             policies.dedup();
             let direction = PolicySides::of(isolated.iter().map(|d| d.direction));
-            let attribution = match (dropped, policy_drop, isolated.is_empty()) {
-                (true, true, _) => Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
-                (true, false, _) => Attribution::DroppedByKernelForNonPolicyReason,
-                (false, _, true) => Attribution::NotIsolated,
-                (false, _, false) => Attribution::AllowedByNetworkPolicy,
+            let own_node = isolated.iter().any(|d| d.own_node.is_some());
+            let attribution = match (dropped, policy_drop, isolated.is_empty(), own_node) {
+                (true, true, ..) => Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain,
+                (true, false, ..) => Attribution::DroppedByKernelForNonPolicyReason,
+                (false, _, true, _) => Attribution::NotIsolated,
+                (false, _, false, true) => Attribution::NodeTraffic,
+                (false, _, false, false) => Attribution::AllowedByNetworkPolicy,
             };
             let summary = match attribution {
                 Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain => {
@@ -74,10 +76,15 @@ mod tests {
 
     /// client -> web on TCP/80 under `policies`.
     fn explanation(policies: &str) -> Explanation {
+        explanation_from("a/client", policies)
+    }
+
+    /// `from` -> web on TCP/80 under `objects`.
+    fn explanation_from(from: &str, objects: &str) -> Explanation {
         let mut m = Manifests::default();
-        parse_into(Path::new("cluster.yaml"), &format!("{PODS}---\n{policies}"), &mut m).unwrap();
+        parse_into(Path::new("cluster.yaml"), &format!("{PODS}---\n{objects}"), &mut m).unwrap();
         let flow =
-            Flow { from: "a/client".parse().unwrap(), to: "a/web".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
+            Flow { from: from.parse().unwrap(), to: "a/web".parse().unwrap(), port: 80, protocol: Protocol::Tcp };
         PolicyEngine::new(m.state).explain(&flow).unwrap()
     }
 
@@ -112,5 +119,17 @@ mod tests {
             (verdict.attribution, verdict.direction, verdict.policies.len()),
             (Attribution::NotIsolated, None, 0)
         );
+    }
+
+    #[test]
+    fn traffic_from_the_pods_own_node_is_node_traffic_not_a_policy_verdict() {
+        // web is isolated and runs on node-1, whose address is 192.168.1.1.
+        let node = "kind: Node\nmetadata: {name: node-1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.1.1}]}\n---\nkind: Pod\nmetadata: {name: web, namespace: a, labels: {app: web}}\nspec: {nodeName: node-1, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n";
+        let x = explanation_from("192.168.1.1", &format!("{node}---\n{DENY_WEB}"));
+        let verdict = attribute(&x, false, false);
+        assert_eq!((verdict.attribution, verdict.policies.len()), (Attribution::NodeTraffic, 0));
+        assert!(verdict.summary.contains("node node-1"), "{}", verdict.summary);
+        let dropped = attribute(&x, true, true);
+        assert_eq!(dropped.attribution, Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain);
     }
 }

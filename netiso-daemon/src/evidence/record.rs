@@ -71,6 +71,8 @@ pub enum Attribution {
     AllowedByNetworkPolicy,
     /// Forwarded; no policy isolates either end.
     NotIsolated,
+    /// Forwarded between a pod and its own node, which NetworkPolicy always allows.
+    NodeTraffic,
     /// Forwarded although the policies deny it (not enforced on this path, or not yet).
     ForwardedDespiteNetworkPolicy,
     /// A reply within a connection already admitted.
@@ -90,6 +92,7 @@ impl Attribution {
             Attribution::DroppedByKernelForNonPolicyReason => "dropped_by_kernel_for_non_policy_reason",
             Attribution::AllowedByNetworkPolicy => "allowed_by_network_policy",
             Attribution::NotIsolated => "not_isolated",
+            Attribution::NodeTraffic => "node_traffic",
             Attribution::ForwardedDespiteNetworkPolicy => "forwarded_despite_network_policy",
             Attribution::Reply => "reply",
             Attribution::NotApplicable => "not_applicable",
@@ -148,7 +151,7 @@ pub struct PolicyVerdict {
 
 /// The flow record's schema. Raised when a field changes meaning or goes away (adding a field does
 /// not raise it), so that a reader refuses records it would misread.
-pub const FLOW_SCHEMA: u32 = 1;
+pub const FLOW_SCHEMA: u32 = 2;
 
 mod schema {
     use serde::{Deserialize, Deserializer};

@@ -5,14 +5,14 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 use thiserror::Error;
 
 use super::{Change, Inventory, Kind, Object};
-use crate::cluster::{ClusterState, ContainerPort, NamespaceInfo, PodInfo, Protocol};
+use crate::cluster::{ClusterState, ContainerPort, NamespaceInfo, NodeInfo, PodInfo, Protocol};
 
 #[derive(Debug, Error)]
 pub enum ManifestError {
@@ -178,7 +178,16 @@ fn add_object(file: &Path, document: usize, value: Value, out: &mut Manifests) -
             out.objects.push(Object::NetworkPolicy(policy));
         }
         "Service" => out.objects.push(Object::Service(typed(file, document, value)?)),
-        "Node" => out.objects.push(Object::Node(typed(file, document, value)?)),
+        "Node" => {
+            let node: Node = typed(file, document, value)?;
+            let info = node_info(&node);
+            if out.define(format!("Node {}", info.name), file, document) {
+                out.state.nodes.retain(|n| n.name != info.name);
+                out.objects.retain(|o| !matches!(o, Object::Node(n) if n.metadata.name == node.metadata.name));
+            }
+            out.state.nodes.push(info);
+            out.objects.push(Object::Node(node));
+        }
         "ReplicaSet" => out.objects.push(Object::ReplicaSet(typed(file, document, value)?)),
         "" => {
             return Err(ManifestError::Parse {
@@ -240,6 +249,18 @@ fn fingerprint(path: &Path) -> Option<Vec<(PathBuf, std::time::SystemTime, u64)>
 }
 
 /// The engine's view of a Pod: labels, container ports and addresses.
+/// A Node object's name and the IP addresses in its status (host names are left out).
+pub fn node_info(node: &Node) -> NodeInfo {
+    let addresses = node.status.iter().flat_map(|s| s.addresses.iter().flatten());
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in addresses.filter_map(|a| a.address.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    NodeInfo { name: node.metadata.name.clone().unwrap_or_default(), addresses: ips }
+}
+
 pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -281,6 +302,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, String> {
         ips,
         ports,
         host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
     })
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use self::state::State;
 use self::timeline::PodSnapshot;
-use crate::cluster::{ClusterState, EndpointKind, Identity, Labels, PolicyRef};
+use crate::cluster::{ClusterState, EndpointKind, Identity, Labels, NodeInfo, PolicyRef};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -146,6 +146,15 @@ impl Inventory {
         s.timeline.prune(at, self.history);
     }
 
+    /// The node netiso runs on and its interfaces' addresses, which are that node's own.
+    pub fn set_local_node(&self, node: NodeInfo) {
+        let mut s = self.state.write().expect("inventory lock");
+        if s.local_node.as_ref() != Some(&node) {
+            s.local_node = Some(node);
+            s.generation += 1;
+        }
+    }
+
     /// A source for `kind` is failing (`true`) or working again (`false`).
     pub fn set_stale(&self, kind: Kind, stale: bool) {
         let mut s = self.state.write().expect("inventory lock");
@@ -212,38 +221,21 @@ impl Inventory {
                 pod: Some(pod.info.name.clone()),
                 workload: pod.workload.as_ref().map(|w| format!("{}/{}", w.kind, w.name)),
                 labels: Some(pod.info.labels.clone()),
-                node: pod.node.clone(),
+                node: pod.info.node.clone(),
                 service: None,
                 ip,
                 port,
             };
             return (identity, Some(pod));
         }
-        let text = ip.to_string();
-        let node = s
-            .nodes
-            .values()
-            .find(|n| {
-                n.status
-                    .as_ref()
-                    .and_then(|st| st.addresses.as_ref())
-                    .is_some_and(|a| a.iter().any(|a| a.address == text))
-            })
-            .and_then(|n| n.metadata.name.clone())
-            .or_else(|| {
-                s.pods.values().find_map(|p| {
-                    let spec = p.spec.as_ref()?;
-                    let host = spec.host_network == Some(true);
-                    let holds = p.status.as_ref().and_then(|st| st.pod_ip.as_deref()) == Some(text.as_str());
-                    (host && holds).then(|| spec.node_name.clone().unwrap_or_else(|| "node".into()))
-                })
-            });
+        let node = s.nodes().into_iter().find(|n| n.addresses.contains(&ip)).map(|n| n.name);
         if let Some(node) = node {
             let mut id = Identity::world(ip, port);
             id.kind = EndpointKind::Node;
             id.node = Some(node);
             return (id, None);
         }
+        let text = ip.to_string();
         let service = s.services.iter().find_map(|((ns, name), svc)| {
             let spec = svc.spec.as_ref()?;
             let ips = spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter());
@@ -351,6 +343,33 @@ mod tests {
         let (svc, _) = inv.identify("10.96.0.10".parse().unwrap(), 80, now);
         assert_eq!((svc.kind, svc.service.as_deref()), (EndpointKind::Service, Some("prod/api")));
         assert_eq!(inv.identify("203.0.113.1".parse().unwrap(), 1, now).0.kind, EndpointKind::World);
+    }
+
+    #[test]
+    fn the_local_nodes_interface_addresses_and_host_network_pods_are_its_own() {
+        let inv = Inventory::new(&[], Duration::from_secs(60));
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "worker-1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}]}
+        }))
+        .unwrap();
+        let agent: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "agent", "namespace": "kube-system"},
+            "spec": {"nodeName": "worker-2", "hostNetwork": true, "containers": []},
+            "status": {"podIP": "192.168.1.20"}
+        }))
+        .unwrap();
+        inv.apply(Change::Apply(Object::Node(node)));
+        inv.apply(Change::Apply(Object::Pod(agent)));
+        let before = inv.generation();
+        let bridge: IpAddr = "10.244.0.1".parse().unwrap();
+        inv.set_local_node(NodeInfo { name: "worker-1".into(), addresses: vec![bridge] });
+        assert!(inv.generation() > before, "engines built before see the new addresses");
+        let (id, _) = inv.identify(bridge, 1, SystemTime::now());
+        assert_eq!((id.kind, id.node.as_deref()), (EndpointKind::Node, Some("worker-1")));
+        let nodes = inv.cluster_state().nodes;
+        let addresses = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.addresses.clone());
+        assert_eq!(addresses("worker-1"), Some(vec!["192.168.1.10".parse().unwrap(), bridge]));
+        assert_eq!(addresses("worker-2"), Some(vec!["192.168.1.20".parse().unwrap()]));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! engine sees it.
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,7 +13,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::timeline::{IpTimeline, PodSnapshot};
 use super::{Kind, Object, manifests};
-use crate::cluster::{ClusterState, NamespaceInfo, PodInfo, Workload};
+use crate::cluster::{ClusterState, NamespaceInfo, NodeInfo, PodInfo, Workload};
 
 type Key = (String, String);
 
@@ -35,6 +36,9 @@ pub(super) struct State {
     /// Kinds whose source is failing, with the time of their latest failure.
     pub(super) stale: std::collections::HashMap<Kind, Instant>,
     pub(super) last_sync: Option<SystemTime>,
+    /// The node netiso runs on, with its interfaces' addresses (no Node object lists them all:
+    /// the kubelet's probes come from a bridge or veth address).
+    pub(super) local_node: Option<NodeInfo>,
 }
 
 fn workload_of(pod: &Pod, replicasets: &BTreeMap<Key, ReplicaSet>) -> Option<Workload> {
@@ -62,7 +66,6 @@ impl State {
         Arc::new(PodSnapshot {
             uid: pod.metadata.uid.clone().unwrap_or_else(|| format!("{}/{}", info.namespace, info.name)),
             workload: workload_of(pod, &self.replicasets),
-            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             info,
         })
     }
@@ -172,6 +175,36 @@ impl State {
                 .collect(),
             pods,
             policies: self.policies.values().cloned().collect(),
+            nodes: self.nodes(),
         }
+    }
+
+    /// Every node with the addresses that are its own: its Node object's, its host-network
+    /// pods', and for the local node its interfaces'.
+    pub(super) fn nodes(&self) -> Vec<NodeInfo> {
+        let mut nodes: Vec<NodeInfo> = self.nodes.values().map(manifests::node_info).collect();
+        let mut add = |name: &str, ips: &[IpAddr]| {
+            let index = match nodes.iter().position(|n| n.name == name) {
+                Some(index) => index,
+                None => {
+                    nodes.push(NodeInfo { name: name.to_owned(), addresses: vec![] });
+                    nodes.len() - 1
+                }
+            };
+            for ip in ips {
+                if !nodes[index].addresses.contains(ip) {
+                    nodes[index].addresses.push(*ip);
+                }
+            }
+        };
+        for pod in self.pods.values().filter_map(|p| manifests::pod_info(p).ok()) {
+            if let (true, Some(node)) = (pod.host_network, &pod.node) {
+                add(node, &pod.ips);
+            }
+        }
+        if let Some(local) = &self.local_node {
+            add(&local.name, &local.addresses);
+        }
+        nodes
     }
 }

@@ -15,7 +15,6 @@ pub struct PodSnapshot {
     pub uid: String,
     pub info: PodInfo,
     pub workload: Option<crate::cluster::Workload>,
-    pub node: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -113,9 +112,9 @@ mod tests {
                 ips: vec![],
                 ports: vec![],
                 host_network: false,
+                node: None,
             },
             workload: None,
-            node: None,
         })
     }
 

@@ -86,6 +86,8 @@ pub struct PolicyEngine {
     pub(super) pods: Vec<PodInfo>,
     pod_by_name: HashMap<(String, String), u32>,
     pod_by_ip: HashMap<IpAddr, u32>,
+    /// Each node's own addresses: traffic between a pod and its node is always allowed.
+    node_by_ip: HashMap<IpAddr, String>,
     pub(super) policies: Vec<CompiledPolicy>,
     /// Per pod: the policies that select it and govern ingress (egress).
     ingress_of: Vec<Vec<u32>>,
@@ -109,12 +111,18 @@ impl PolicyEngine {
         }
         let mut pod_by_name = HashMap::new();
         let mut pod_by_ip = HashMap::new();
+        let mut node_by_ip = HashMap::new();
+        for node in state.nodes {
+            for ip in node.addresses {
+                node_by_ip.insert(ip, node.name.clone());
+            }
+        }
         for (i, pod) in state.pods.iter().enumerate() {
             pod_by_name.insert((pod.namespace.clone(), pod.name.clone()), i as u32);
-            if !pod.host_network {
-                for ip in &pod.ips {
-                    pod_by_ip.insert(*ip, i as u32);
-                }
+            match (pod.host_network, &pod.node) {
+                (false, _) => pod_by_ip.extend(pod.ips.iter().map(|ip| (*ip, i as u32))),
+                (true, Some(node)) => node_by_ip.extend(pod.ips.iter().map(|ip| (*ip, node.clone()))),
+                (true, None) => {}
             }
         }
         let mut errors = Vec::new();
@@ -153,7 +161,17 @@ impl PolicyEngine {
                 }
             }
         }
-        PolicyEngine { namespaces, pods: state.pods, pod_by_name, pod_by_ip, policies, ingress_of, egress_of, errors }
+        PolicyEngine {
+            namespaces,
+            pods: state.pods,
+            pod_by_name,
+            pod_by_ip,
+            node_by_ip,
+            policies,
+            ingress_of,
+            egress_of,
+            errors,
+        }
     }
 
     /// Validation problems found while compiling the policies.
@@ -179,6 +197,21 @@ impl PolicyEngine {
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
         self.pod_by_ip.get(&ip).map(|&i| &self.pods[i as usize])
+    }
+
+    /// The node whose own address `endpoint` is, if any.
+    pub fn node_of(&self, endpoint: Endpoint) -> Option<&str> {
+        match endpoint {
+            Endpoint::Ip(ip) => self.node_by_ip.get(&ip).map(String::as_str),
+            Endpoint::Pod { .. } => None,
+        }
+    }
+
+    /// The node `subject` runs on when `peer` is that node: Kubernetes always allows traffic
+    /// between a pod and its own node, whatever the policies say.
+    pub(super) fn own_node(&self, subject: usize, peer: Endpoint) -> Option<&str> {
+        let node = self.pods[subject].node.as_deref()?;
+        (self.node_of(peer) == Some(node)).then_some(node)
     }
 
     /// Resolves a named end. An address held by a pod is that pod; a host-network pod is its IP.
@@ -236,6 +269,7 @@ impl PolicyEngine {
         };
         let governing = self.governing(direction, subject);
         governing.is_empty()
+            || self.own_node(subject, peer).is_some()
             || governing.iter().any(|&p| {
                 let policy = &self.policies[p as usize];
                 rules(policy, direction)

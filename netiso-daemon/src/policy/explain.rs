@@ -69,6 +69,7 @@ impl PolicyEngine {
                 verdict: Verdict::Allowed,
                 allowed_by: vec![],
                 nearest_misses: vec![],
+                own_node: None,
                 summary: format!("{who} is not a pod: no NetworkPolicy governs its {dir}"),
             };
         };
@@ -85,7 +86,25 @@ impl PolicyEngine {
                 verdict: Verdict::Allowed,
                 allowed_by: vec![],
                 nearest_misses: vec![],
+                own_node: None,
                 summary: format!("no NetworkPolicy selects {} for {dir}: {dir} is not isolated", subject_pod.key()),
+            };
+        }
+        if let Some(node) = self.own_node(subject_index, peer) {
+            return DirectionReport {
+                direction,
+                subject: Some(subject_pod.key()),
+                isolated: true,
+                isolating_policies,
+                verdict: Verdict::Allowed,
+                allowed_by: vec![],
+                nearest_misses: vec![],
+                own_node: Some(node.to_owned()),
+                summary: format!(
+                    "{} is node {node}, which {} runs on: traffic between a pod and its own node is always allowed",
+                    self.endpoint_name(peer),
+                    subject_pod.key()
+                ),
             };
         }
         let mut allowed_by = Vec::new();
@@ -150,6 +169,7 @@ impl PolicyEngine {
             verdict,
             allowed_by,
             nearest_misses,
+            own_node: None,
             summary,
         }
     }
@@ -325,6 +345,9 @@ pub struct DirectionReport {
     pub verdict: Verdict,
     pub allowed_by: Vec<RuleRef>,
     pub nearest_misses: Vec<NearestMiss>,
+    /// The subject's own node, when that is the peer: allowed whatever the policies say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_node: Option<String>,
     pub summary: String,
 }
 

@@ -383,3 +383,59 @@ fn unknown_pods_are_an_error_not_a_panic() {
     let e = engine("");
     assert_eq!(e.verdict(&flow("a/nope", "a/web", 1, Protocol::Tcp)), Err(EngineError::UnknownPod("a/nope".into())));
 }
+
+/// a/web runs on node-1 (a Node object with two addresses, and host-network b/kubelet-agent);
+/// a/db on node-2; both ingress- and egress-isolated with nothing allowed.
+fn engine_on_nodes() -> PolicyEngine {
+    engine(
+        r#"
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 192.168.1.1}, {type: Hostname, address: node-1}, {type: InternalIP, address: "fd00:1::1"}]}
+---
+kind: Node
+metadata: {name: node-2}
+status: {addresses: [{type: InternalIP, address: 192.168.1.2}]}
+---
+kind: Pod
+metadata: {name: web, namespace: a, labels: {app: web}}
+spec: {nodeName: node-1, containers: [{name: c, image: i}]}
+status: {podIP: 10.1.0.1}
+---
+kind: Pod
+metadata: {name: db, namespace: a, labels: {app: db}}
+spec: {nodeName: node-2, containers: [{name: c, image: i}]}
+status: {podIP: 10.1.0.2}
+---
+kind: Pod
+metadata: {name: kubelet-agent, namespace: b}
+spec: {nodeName: node-1, hostNetwork: true, containers: [{name: c, image: i}]}
+status: {podIP: 192.168.1.50}
+---
+kind: NetworkPolicy
+metadata: {name: deny, namespace: a}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+"#,
+    )
+}
+
+#[test]
+fn traffic_between_a_pod_and_its_own_node_is_always_allowed() {
+    let e = engine_on_nodes();
+    for node_address in ["192.168.1.1", "fd00:1::1", "192.168.1.50", "b/kubelet-agent"] {
+        assert!(allowed(&e, node_address, "a/web", 8080), "{node_address} is web's node");
+        assert!(allowed(&e, "a/web", node_address, 10250), "web may reach its node at {node_address}");
+    }
+    assert!(!allowed(&e, "192.168.1.2", "a/web", 8080), "another node is just an address");
+    assert!(!allowed(&e, "192.168.1.1", "a/db", 8080), "node-1 is not db's node");
+    assert!(!allowed(&e, "192.168.9.9", "a/web", 8080));
+
+    let x = e.explain(&flow("192.168.1.1", "a/web", 8080, Protocol::Tcp)).unwrap();
+    assert_eq!(x.verdict, Verdict::Allowed);
+    assert_eq!(x.ingress.own_node.as_deref(), Some("node-1"));
+    assert!(x.ingress.isolated && x.ingress.allowed_by.is_empty(), "no rule allows it: {:?}", x.ingress);
+    assert!(x.ingress.summary.contains("its own node is always allowed"), "{}", x.ingress.summary);
+    let other = e.explain(&flow("192.168.1.2", "a/web", 8080, Protocol::Tcp)).unwrap();
+    assert_eq!(other.ingress.own_node, None);
+    assert_eq!(other.verdict, Verdict::Denied);
+}

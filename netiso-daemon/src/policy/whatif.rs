@@ -79,6 +79,7 @@ fn with_recorded_pods(current: &ClusterState, flows: &[RecordedFlow]) -> Cluster
                     ips: vec![end.ip],
                     ports: vec![],
                     host_network: false,
+                    node: end.node.clone(),
                 });
             }
         }
@@ -367,7 +368,7 @@ mod tests {
 
     fn state() -> ClusterState {
         let ns = |n: &str| NamespaceInfo { name: n.into(), labels: Labels::new() };
-        ClusterState { namespaces: vec![ns("prod"), ns("web"), ns("kube-system")], pods: vec![], policies: vec![] }
+        ClusterState { namespaces: vec![ns("prod"), ns("web"), ns("kube-system")], ..Default::default() }
     }
 
     fn traffic() -> Vec<RecordedFlow> {

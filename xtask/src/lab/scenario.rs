@@ -264,6 +264,7 @@ pub fn pods() -> Vec<Pod> {
                 ..Default::default()
             },
             spec: Some(PodSpec {
+                node_name: Some(NODE_NAME.into()),
                 containers: vec![Container {
                     name: p.name.into(),
                     image: Some(format!("lab/{}:1", p.name)),
