@@ -101,7 +101,17 @@ mod cluster_lab {
                 let out = lab
                     .in_node_output(
                         &netiso,
-                        &["observe", "--since", "10m", "-o", "json", "--port", &probe.port.to_string()],
+                        &[
+                            "observe",
+                            "--since",
+                            "10m",
+                            "--last",
+                            "1000",
+                            "-o",
+                            "json",
+                            "--port",
+                            &probe.port.to_string(),
+                        ],
                     )
                     .unwrap();
                 let found = String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
@@ -132,6 +142,29 @@ mod cluster_lab {
         find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
         find("develop/debug", "world", ProbeKind::Tcp, "dropped");
         find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
+
+        // Held no longer than the allowed world flow sent with them: a blocked packet that left
+        // its pod is a drop, never also a forwarded flow.
+        let out = lab
+            .in_node_output(
+                &netiso,
+                &["observe", "--since", "10m", "--last", "1000", "-o", "json", "--verdict", "forwarded"],
+            )
+            .unwrap();
+        let forwarded: Vec<Value> =
+            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        assert!(!forwarded.is_empty());
+        for (from, to) in [
+            ("develop/debug", "world"),
+            ("develop/debug", "service production/api"),
+            ("ingress-nginx/controller", "service production/payments"),
+        ] {
+            let probe = probes.iter().find(|p| p.to(from, to, ProbeKind::Tcp, false)).unwrap();
+            let listed = forwarded.iter().find(|r| {
+                r["source"]["ip"] == probe.from_ip().to_string().as_str() && r["source"]["port"] == probe.source_port
+            });
+            assert!(listed.is_none(), "{probe} was blocked, yet listed as forwarded: {listed:?}");
+        }
         daemon.stop().expect("netiso stops cleanly");
 
         // Offline, from the manifests: the node's InternalIP is its own, any other address is not.

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::cluster::NodeInfo;
 use crate::datapath::record::DatapathRecord;
 use crate::datapath::{Datapath, DatapathConfig, DatapathStats, interfaces};
-use crate::evidence::correlate::{Correlator, Handled};
+use crate::evidence::correlate::{self, Correlator, Handled};
 use crate::evidence::record::FlowVerdict;
 use crate::evidence::store::{self, Retention, Store, StoreOp, StoreWriter};
 use crate::export::auth::{ApiAuth, Authorizer};
@@ -135,6 +135,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.node_name.clone(),
         store.last_id()?,
         config.datapath.idle_timeout * 2,
+        correlate::HOLD,
     );
     let (writer, writer_task) = store::spawn_writer(store.clone(), Duration::from_millis(200), Duration::from_secs(30));
 
@@ -274,12 +275,14 @@ impl Pipeline {
         datapath_task: &mut JoinHandle<Result<(), crate::datapath::DatapathError>>,
         writer_task: JoinHandle<()>,
     ) -> anyhow::Result<()> {
+        let mut release = tokio::time::interval(correlate::HOLD / 4);
         let result = loop {
             tokio::select! {
                 record = records.recv() => match record {
                     Some(record) => self.handle(record).await,
                     None => break Ok(()),
                 },
+                _ = release.tick() => self.release(std::time::Instant::now()).await,
                 () = async { drop(shutdown.wait_for(|stop| *stop).await) } => break Ok(()),
                 finished = &mut *datapath_task => {
                     break finished.context("datapath task").and_then(|r| r.map_err(anyhow::Error::from));
@@ -296,6 +299,8 @@ impl Pipeline {
             let (done, ()) = tokio::join!(datapath_task, drain);
             done.context("datapath task")??;
         }
+        // Nothing more can drop what is still held: it was forwarded.
+        self.release(std::time::Instant::now() + correlate::HOLD).await;
         drop(self.writer);
         writer_task.await.context("evidence writer")?;
         result
@@ -311,6 +316,13 @@ impl Pipeline {
         }
         let Some(handled) = self.correlator.handle(&record) else { return };
         export(&self.shared, &mut self.blocked, &self.writer, handled).await;
+    }
+
+    /// Exports the flows whose hold ended by `now`.
+    async fn release(&mut self, now: std::time::Instant) {
+        for handled in self.correlator.release(now) {
+            export(&self.shared, &mut self.blocked, &self.writer, handled).await;
+        }
     }
 }
 

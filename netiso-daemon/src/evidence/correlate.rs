@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::attribution::attribute;
 use super::engines::Engines;
@@ -86,6 +86,25 @@ fn datapath_key(r: &DatapathRecord) -> DatapathKey {
 
 type Conversation = (IpProtocol, IpAddr, u16, IpAddr, u16);
 
+/// How long a flow leaving a pod waits for a drop of its packet: the kernel drops it within the
+/// same softirq, and both events share one ring buffer, so a drop follows within microseconds
+/// (one held in a queue, as for an unresolved neighbour, may come later than this).
+pub const HOLD: Duration = Duration::from_millis(500);
+
+/// A sending socket: what a packet keeps through DNAT (unlike its destination).
+type Socket = (IpProtocol, IpAddr, u16);
+
+/// A new flow key seen leaving a pod, held back until the kernel has had time to drop its
+/// packet further on (netfilter, routing, a Service without endpoints): such a packet is a drop,
+/// not also a forwarded flow.
+#[derive(Debug)]
+struct Held {
+    key: DatapathKey,
+    /// The first record with the counts of the latest one.
+    record: DatapathRecord,
+    due: Instant,
+}
+
 /// Record ids: nanoseconds since the epoch of the first packet, made unique and increasing, so
 /// ids sort by time and stay unique across restarts.
 #[derive(Debug)]
@@ -114,12 +133,20 @@ pub struct Correlator {
     active: HashMap<DatapathKey, (u64, SystemTime, Arc<FlowFacts>)>,
     /// Recently seen conversations, to recognise replies.
     seen: HashMap<Conversation, SystemTime>,
+    /// Flow keys that left a pod, by sending socket, until they are forwarded for good.
+    held: HashMap<Socket, Vec<Held>>,
+    hold: Duration,
+    /// Keys whose packet left a pod and was then dropped: the drop is their record, and their
+    /// later counts are the drop's.
+    superseded: HashMap<DatapathKey, SystemTime>,
     /// Entries unused for this long are forgotten (the datapath evicts idle keys sooner).
     forget_after: Duration,
 }
 
 impl Correlator {
-    pub fn new(inventory: Arc<Inventory>, node: String, last_id: u64, forget_after: Duration) -> Self {
+    /// `hold`: how long a flow leaving a pod waits for a drop of its packet before it is recorded
+    /// as forwarded.
+    pub fn new(inventory: Arc<Inventory>, node: String, last_id: u64, forget_after: Duration, hold: Duration) -> Self {
         Correlator {
             engines: Engines::new(inventory.clone()),
             inventory,
@@ -127,11 +154,62 @@ impl Correlator {
             ids: Ids::after(last_id),
             active: HashMap::new(),
             seen: HashMap::new(),
+            held: HashMap::new(),
+            hold,
+            superseded: HashMap::new(),
             forget_after,
         }
     }
 
     pub fn handle(&mut self, r: &DatapathRecord) -> Option<Handled> {
+        let key = datapath_key(r);
+        if let Some(last) = self.superseded.get_mut(&key) {
+            *last = r.last_seen;
+            return None;
+        }
+        let socket = (r.protocol, r.src_ip, r.src_port);
+        if let Some(held) = self.held.get_mut(&socket).and_then(|list| list.iter_mut().find(|h| h.key == key)) {
+            held.record.packets = r.packets;
+            held.record.bytes = r.bytes;
+            held.record.last_seen = r.last_seen;
+            held.record.delta_packets += r.delta_packets;
+            held.record.delta_bytes += r.delta_bytes;
+            return None;
+        }
+        if r.protocol.policy().is_some() {
+            if r.event == EventKind::Drop {
+                for held in self.held.remove(&socket).into_iter().flatten() {
+                    self.superseded.insert(held.key, r.last_seen);
+                }
+            } else if r.new_key && r.direction == Some(PacketDirection::FromPod) {
+                // A reply may arrive before the hold ends: the conversation is open now.
+                self.seen.insert(conversation(r), r.last_seen);
+                let held = Held { key, record: r.clone(), due: Instant::now() + self.hold };
+                self.held.entry(socket).or_default().push(held);
+                return None;
+            }
+        }
+        self.admit(r)
+    }
+
+    /// The held flows whose hold ended by `now` (all of them at shutdown), handled as forwarded.
+    pub fn release(&mut self, now: Instant) -> Vec<Handled> {
+        let mut due = Vec::new();
+        self.held.retain(|_, list| {
+            list.retain(|h| {
+                if h.due > now {
+                    return true;
+                }
+                due.push(h.record.clone());
+                false
+            });
+            !list.is_empty()
+        });
+        due.sort_by_key(|r| r.time);
+        due.iter().filter_map(|r| self.admit(r)).collect()
+    }
+
+    fn admit(&mut self, r: &DatapathRecord) -> Option<Handled> {
         let key = datapath_key(r);
         if !r.new_key
             && let Some((id, last, facts)) = self.active.get_mut(&key)
@@ -166,6 +244,7 @@ impl Correlator {
         let keep = |t: &SystemTime| now.duration_since(*t).map(|d| d < self.forget_after).unwrap_or(true);
         self.active.retain(|_, (_, last, _)| keep(last));
         self.seen.retain(|_, last| keep(last));
+        self.superseded.retain(|_, last| keep(last));
     }
 
     /// A new key: who, what NetworkPolicy says, and why. `None` for a key that is not a flow
@@ -368,7 +447,7 @@ mod tests {
 
     #[test]
     fn a_netfilter_drop_of_a_denied_flow_names_both_pods_and_the_isolating_policies() {
-        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
         let Some(StoreOp::Insert(rec)) =
             c.handle(&drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy)).map(|h| h.op)
         else {
@@ -388,7 +467,7 @@ mod tests {
 
     #[test]
     fn other_drops_are_attributed_explicitly() {
-        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
         let Some(StoreOp::Insert(no_socket)) =
             c.handle(&drop("10.244.0.40", "10.244.0.30", 9999, "NO_SOCKET", ReasonClass::Socket)).map(|h| h.op)
         else {
@@ -406,7 +485,7 @@ mod tests {
 
     #[test]
     fn forwarded_flows_replies_and_count_updates() {
-        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
         let mut leaving = raw(EventKind::Flow, "10.244.0.40", 36054, "10.244.0.30", 8080, "TCP");
         leaving.direction = Some(PacketDirection::FromPod);
         assert_eq!(c.handle(&leaving), None, "recorded on arrival instead");
@@ -429,7 +508,7 @@ mod tests {
 
     #[test]
     fn a_drop_in_the_reverse_direction_does_not_make_a_request_a_reply() {
-        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
         let mut late = raw(EventKind::Drop, "10.244.0.30", 8080, "10.244.0.40", 36054, "TCP");
         late.reason = Some("NO_SOCKET".into());
         late.reason_class = Some(ReasonClass::Socket);
@@ -443,7 +522,7 @@ mod tests {
 
     #[test]
     fn a_late_packet_dropped_after_the_peer_closed_is_a_reply() {
-        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300));
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
         let mut request = raw(EventKind::Flow, "10.244.0.40", 36054, "10.244.0.30", 8080, "TCP");
         request.direction = Some(PacketDirection::ToPod);
         c.handle(&request);
@@ -453,6 +532,53 @@ mod tests {
         let Some(StoreOp::Insert(rec)) = c.handle(&late).map(|h| h.op) else { panic!() };
         assert!(rec.is_reply);
         assert_eq!(rec.policy.attribution, Attribution::DroppedByKernelForNonPolicyReason);
+    }
+
+    fn leaving(src: &str, sport: u16, dst: &str, dport: u16) -> DatapathRecord {
+        let mut r = raw(EventKind::Flow, src, sport, dst, dport, "TCP");
+        r.direction = Some(PacketDirection::FromPod);
+        r
+    }
+
+    #[test]
+    fn a_packet_that_left_a_pod_and_was_then_dropped_is_only_a_drop() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        // To the world, and to a ClusterIP that DNAT turns into production/api:8080 before the drop.
+        for (sent_to, dropped_at) in
+            [(("203.0.113.10", 80), ("203.0.113.10", 80)), (("10.96.0.30", 80), ("10.244.0.30", 8080))]
+        {
+            let out = leaving("10.244.0.10", 40000, sent_to.0, sent_to.1);
+            assert_eq!(c.handle(&out), None, "held");
+            let dropped = drop("10.244.0.10", dropped_at.0, dropped_at.1, "NETFILTER_DROP", ReasonClass::Policy);
+            let Some(StoreOp::Insert(rec)) = c.handle(&dropped).map(|h| h.op) else { panic!("the drop is stored") };
+            assert_eq!(rec.verdict, FlowVerdict::Dropped);
+            let retransmitted = DatapathRecord { new_key: false, packets: 2, ..out };
+            assert_eq!(c.handle(&retransmitted), None, "its counts are the drop's");
+            assert!(c.release(Instant::now() + HOLD).is_empty(), "no forwarded record of {sent_to:?}");
+        }
+    }
+
+    #[test]
+    fn a_packet_that_left_a_pod_is_forwarded_once_the_hold_ends_with_every_count() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        let out = leaving("10.244.0.40", 40001, "203.0.113.10", 80);
+        assert_eq!(c.handle(&out), None);
+        let more = DatapathRecord { new_key: false, packets: 3, delta_packets: 2, ..out.clone() };
+        assert_eq!(c.handle(&more), None);
+        // The answer arrives while the request is held: a reply all the same.
+        let mut answer = raw(EventKind::Flow, "203.0.113.10", 80, "10.244.0.40", 40001, "TCP");
+        answer.direction = Some(PacketDirection::ToPod);
+        let Some(StoreOp::Insert(reply)) = c.handle(&answer).map(|h| h.op) else { panic!() };
+        assert!(reply.is_reply);
+        assert!(c.release(Instant::now()).is_empty(), "still held");
+        let released = c.release(Instant::now() + HOLD);
+        let [Handled { op: StoreOp::Insert(rec), delta_packets: 3, .. }] = released.as_slice() else {
+            panic!("one forwarded record with all its packets: {released:?}")
+        };
+        assert_eq!((rec.verdict, rec.packets), (FlowVerdict::Forwarded, 3));
+        assert_eq!(rec.destination.ip.to_string(), "203.0.113.10");
+        let counted = DatapathRecord { new_key: false, packets: 4, ..out };
+        assert!(matches!(c.handle(&counted).map(|h| h.op), Some(StoreOp::Count { packets: 4, .. })));
     }
 
     #[test]
@@ -489,7 +615,7 @@ mod reuse_tests {
         inv.apply_at(Change::Replace(Kind::Pod, vec![pod("cart", "uid-a", "10.3.0.9")]), t0);
         inv.apply_at(Change::Delete(pod("cart", "uid-a", "10.3.0.9")), t0 + Duration::from_secs(100));
         inv.apply_at(Change::Apply(pod("search", "uid-b", "10.3.0.9")), t0 + Duration::from_secs(110));
-        let mut c = Correlator::new(inv, "n".into(), 0, Duration::from_secs(300));
+        let mut c = Correlator::new(inv, "n".into(), 0, Duration::from_secs(300), Duration::ZERO);
         let at = t0 + Duration::from_secs(50);
         let mut r = super::tests::raw(EventKind::Drop, "10.3.0.9", 1234, "203.0.113.1", 443, "TCP");
         (r.time, r.last_seen) = (at, at);
