@@ -106,6 +106,9 @@ enum LabAction {
         /// What the node does to packets no policy admits.
         #[arg(long, value_enum, default_value_t)]
         enforcement: Enforcement,
+        /// How the node's kube-proxy translates Services.
+        #[arg(long, value_enum, default_value_t)]
+        kube_proxy: lab::kube_proxy::Mode,
     },
     /// Replace the enforced policies.
     Apply {
@@ -245,12 +248,12 @@ fn leftovers(remove: bool, prefix: &str) -> anyhow::Result<ExitCode> {
 fn lab_action(action: LabAction, id: &str) -> anyhow::Result<ExitCode> {
     let lab = lab_for(id)?;
     match action {
-        LabAction::Up { policies: path, allow_all, enforcement } => {
+        LabAction::Up { policies: path, allow_all, enforcement, kube_proxy } => {
             let set = if allow_all { Vec::new() } else { policies(path.as_ref(), false)? };
-            let lab = lab.with_enforcement(enforcement);
+            let lab = lab.with_enforcement(enforcement).with_kube_proxy(kube_proxy);
             lab.up(&set)?;
             println!(
-                "lab `{id}` is up: node namespace {}, manifests {}, policies enforced by {enforcement:?}",
+                "lab `{id}` is up: node namespace {}, manifests {}, policies enforced by {enforcement:?}, Services by kube-proxy in {kube_proxy:?} mode",
                 lab.node_ns(),
                 lab.manifests_path().display()
             );

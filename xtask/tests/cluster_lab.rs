@@ -4,18 +4,20 @@
 //! Kubernetes does. CI runs these tests in their own stage (`scripts/ci --stage cluster-lab`).
 
 mod cluster_lab {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::Command;
 
     use serde_json::Value;
+    use xtask::lab::kube_proxy::Mode;
     use xtask::lab::{self, Lab, ProbeKind, ProbeResult, scenario};
     use xtask::nft::Enforcement;
     use xtask::probe::Outcome;
 
-    fn lab(prefix: &str, enforcement: Enforcement) -> Lab {
+    fn lab(prefix: &str, enforcement: Enforcement, kube_proxy: Mode) -> Lab {
         let id = lab::unique_id(prefix);
         let out = std::env::temp_dir().join(format!("netiso-cluster-lab-{id}"));
-        Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask"))).with_enforcement(enforcement)
+        let helper = PathBuf::from(env!("CARGO_BIN_EXE_xtask"));
+        Lab::new(&id, &out, &helper).with_enforcement(enforcement).with_kube_proxy(kube_proxy)
     }
 
     fn result<'a>(results: &'a [ProbeResult], from: &str, to: &str, kind: ProbeKind) -> &'a ProbeResult {
@@ -36,12 +38,13 @@ mod cluster_lab {
 
     #[test]
     fn services_the_node_and_the_world_behave_as_on_a_kubernetes_node_under_each_enforcement() {
-        for (enforcement, blocked) in [
-            (Enforcement::Drop, Outcome::NoAnswer),
-            (Enforcement::Reject, Outcome::Unreachable),
-            (Enforcement::TcpReset, Outcome::Refused),
+        for (enforcement, kube_proxy, blocked) in [
+            (Enforcement::Drop, Mode::Nftables, Outcome::NoAnswer),
+            (Enforcement::Reject, Mode::Nftables, Outcome::Unreachable),
+            (Enforcement::TcpReset, Mode::Nftables, Outcome::Refused),
+            (Enforcement::Drop, Mode::Iptables, Outcome::NoAnswer),
         ] {
-            let lab = lab("c", enforcement);
+            let lab = lab("c", enforcement, kube_proxy);
             let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
             let results = lab.traffic_of(lab::all_probes()).unwrap();
             let contrary: Vec<String> = results
@@ -49,7 +52,11 @@ mod cluster_lab {
                 .filter(|r| r.observed != r.expected)
                 .map(|r| format!("{}: Kubernetes {}, packets {}", r.probe, r.expected, r.outcome))
                 .collect();
-            assert!(contrary.is_empty(), "{enforcement:?}: the lab is not a node:\n{}", contrary.join("\n"));
+            assert!(
+                contrary.is_empty(),
+                "{enforcement:?}, {kube_proxy:?}: the lab is not a node:\n{}",
+                contrary.join("\n")
+            );
 
             let dns = result(&results, "develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp);
             assert_eq!(dns.outcome, Outcome::Through, "names resolve through the kube-dns ClusterIP");
@@ -84,7 +91,7 @@ mod cluster_lab {
 
     #[test]
     fn netiso_on_the_node_records_service_node_and_world_traffic() {
-        let lab = lab("r", Enforcement::Drop);
+        let lab = lab("r", Enforcement::TcpReset, Mode::Nftables);
         let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
         let netiso = xtask::build::netiso(false).expect("netiso builds");
         let mut daemon = lab.observe(&netiso, &[]).expect("netiso observes the node");
@@ -140,7 +147,7 @@ mod cluster_lab {
         assert_eq!(kubelet["policy"]["attribution"], "node_traffic", "{kubelet}");
         find("develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp, "forwarded");
         find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
-        find("develop/debug", "world", ProbeKind::Tcp, "dropped");
+        let rejected = find("develop/debug", "world", ProbeKind::Tcp, "dropped");
         find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
 
         // Held no longer than the allowed world flow sent with them: a blocked packet that left
@@ -165,6 +172,24 @@ mod cluster_lab {
             });
             assert!(listed.is_none(), "{probe} was blocked, yet listed as forwarded: {listed:?}");
         }
+
+        // The reject answered develop/debug's SYN to the world with a reset in the world's name:
+        // the reset is the firewall's, and the rejected SYN keeps its verdict and is counted.
+        assert_eq!(rejected["policy"]["attribution"], "denied_by_network_policy", "{rejected}");
+        assert_eq!(rejected["is_reply"], false);
+        let reset = forwarded.iter().find(|r| {
+            r["source"]["ip"] == scenario::WORLD_IP && r["destination"]["port"] == rejected["source"]["port"]
+        });
+        let reset = reset.unwrap_or_else(|| panic!("no record of the reset answering {rejected}"));
+        assert_eq!(reset["policy"]["attribution"], "firewall_reset", "{reset}");
+        let out = lab.in_node_output(Path::new("curl"), &["-s", "127.0.0.1:9962/metrics"]).unwrap();
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        let counted = metrics.lines().any(|l| {
+            l.starts_with("netiso_policy_drops_total{")
+                && l.contains(r#"policy_namespace="develop""#)
+                && l.contains(r#"policy="default-deny-all""#)
+        });
+        assert!(counted, "the rejected SYN is not among the policy drops:\n{metrics}");
         daemon.stop().expect("netiso stops cleanly");
 
         // Offline, from the manifests: the node's InternalIP is its own, any other address is not.

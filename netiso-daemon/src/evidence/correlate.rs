@@ -86,7 +86,7 @@ fn datapath_key(r: &DatapathRecord) -> DatapathKey {
 
 type Conversation = (IpProtocol, IpAddr, u16, IpAddr, u16);
 
-/// How long a flow leaving a pod waits for a drop of its packet: the kernel drops it within the
+/// How long a held flow waits for the drop that decides it: the kernel drops a packet within the
 /// same softirq, and both events share one ring buffer, so a drop follows within microseconds
 /// (one held in a queue, as for an unresolved neighbour, may come later than this).
 pub const HOLD: Duration = Duration::from_millis(500);
@@ -94,15 +94,28 @@ pub const HOLD: Duration = Duration::from_millis(500);
 /// A sending socket: what a packet keeps through DNAT (unlike its destination).
 type Socket = (IpProtocol, IpAddr, u16);
 
-/// A new flow key seen leaving a pod, held back until the kernel has had time to drop its
-/// packet further on (netfilter, routing, a Service without endpoints): such a packet is a drop,
-/// not also a forwarded flow.
+/// Why a new flow key is held back until the kernel has had time to drop a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// It left a pod: if its packet is dropped further on (netfilter, routing, a Service without
+    /// endpoints), it is that drop, not also a forwarded flow.
+    Leaving,
+    /// A TCP reset arriving at a pod: if the packet it answers is dropped, a reject rule forged
+    /// it in its peer's name (`rejected`).
+    Reset { rejected: bool },
+}
+
 #[derive(Debug)]
 struct Held {
     key: DatapathKey,
     /// The first record with the counts of the latest one.
     record: DatapathRecord,
+    waiting: Waiting,
     due: Instant,
+}
+
+fn is_reset(r: &DatapathRecord) -> bool {
+    r.tcp_flags.as_deref().is_some_and(|flags| flags.split('|').any(|f| f == "RST"))
 }
 
 /// Record ids: nanoseconds since the epoch of the first packet, made unique and increasing, so
@@ -133,7 +146,8 @@ pub struct Correlator {
     active: HashMap<DatapathKey, (u64, SystemTime, Arc<FlowFacts>)>,
     /// Recently seen conversations, to recognise replies.
     seen: HashMap<Conversation, SystemTime>,
-    /// Flow keys that left a pod, by sending socket, until they are forwarded for good.
+    /// Held flow keys by the socket a drop would name: a leaving flow's source, a reset's
+    /// destination.
     held: HashMap<Socket, Vec<Held>>,
     hold: Duration,
     /// Keys whose packet left a pod and was then dropped: the drop is their record, and their
@@ -167,29 +181,60 @@ impl Correlator {
             *last = r.last_seen;
             return None;
         }
-        let socket = (r.protocol, r.src_ip, r.src_port);
-        if let Some(held) = self.held.get_mut(&socket).and_then(|list| list.iter_mut().find(|h| h.key == key)) {
-            held.record.packets = r.packets;
-            held.record.bytes = r.bytes;
-            held.record.last_seen = r.last_seen;
-            held.record.delta_packets += r.delta_packets;
-            held.record.delta_bytes += r.delta_bytes;
-            return None;
+        let source = (r.protocol, r.src_ip, r.src_port);
+        let destination = (r.protocol, r.dst_ip, r.dst_port);
+        for socket in [source, destination] {
+            if let Some(held) = self.held.get_mut(&socket).and_then(|list| list.iter_mut().find(|h| h.key == key)) {
+                held.record.packets = r.packets;
+                held.record.bytes = r.bytes;
+                held.record.last_seen = r.last_seen;
+                held.record.delta_packets += r.delta_packets;
+                held.record.delta_bytes += r.delta_bytes;
+                return None;
+            }
         }
         if r.protocol.policy().is_some() {
-            if r.event == EventKind::Drop {
-                for held in self.held.remove(&socket).into_iter().flatten() {
-                    self.superseded.insert(held.key, r.last_seen);
+            let waiting = match (r.event, r.direction) {
+                (EventKind::Drop, _) => {
+                    self.decide_held(&source, r.last_seen);
+                    None
                 }
-            } else if r.new_key && r.direction == Some(PacketDirection::FromPod) {
-                // A reply may arrive before the hold ends: the conversation is open now.
-                self.seen.insert(conversation(r), r.last_seen);
-                let held = Held { key, record: r.clone(), due: Instant::now() + self.hold };
+                (EventKind::Flow, Some(PacketDirection::FromPod)) if r.new_key => Some((Waiting::Leaving, source)),
+                (EventKind::Flow, Some(PacketDirection::ToPod)) if r.new_key && is_reset(r) => {
+                    Some((Waiting::Reset { rejected: false }, destination))
+                }
+                _ => None,
+            };
+            if let Some((waiting, socket)) = waiting {
+                if waiting == Waiting::Leaving {
+                    // A reply may arrive before the hold ends: the conversation is open now.
+                    self.seen.insert(conversation(r), r.last_seen);
+                }
+                let held = Held { key, record: r.clone(), waiting, due: Instant::now() + self.hold };
                 self.held.entry(socket).or_default().push(held);
                 return None;
             }
         }
-        self.admit(r)
+        self.admit(r, false)
+    }
+
+    /// The kernel dropped a packet sent from `socket`: a flow held as it left is that drop, and a
+    /// reset held on its way to `socket` was forged by the reject that dropped it.
+    fn decide_held(&mut self, socket: &Socket, at: SystemTime) {
+        let Some(list) = self.held.get_mut(socket) else { return };
+        list.retain_mut(|held| match &mut held.waiting {
+            Waiting::Leaving => {
+                self.superseded.insert(held.key.clone(), at);
+                false
+            }
+            Waiting::Reset { rejected } => {
+                *rejected = true;
+                true
+            }
+        });
+        if list.is_empty() {
+            self.held.remove(socket);
+        }
     }
 
     /// The held flows whose hold ended by `now` (all of them at shutdown), handled as forwarded.
@@ -200,16 +245,17 @@ impl Correlator {
                 if h.due > now {
                     return true;
                 }
-                due.push(h.record.clone());
+                due.push((h.record.clone(), h.waiting == Waiting::Reset { rejected: true }));
                 false
             });
             !list.is_empty()
         });
-        due.sort_by_key(|r| r.time);
-        due.iter().filter_map(|r| self.admit(r)).collect()
+        due.sort_by_key(|(r, _)| r.time);
+        due.iter().filter_map(|(r, forged)| self.admit(r, *forged)).collect()
     }
 
-    fn admit(&mut self, r: &DatapathRecord) -> Option<Handled> {
+    /// `forged`: a reset a reject rule sent in the name of its source.
+    fn admit(&mut self, r: &DatapathRecord, forged: bool) -> Option<Handled> {
         let key = datapath_key(r);
         if !r.new_key
             && let Some((id, last, facts)) = self.active.get_mut(&key)
@@ -224,7 +270,7 @@ impl Correlator {
             });
         }
         let started = std::time::Instant::now();
-        let record = self.correlate(r)?;
+        let record = self.correlate(r, forged)?;
         let evaluation = Some(started.elapsed());
         let facts = Arc::new(FlowFacts::of(&record));
         self.active.insert(key, (record.id, r.last_seen, facts.clone()));
@@ -249,7 +295,8 @@ impl Correlator {
 
     /// A new key: who, what NetworkPolicy says, and why. `None` for a key that is not a flow
     /// record of its own (a pod-to-local-pod flow leaving its source: its arrival is recorded).
-    pub fn correlate(&mut self, r: &DatapathRecord) -> Option<FlowRecord> {
+    /// `forged`: a reset a reject rule sent in the name of its source.
+    fn correlate(&mut self, r: &DatapathRecord, forged: bool) -> Option<FlowRecord> {
         let at = r.time;
         let (source, source_pod) = self.inventory.identify(r.src_ip, r.src_port, at);
         let (destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, at);
@@ -270,13 +317,23 @@ impl Correlator {
         // A reply, forwarded or dropped (a late packet after the peer closed), answers a
         // conversation already seen.
         let is_reply = self.seen.contains_key(&reverse(r));
-        // Only forwarded traffic opens a conversation: a dropped packet has no reply to expect.
-        if r.event == EventKind::Flow {
+        // Only forwarded traffic opens a conversation: a dropped packet has no reply to expect,
+        // and a reset ends one (the packet a reject answered with a reset is no reply).
+        if r.event == EventKind::Flow && !is_reset(r) {
             self.seen.insert(conversation(r), r.last_seen);
         }
 
         let stale = self.inventory.status().stale;
-        let (policy, evidence) = self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply);
+        let (policy, evidence) = if forged {
+            let summary = format!(
+                "a TCP reset the node's firewall sent in the name of {} when it rejected the packet this answers",
+                source.pod_key().unwrap_or_else(|| source.ip.to_string())
+            );
+            let attribution = Attribution::FirewallReset;
+            (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None)
+        } else {
+            self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply)
+        };
         Some(FlowRecord {
             schema: FLOW_SCHEMA,
             id: self.ids.next(at),
@@ -579,6 +636,35 @@ mod tests {
         assert_eq!(rec.destination.ip.to_string(), "203.0.113.10");
         let counted = DatapathRecord { new_key: false, packets: 4, ..out };
         assert!(matches!(c.handle(&counted).map(|h| h.op), Some(StoreOp::Count { packets: 4, .. })));
+    }
+
+    #[test]
+    fn a_reset_a_reject_rule_forged_is_not_a_reply_and_the_rejected_packet_keeps_its_verdict() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        let reset_to = |sport: u16| {
+            let mut r = raw(EventKind::Flow, "10.244.0.30", 8080, "10.244.0.10", sport, "TCP");
+            (r.direction, r.tcp_flags) = (Some(PacketDirection::ToPod), Some("RST|ACK".into()));
+            r
+        };
+        // develop/debug's SYN leaves, the reject answers with a reset in production/api's name
+        // and drops the SYN (the reset is sent first).
+        assert_eq!(c.handle(&leaving("10.244.0.10", 40000, "10.244.0.30", 8080)), None);
+        assert_eq!(c.handle(&reset_to(40000)), None, "held until the drop it may answer");
+        let syn = drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy);
+        let Some(StoreOp::Insert(rejected)) = c.handle(&syn).map(|h| h.op) else { panic!("the drop is stored") };
+        assert!(!rejected.is_reply, "the reset opened no conversation");
+        assert_eq!(rejected.policy.attribution, Attribution::DeniedByNetworkPolicy);
+        let released = c.release(Instant::now() + HOLD);
+        let [Handled { op: StoreOp::Insert(reset), .. }] = released.as_slice() else { panic!("{released:?}") };
+        assert_eq!(reset.policy.attribution, Attribution::FirewallReset);
+        assert!(reset.policy.summary.contains("production/api"), "{}", reset.policy.summary);
+
+        // A reset the pod itself sent, with no drop before it, stays a reply.
+        assert_eq!(c.handle(&leaving("10.244.0.10", 40001, "10.244.0.30", 8080)), None);
+        assert_eq!(c.handle(&reset_to(40001)), None);
+        let released = c.release(Instant::now() + HOLD);
+        let [Handled { op: StoreOp::Insert(reset), .. }] = released.as_slice() else { panic!("{released:?}") };
+        assert_eq!(reset.policy.attribution, Attribution::Reply);
     }
 
     #[test]

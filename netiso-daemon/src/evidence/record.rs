@@ -77,6 +77,9 @@ pub enum Attribution {
     ForwardedDespiteNetworkPolicy,
     /// A reply within a connection already admitted.
     Reply,
+    /// A TCP reset a reject rule sent in its peer's name, answering a packet it dropped: not
+    /// the peer's reply (the rejected packet's drop holds the verdict).
+    FirewallReset,
     /// NetworkPolicy does not govern this traffic (ICMP, other protocols).
     NotApplicable,
 }
@@ -95,6 +98,7 @@ impl Attribution {
             Attribution::NodeTraffic => "node_traffic",
             Attribution::ForwardedDespiteNetworkPolicy => "forwarded_despite_network_policy",
             Attribution::Reply => "reply",
+            Attribution::FirewallReset => "firewall_reset",
             Attribution::NotApplicable => "not_applicable",
         }
     }

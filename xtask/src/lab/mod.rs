@@ -57,16 +57,29 @@ pub struct Lab {
     /// An executable with the `lab-serve` subcommand (the xtask binary).
     helper: PathBuf,
     enforcement: Enforcement,
+    kube_proxy: kube_proxy::Mode,
 }
 
 impl Lab {
     pub fn new(id: &str, out_dir: &Path, helper: &Path) -> Self {
-        Lab { id: id.into(), out_dir: out_dir.into(), helper: helper.into(), enforcement: Enforcement::default() }
+        Lab {
+            id: id.into(),
+            out_dir: out_dir.into(),
+            helper: helper.into(),
+            enforcement: Enforcement::default(),
+            kube_proxy: kube_proxy::Mode::default(),
+        }
     }
 
     /// What the node's enforcement does to packets no policy admits.
     pub fn with_enforcement(mut self, enforcement: Enforcement) -> Self {
         self.enforcement = enforcement;
+        self
+    }
+
+    /// How the node's kube-proxy translates Services.
+    pub fn with_kube_proxy(mut self, mode: kube_proxy::Mode) -> Self {
+        self.kube_proxy = mode;
         self
     }
 
@@ -224,7 +237,16 @@ impl Lab {
         }
         self.build_uplink()?;
         self.apply_policies(policies)?;
-        self.nft(&node, "kube-proxy.nft", &kube_proxy::ruleset(scenario::SERVICES))?;
+        match self.kube_proxy {
+            kube_proxy::Mode::Nftables => {
+                self.nft(&node, "kube-proxy.nft", &kube_proxy::ruleset(scenario::SERVICES))?
+            }
+            kube_proxy::Mode::Iptables => {
+                let path = self.out_dir.join("kube-proxy.iptables");
+                std::fs::write(&path, kube_proxy::iptables_rules(scenario::SERVICES))?;
+                sh::run("ip", &["netns", "exec", &node, "iptables-restore", &path.to_string_lossy()])?;
+            }
+        }
         for pod in PODS {
             self.start_server(pod)?;
         }
