@@ -146,7 +146,8 @@ pub struct Identity {
     pub labels: Option<Labels>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// `namespace/name` of the Service whose ClusterIP this is.
+    /// `namespace/name` of the Service this end is: its ClusterIP, or a backend the packet was
+    /// DNATed to from it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     pub ip: IpAddr,

@@ -9,7 +9,7 @@ mod cluster_lab {
 
     use serde_json::Value;
     use xtask::lab::kube_proxy::Mode;
-    use xtask::lab::{self, Lab, ProbeKind, ProbeResult, scenario};
+    use xtask::lab::{self, End, Lab, ProbeKind, ProbeResult, scenario};
     use xtask::nft::Enforcement;
     use xtask::probe::Outcome;
 
@@ -99,32 +99,28 @@ mod cluster_lab {
         let results = lab.traffic_of(probes.clone()).unwrap();
         assert!(results.iter().all(|r| r.observed == r.expected));
 
-        // Every probe leaves a record at its real 5-tuple; a blocked one a drop.
+        // Every probe leaves a record from its real source; a blocked one a drop. A Service's flow
+        // is recorded at its backend (or its drop after DNAT), naming the Service.
         let find = |from: &str, to: &str, kind: ProbeKind, verdict: &str| {
             let probe = probes.iter().find(|p| p.to(from, to, kind, false)).unwrap();
             let (source, destination) = (probe.from_ip().to_string(), probe.target().to_string());
+            let service = match probe.to {
+                End::Service(service) => Some(service.key()),
+                _ => None,
+            };
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             loop {
                 let out = lab
-                    .in_node_output(
-                        &netiso,
-                        &[
-                            "observe",
-                            "--since",
-                            "10m",
-                            "--last",
-                            "1000",
-                            "-o",
-                            "json",
-                            "--port",
-                            &probe.port.to_string(),
-                        ],
-                    )
+                    .in_node_output(&netiso, &["observe", "--since", "10m", "--last", "1000", "-o", "json"])
                     .unwrap();
                 let found = String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
                     let record: Value = serde_json::from_str(line).ok()?;
+                    let reached = match &service {
+                        Some(service) => record["destination"]["service"] == service.as_str(),
+                        None => record["destination"]["ip"] == destination.as_str(),
+                    };
                     let matches = record["source"]["ip"] == source.as_str()
-                        && record["destination"]["ip"] == destination.as_str()
+                        && reached
                         && record["source"]["port"] == probe.source_port
                         && record["verdict"] == verdict;
                     matches.then_some(record)
@@ -145,8 +141,18 @@ mod cluster_lab {
         assert_eq!(kubelet["source"]["kind"], "node", "the bridge address is the node's own: {kubelet}");
         assert_eq!(kubelet["source"]["node"], scenario::NODE_NAME);
         assert_eq!(kubelet["policy"]["attribution"], "node_traffic", "{kubelet}");
-        find("develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp, "forwarded");
-        find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
+        let dns = find("develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp, "forwarded");
+        assert_eq!(dns["destination"]["pod"], "coredns", "{dns}");
+        assert_eq!(dns["policy"]["attribution"], "allowed_by_network_policy", "judged at the backend: {dns}");
+        let call = find("ingress-nginx/controller", "service production/api", ProbeKind::Tcp, "forwarded");
+        assert_eq!(
+            (call["destination"]["pod"].as_str(), call["destination"]["port"].as_u64()),
+            (Some("api"), Some(8080))
+        );
+        let denied = find("develop/debug", "service production/api", ProbeKind::Tcp, "dropped");
+        assert_eq!(denied["policy"]["attribution"], "denied_by_network_policy", "{denied}");
+        let no_endpoints = find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
+        assert_eq!(no_endpoints["policy"]["attribution"], "service_without_endpoints", "{no_endpoints}");
         let rejected = find("develop/debug", "world", ProbeKind::Tcp, "dropped");
         find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
 
@@ -208,5 +214,70 @@ mod cluster_lab {
         assert_eq!(from_node["verdict"], "allowed", "{from_node}");
         assert_eq!(from_node["ingress"]["own_node"], scenario::NODE_NAME);
         assert_eq!(explain(scenario::ROUTER_IP)["verdict"], "denied", "the router is not the node");
+    }
+
+    #[test]
+    fn observed_without_policies_the_baseline_breaks_no_service_dns_or_kubelet_flow() {
+        let lab = lab("w", Enforcement::Drop, Mode::Nftables);
+        let _guard = lab.up_guarded(&[]).expect("lab comes up with no policy");
+        let netiso = xtask::build::netiso(false).expect("netiso builds");
+        let mut daemon = lab.observe(&netiso, &[]).expect("netiso observes the node");
+        // What the course keeps: names through kube-dns, ingress through the Services, the
+        // kubelet's probes.
+        let kept: Vec<_> = lab::node_probes()
+            .into_iter()
+            .filter(|p| match (p.from, p.to) {
+                (_, End::Service(s)) if s.name == "kube-dns" => true,
+                (End::Pod(pod), End::Service(s)) => pod.name == "controller" && s.name != "payments",
+                (End::Node, _) => true,
+                _ => false,
+            })
+            .collect();
+        let results = lab.traffic_of(kept.clone()).unwrap();
+        assert!(results.iter().all(|r| r.observed), "everything flows without policies");
+
+        let baseline = lab.out_dir.join("baseline");
+        std::fs::create_dir_all(&baseline).unwrap();
+        for (i, policy) in lab::baseline_policies().unwrap().iter().enumerate() {
+            std::fs::write(baseline.join(format!("{i}.yaml")), serde_saphyr::to_string(policy).unwrap()).unwrap();
+        }
+        let server = "http://127.0.0.1:9963";
+        let whatif = [
+            "whatif",
+            "--policies",
+            baseline.to_str().unwrap(),
+            "--since",
+            "1h",
+            "-o",
+            "json",
+            "--fail-on-deny",
+            "--server",
+            server,
+        ];
+        // Every kept flow is recorded once its hold ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let (out, report) = loop {
+            let out = lab.in_node_output(&netiso, &whatif).unwrap();
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if report["evaluated"].as_u64().unwrap_or(0) >= kept.len() as u64 {
+                break (out, report);
+            }
+            if std::time::Instant::now() > deadline {
+                let listed = lab.in_node_output(&netiso, &["observe", "--since", "1h", "--last", "1000"]).unwrap();
+                panic!("not every flow was recorded: {report}\n{}", String::from_utf8_lossy(&listed.stdout));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        };
+        assert_eq!(out.status.code(), Some(0), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(report["newly_denied"].as_array().unwrap().is_empty(), "{report}");
+
+        let advice = lab
+            .in_node_output(&netiso, &["advise", "--namespace", "production", "--since", "1h", "--server", server])
+            .unwrap();
+        let yaml = String::from_utf8_lossy(&advice.stdout);
+        assert!(advice.status.success(), "{}", String::from_utf8_lossy(&advice.stderr));
+        assert!(!yaml.contains("10.96."), "no ClusterIP in the advice:\n{yaml}");
+        assert!(!yaml.contains(scenario::GATEWAY_V4), "no rule for the node's own probes:\n{yaml}");
+        daemon.stop().expect("netiso stops cleanly");
     }
 }

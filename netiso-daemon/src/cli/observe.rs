@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
 use super::client::{self, Target, encode, excerpt};
-use crate::cluster::Identity;
+use crate::cluster::{EndpointKind, Identity};
 use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, StreamNotice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -102,11 +102,18 @@ impl ObserveArgs {
     }
 }
 
+/// One end as a responder reads it: the pod (and the Service it was reached through), the
+/// Service of an untranslated ClusterIP, else the address.
 fn end(id: &Identity) -> String {
-    match (&id.namespace, &id.pod) {
+    let at = match (&id.namespace, &id.pod) {
         (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", id.port),
         _ if id.ip.is_ipv6() => format!("[{}]:{}", id.ip, id.port),
         _ => format!("{}:{}", id.ip, id.port),
+    };
+    match (&id.service, id.kind) {
+        (Some(service), EndpointKind::Service) => format!("service/{service}:{}", id.port),
+        (Some(service), _) => format!("{at} (service/{service})"),
+        (None, _) => at,
     }
 }
 
@@ -325,5 +332,13 @@ mod tests {
             "{}",
             compact(&record)
         );
+        // Reached through a Service: both the backend and the Service; an untranslated ClusterIP
+        // by its Service's name.
+        record.destination.service = Some("production/api".into());
+        assert!(compact(&record).contains(" -> production/api:8080 (service/production/api) "), "{}", compact(&record));
+        record.destination = serde_json::from_value(json!({"kind": "service", "namespace": "production", "pod": null,
+            "workload": null, "service": "production/payments", "ip": "10.96.0.40", "port": 80}))
+        .unwrap();
+        assert!(compact(&record).contains(" -> service/production/payments:80 "), "{}", compact(&record));
     }
 }

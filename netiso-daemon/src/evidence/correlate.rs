@@ -2,7 +2,7 @@
 //! the packet, evaluates NetworkPolicy, and states the attribution.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -114,8 +114,21 @@ struct Held {
     due: Instant,
 }
 
+/// What the correlator learned of a record beyond the record itself.
+#[derive(Clone, Copy, Debug, Default)]
+struct Admit {
+    /// A reset a reject rule sent in the name of its source.
+    forged: bool,
+    /// The address the packet was sent to before DNAT (a Service's ClusterIP).
+    sent_to: Option<SocketAddr>,
+}
+
+/// A key whose packets reset without ever opening: what a reject rule sends. (A key first seen
+/// at a drain carries the flags of all its packets so far: an opened connection that later reset
+/// shows SYN too.)
 fn is_reset(r: &DatapathRecord) -> bool {
-    r.tcp_flags.as_deref().is_some_and(|flags| flags.split('|').any(|f| f == "RST"))
+    let has = |flag: &str| r.tcp_flags.as_deref().is_some_and(|flags| flags.split('|').any(|f| f == flag));
+    has("RST") && !has("SYN")
 }
 
 /// Record ids: nanoseconds since the epoch of the first packet, made unique and increasing, so
@@ -193,14 +206,18 @@ impl Correlator {
                 return None;
             }
         }
+        let mut sent_to = None;
         if r.protocol.policy().is_some() {
+            if r.event == EventKind::Drop || (r.new_key && r.direction == Some(PacketDirection::ToPod)) {
+                sent_to = self.translated(&source, r);
+            }
             let waiting = match (r.event, r.direction) {
                 (EventKind::Drop, _) => {
                     self.decide_held(&source, r.last_seen);
                     None
                 }
                 (EventKind::Flow, Some(PacketDirection::FromPod)) if r.new_key => Some((Waiting::Leaving, source)),
-                (EventKind::Flow, Some(PacketDirection::ToPod)) if r.new_key && is_reset(r) => {
+                (EventKind::Flow, Some(PacketDirection::ToPod)) if r.new_key && sent_to.is_none() && is_reset(r) => {
                     Some((Waiting::Reset { rejected: false }, destination))
                 }
                 _ => None,
@@ -215,7 +232,23 @@ impl Correlator {
                 return None;
             }
         }
-        self.admit(r, false)
+        self.admit(r, Admit { sent_to, ..Admit::default() })
+    }
+
+    /// The address a packet was sent to, when it arrives or is dropped at another (kube-proxy's
+    /// DNAT of a ClusterIP): the flow held as it left `socket` for that address is this packet,
+    /// and is recorded here, at its destination, or as the drop.
+    fn translated(&mut self, socket: &Socket, r: &DatapathRecord) -> Option<SocketAddr> {
+        let list = self.held.get_mut(socket)?;
+        let index = list.iter().position(|h| {
+            h.waiting == Waiting::Leaving && (h.record.dst_ip, h.record.dst_port) != (r.dst_ip, r.dst_port)
+        })?;
+        let held = list.remove(index);
+        if list.is_empty() {
+            self.held.remove(socket);
+        }
+        self.superseded.insert(held.key, r.last_seen);
+        Some(SocketAddr::new(held.record.dst_ip, held.record.dst_port))
     }
 
     /// The kernel dropped a packet sent from `socket`: a flow held as it left is that drop, and a
@@ -251,11 +284,10 @@ impl Correlator {
             !list.is_empty()
         });
         due.sort_by_key(|(r, _)| r.time);
-        due.iter().filter_map(|(r, forged)| self.admit(r, *forged)).collect()
+        due.iter().filter_map(|(r, forged)| self.admit(r, Admit { forged: *forged, sent_to: None })).collect()
     }
 
-    /// `forged`: a reset a reject rule sent in the name of its source.
-    fn admit(&mut self, r: &DatapathRecord, forged: bool) -> Option<Handled> {
+    fn admit(&mut self, r: &DatapathRecord, how: Admit) -> Option<Handled> {
         let key = datapath_key(r);
         if !r.new_key
             && let Some((id, last, facts)) = self.active.get_mut(&key)
@@ -270,7 +302,7 @@ impl Correlator {
             });
         }
         let started = std::time::Instant::now();
-        let record = self.correlate(r, forged)?;
+        let record = self.correlate(r, how)?;
         let evaluation = Some(started.elapsed());
         let facts = Arc::new(FlowFacts::of(&record));
         self.active.insert(key, (record.id, r.last_seen, facts.clone()));
@@ -295,11 +327,14 @@ impl Correlator {
 
     /// A new key: who, what NetworkPolicy says, and why. `None` for a key that is not a flow
     /// record of its own (a pod-to-local-pod flow leaving its source: its arrival is recorded).
-    /// `forged`: a reset a reject rule sent in the name of its source.
-    fn correlate(&mut self, r: &DatapathRecord, forged: bool) -> Option<FlowRecord> {
+    fn correlate(&mut self, r: &DatapathRecord, how: Admit) -> Option<FlowRecord> {
         let at = r.time;
         let (source, source_pod) = self.inventory.identify(r.src_ip, r.src_port, at);
-        let (destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, at);
+        let (mut destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, at);
+        if let Some(sent_to) = how.sent_to {
+            let (original, _) = self.inventory.identify(sent_to.ip(), sent_to.port(), at);
+            destination.service = original.service;
+        }
         let verdict = match r.event {
             EventKind::Drop => FlowVerdict::Dropped,
             EventKind::Flow => FlowVerdict::Forwarded,
@@ -324,7 +359,7 @@ impl Correlator {
         }
 
         let stale = self.inventory.status().stale;
-        let (policy, evidence) = if forged {
+        let (policy, evidence) = if how.forged {
             let summary = format!(
                 "a TCP reset the node's firewall sent in the name of {} when it rejected the packet this answers",
                 source.pod_key().unwrap_or_else(|| source.ip.to_string())
@@ -372,6 +407,19 @@ impl Correlator {
     ) -> (PolicyVerdict, Option<Evidence>) {
         let dropped = r.event == EventKind::Drop;
         let policy_drop = r.reason_class == Some(ReasonClass::Policy);
+        if let (true, Some(service)) = (dropped && destination.kind == EndpointKind::Service, &destination.service) {
+            let (namespace, name) = service.split_once('/').unwrap_or_default();
+            if self.inventory.service_endpoints(namespace, name) == Some(0) {
+                let summary = format!(
+                    "rejected before translation: Service {service} has no endpoints (no pod matches its selector); NetworkPolicy played no part"
+                );
+                let attribution = Attribution::ServiceWithoutEndpoints;
+                return (
+                    PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary },
+                    None,
+                );
+            }
+        }
         let Some(protocol) = r.protocol.policy() else {
             let attribution = if dropped && !policy_drop {
                 Attribution::DroppedByKernelForNonPolicyReason
@@ -665,6 +713,64 @@ mod tests {
         let released = c.release(Instant::now() + HOLD);
         let [Handled { op: StoreOp::Insert(reset), .. }] = released.as_slice() else { panic!("{released:?}") };
         assert_eq!(reset.policy.attribution, Attribution::Reply);
+    }
+
+    /// The course's inventory with the Services of a node: kube-dns, production/api (80 to the
+    /// pods' 8080) and production/payments, which selects no pod.
+    fn inventory_with_services() -> Arc<Inventory> {
+        let inv = inventory();
+        for (namespace, name, ip, selector) in [
+            ("kube-system", "kube-dns", "10.96.0.10", ("k8s-app", "kube-dns")),
+            ("production", "api", "10.96.0.30", ("app", "api")),
+            ("production", "payments", "10.96.0.40", ("app", "payments")),
+        ] {
+            let service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"clusterIP": ip, "selector": {selector.0: selector.1}}
+            }))
+            .unwrap();
+            inv.apply(Change::Apply(Object::Service(service)));
+        }
+        inv
+    }
+
+    #[test]
+    fn a_service_flow_is_recorded_at_its_backend_naming_the_service() {
+        let mut c = Correlator::new(inventory_with_services(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        // develop/debug resolves through the kube-dns ClusterIP; kube-proxy DNATs it to coredns.
+        let mut query = raw(EventKind::Flow, "10.244.0.10", 40000, "10.96.0.10", 53, "UDP");
+        query.direction = Some(PacketDirection::FromPod);
+        assert_eq!(c.handle(&query), None);
+        let mut arrived = raw(EventKind::Flow, "10.244.0.10", 40000, "10.244.0.53", 53, "UDP");
+        arrived.direction = Some(PacketDirection::ToPod);
+        let Some(StoreOp::Insert(rec)) = c.handle(&arrived).map(|h| h.op) else { panic!("recorded at the backend") };
+        assert_eq!(rec.destination.pod_key().as_deref(), Some("kube-system/coredns"));
+        assert_eq!(rec.destination.service.as_deref(), Some("kube-system/kube-dns"));
+        assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy, "judged against the backend");
+        assert!(c.release(Instant::now() + HOLD).is_empty(), "no record of the ClusterIP as a destination");
+
+        // A call to the api Service that production/api's ingress policy drops after DNAT.
+        let mut call = raw(EventKind::Flow, "10.244.0.10", 40001, "10.96.0.30", 80, "TCP");
+        call.direction = Some(PacketDirection::FromPod);
+        assert_eq!(c.handle(&call), None);
+        let mut denied = drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy);
+        denied.src_port = 40001;
+        let Some(StoreOp::Insert(rec)) = c.handle(&denied).map(|h| h.op) else { panic!("the drop is stored") };
+        assert_eq!(rec.destination.service.as_deref(), Some("production/api"));
+        assert_eq!(rec.policy.attribution, Attribution::DeniedByNetworkPolicy);
+        assert!(c.release(Instant::now() + HOLD).is_empty());
+    }
+
+    #[test]
+    fn a_reject_of_a_service_without_endpoints_is_not_network_policy() {
+        let mut c = Correlator::new(inventory_with_services(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        let rejected = drop("10.244.0.40", "10.96.0.40", 80, "NETFILTER_DROP", ReasonClass::Policy);
+        let Some(StoreOp::Insert(rec)) = c.handle(&rejected).map(|h| h.op) else { panic!() };
+        assert_eq!(rec.policy.attribution, Attribution::ServiceWithoutEndpoints);
+        assert!(rec.policy.policies.is_empty() && rec.policy.summary.contains("production/payments"));
+        let to_api = drop("10.244.0.40", "10.96.0.30", 80, "NETFILTER_DROP", ReasonClass::Policy);
+        let Some(StoreOp::Insert(rec)) = c.handle(&to_api).map(|h| h.op) else { panic!() };
+        assert_ne!(rec.policy.attribution, Attribution::ServiceWithoutEndpoints, "api has a pod");
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub enum Attribution {
     ForwardedDespiteNetworkPolicy,
     /// A reply within a connection already admitted.
     Reply,
+    /// Dropped on its way to a Service that has no endpoints (kube-proxy rejects it).
+    ServiceWithoutEndpoints,
     /// A TCP reset a reject rule sent in its peer's name, answering a packet it dropped: not
     /// the peer's reply (the rejected packet's drop holds the verdict).
     FirewallReset,
@@ -98,6 +100,7 @@ impl Attribution {
             Attribution::NodeTraffic => "node_traffic",
             Attribution::ForwardedDespiteNetworkPolicy => "forwarded_despite_network_policy",
             Attribution::Reply => "reply",
+            Attribution::ServiceWithoutEndpoints => "service_without_endpoints",
             Attribution::FirewallReset => "firewall_reset",
             Attribution::NotApplicable => "not_applicable",
         }

@@ -262,6 +262,17 @@ impl Inventory {
         s.services.get(&(namespace.to_owned(), name.to_owned()))?.spec.as_ref()?.selector.clone()
     }
 
+    /// How many pods Service `namespace/name` selects now (its endpoints, by selector); None
+    /// for an unknown Service or one without a selector (its endpoints are managed by hand).
+    pub fn service_endpoints(&self, namespace: &str, name: &str) -> Option<usize> {
+        let s = self.state.read().expect("inventory lock");
+        let selector = s.services.get(&(namespace.to_owned(), name.to_owned()))?.spec.as_ref()?.selector.clone()?;
+        let selected = s.pods.values().filter_map(|p| manifests::pod_info(p).ok()).filter(|p| {
+            p.namespace == namespace && !p.ips.is_empty() && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        });
+        Some(selected.count())
+    }
+
     /// The policy objects as they are now, for evidence.
     pub fn policy_objects(&self, refs: &[PolicyRef]) -> Vec<NetworkPolicy> {
         let s = self.state.read().expect("inventory lock");

@@ -17,7 +17,7 @@ use super::engine::{NAMESPACE_NAME_LABEL, PolicyEngine, Verdict};
 use super::model::ClusterState;
 use super::model::{Flow, Labels, PodInfo, Protocol};
 use super::suggest::{dns_label, stable_labels};
-use crate::cluster::Identity;
+use crate::cluster::{EndpointKind, Identity};
 
 /// `namespace/workload`, `namespace/pod`, or the address.
 fn group_name(end: &Identity) -> String {
@@ -272,7 +272,13 @@ pub fn advise(namespace: &str, flows: &[RecordedFlow], dns: &Labels) -> Vec<Netw
     type Rules = BTreeMap<PeerKey, BTreeSet<(Protocol, u16)>>;
     let mut ingress: BTreeMap<Labels, Rules> = BTreeMap::new();
     let mut egress: BTreeMap<Labels, Rules> = BTreeMap::new();
-    for f in flows.iter().filter(|f| f.recorded == "forwarded") {
+    // Traffic between a pod and its own node is always allowed: no rule is needed for it.
+    let own_node = |pod: &Identity, peer: &Identity| {
+        peer.kind == EndpointKind::Node && pod.node.is_some() && peer.node == pod.node
+    };
+    for f in flows.iter().filter(|f| {
+        f.recorded == "forwarded" && !own_node(&f.destination, &f.source) && !own_node(&f.source, &f.destination)
+    }) {
         if f.destination.namespace.as_deref() == Some(namespace) && f.destination.pod.is_some() {
             let subject = stable_labels(f.destination.labels.as_ref().unwrap_or(&Labels::new()));
             ingress
@@ -345,7 +351,7 @@ pub fn advise(namespace: &str, flows: &[RecordedFlow], dns: &Labels) -> Vec<Netw
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::EndpointKind;
+    use crate::cluster::NodeInfo;
     use crate::policy::NamespaceInfo;
 
     fn end(ns: &str, pod: &str, labels: &[(&str, &str)], ip: &str) -> Identity {
@@ -437,5 +443,31 @@ mod tests {
         );
         let report = replay(&state(), &proposed, &[stranger]);
         assert_eq!(report.newly_denied.len(), 1);
+    }
+
+    #[test]
+    fn the_kubelets_probes_neither_break_under_default_deny_nor_need_advice() {
+        let mut api = end("prod", "api", &[("app", "api")], "10.0.0.1");
+        api.node = Some("n1".into());
+        let kubelet = Identity {
+            kind: EndpointKind::Node,
+            node: Some("n1".into()),
+            ..Identity::world("192.168.1.1".parse().unwrap(), 0)
+        };
+        let other_node = Identity { node: Some("n2".into()), ..Identity::world("192.168.1.2".parse().unwrap(), 0) };
+        let other_node = Identity { kind: EndpointKind::Node, ..other_node };
+        let probes = vec![flow(kubelet, api.clone(), 8080, Protocol::Tcp), flow(other_node, api, 8080, Protocol::Tcp)];
+        let mut current = state();
+        current.nodes = vec![
+            NodeInfo { name: "n1".into(), addresses: vec!["192.168.1.1".parse().unwrap()] },
+            NodeInfo { name: "n2".into(), addresses: vec!["192.168.1.2".parse().unwrap()] },
+        ];
+        let report = replay(&current, &[default_deny("prod")], &probes);
+        let denied: Vec<&str> = report.newly_denied.iter().map(|g| g.source.as_str()).collect();
+        assert_eq!(denied, ["192.168.1.2"], "only the other node is cut off");
+        let yaml: String =
+            advise("prod", &probes, &Labels::new()).iter().map(|p| serde_saphyr::to_string(p).unwrap()).collect();
+        assert!(!yaml.contains("192.168.1.1"), "no rule for the pod's own node: {yaml}");
+        assert!(yaml.contains("192.168.1.2/32"), "{yaml}");
     }
 }
