@@ -187,7 +187,14 @@ mod cluster_lab {
             r["source"]["ip"] == scenario::WORLD_IP && r["destination"]["port"] == rejected["source"]["port"]
         });
         let reset = reset.unwrap_or_else(|| panic!("no record of the reset answering {rejected}"));
-        assert_eq!(reset["policy"]["attribution"], "firewall_reset", "{reset}");
+        assert_eq!(reset["policy"]["attribution"], "firewall_reply", "{reset}");
+        // kube-proxy's reject of the Service without endpoints answered with an ICMP error.
+        let controller = scenario::pod("ingress-nginx/controller").ipv4().to_string();
+        let unreachable = forwarded
+            .iter()
+            .find(|r| r["protocol"] == "ICMP" && r["destination"]["ip"] == controller.as_str() && r["icmp_type"] == 3);
+        let unreachable = unreachable.unwrap_or_else(|| panic!("no record of kube-proxy's ICMP error: {forwarded:?}"));
+        assert_eq!(unreachable["policy"]["attribution"], "firewall_reply", "{unreachable}");
         let out = lab.in_node_output(Path::new("curl"), &["-s", "127.0.0.1:9962/metrics"]).unwrap();
         let metrics = String::from_utf8_lossy(&out.stdout);
         let counted = metrics.lines().any(|l| {

@@ -100,9 +100,9 @@ enum Waiting {
     /// It left a pod: if its packet is dropped further on (netfilter, routing, a Service without
     /// endpoints), it is that drop, not also a forwarded flow.
     Leaving,
-    /// A TCP reset arriving at a pod: if the packet it answers is dropped, a reject rule forged
-    /// it in its peer's name (`rejected`).
-    Reset { rejected: bool },
+    /// A TCP reset or an ICMP error arriving at a pod: if the packet it answers is dropped, a
+    /// reject rule sent it (`rejected`), not the peer.
+    Answer { rejected: bool },
 }
 
 #[derive(Debug)]
@@ -121,6 +121,11 @@ struct Admit {
     forged: bool,
     /// The address the packet was sent to before DNAT (a Service's ClusterIP).
     sent_to: Option<SocketAddr>,
+}
+
+/// An ICMP destination unreachable: what a reject rule sends for other protocols.
+fn is_icmp_error(r: &DatapathRecord) -> bool {
+    matches!((r.protocol, r.icmp_type), (IpProtocol::Icmp, Some(3)) | (IpProtocol::Icmpv6, Some(1)))
 }
 
 /// A key whose packets reset without ever opening: what a reject rule sends. (A key first seen
@@ -207,30 +212,40 @@ impl Correlator {
             }
         }
         let mut sent_to = None;
+        let mut waiting = None;
         if r.protocol.policy().is_some() {
             if r.event == EventKind::Drop || (r.new_key && r.direction == Some(PacketDirection::ToPod)) {
                 sent_to = self.translated(&source, r);
             }
-            let waiting = match (r.event, r.direction) {
+            waiting = match (r.event, r.direction) {
                 (EventKind::Drop, _) => {
                     self.decide_held(&source, r.last_seen);
                     None
                 }
                 (EventKind::Flow, Some(PacketDirection::FromPod)) if r.new_key => Some((Waiting::Leaving, source)),
                 (EventKind::Flow, Some(PacketDirection::ToPod)) if r.new_key && sent_to.is_none() && is_reset(r) => {
-                    Some((Waiting::Reset { rejected: false }, destination))
+                    Some((Waiting::Answer { rejected: false }, destination))
                 }
                 _ => None,
             };
-            if let Some((waiting, socket)) = waiting {
-                if waiting == Waiting::Leaving {
-                    // A reply may arrive before the hold ends: the conversation is open now.
-                    self.seen.insert(conversation(r), r.last_seen);
-                }
-                let held = Held { key, record: r.clone(), waiting, due: Instant::now() + self.hold };
-                self.held.entry(socket).or_default().push(held);
-                return None;
+        }
+        // An ICMP error names no port outside its quoted packet: it answers a drop from its
+        // destination's address.
+        if r.event == EventKind::Drop {
+            for icmp in [IpProtocol::Icmp, IpProtocol::Icmpv6] {
+                self.decide_held(&(icmp, r.src_ip, 0), r.last_seen);
             }
+        } else if r.new_key && r.direction == Some(PacketDirection::ToPod) && is_icmp_error(r) {
+            waiting = Some((Waiting::Answer { rejected: false }, (r.protocol, r.dst_ip, 0)));
+        }
+        if let Some((waiting, socket)) = waiting {
+            if waiting == Waiting::Leaving {
+                // A reply may arrive before the hold ends: the conversation is open now.
+                self.seen.insert(conversation(r), r.last_seen);
+            }
+            let held = Held { key, record: r.clone(), waiting, due: Instant::now() + self.hold };
+            self.held.entry(socket).or_default().push(held);
+            return None;
         }
         self.admit(r, Admit { sent_to, ..Admit::default() })
     }
@@ -260,7 +275,7 @@ impl Correlator {
                 self.superseded.insert(held.key.clone(), at);
                 false
             }
-            Waiting::Reset { rejected } => {
+            Waiting::Answer { rejected } => {
                 *rejected = true;
                 true
             }
@@ -278,7 +293,7 @@ impl Correlator {
                 if h.due > now {
                     return true;
                 }
-                due.push((h.record.clone(), h.waiting == Waiting::Reset { rejected: true }));
+                due.push((h.record.clone(), h.waiting == Waiting::Answer { rejected: true }));
                 false
             });
             !list.is_empty()
@@ -361,10 +376,11 @@ impl Correlator {
         let stale = self.inventory.status().stale;
         let (policy, evidence) = if how.forged {
             let summary = format!(
-                "a TCP reset the node's firewall sent in the name of {} when it rejected the packet this answers",
+                "{} a reject rule sent when it dropped the packet this answers: no reply from {}",
+                if is_reset(r) { "a TCP reset" } else { "an ICMP error" },
                 source.pod_key().unwrap_or_else(|| source.ip.to_string())
             );
-            let attribution = Attribution::FirewallReset;
+            let attribution = Attribution::FirewallReply;
             (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None)
         } else {
             self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply)
@@ -704,8 +720,21 @@ mod tests {
         assert_eq!(rejected.policy.attribution, Attribution::DeniedByNetworkPolicy);
         let released = c.release(Instant::now() + HOLD);
         let [Handled { op: StoreOp::Insert(reset), .. }] = released.as_slice() else { panic!("{released:?}") };
-        assert_eq!(reset.policy.attribution, Attribution::FirewallReset);
+        assert_eq!(reset.policy.attribution, Attribution::FirewallReply);
         assert!(reset.policy.summary.contains("production/api"), "{}", reset.policy.summary);
+
+        // An ICMP error a reject rule sent from the node for another of develop/debug's packets.
+        let mut unreachable = raw(EventKind::Flow, "10.244.0.1", 0, "10.244.0.10", 0, "ICMP");
+        (unreachable.direction, unreachable.icmp_type, unreachable.icmp_code) =
+            (Some(PacketDirection::ToPod), Some(3), Some(13));
+        assert_eq!(c.handle(&unreachable), None, "held until the drop it may answer");
+        let mut udp = drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy);
+        (udp.protocol, udp.src_port) = (IpProtocol::Udp, 40005);
+        assert!(c.handle(&udp).is_some());
+        let released = c.release(Instant::now() + HOLD);
+        let [Handled { op: StoreOp::Insert(error), .. }] = released.as_slice() else { panic!("{released:?}") };
+        assert_eq!(error.policy.attribution, Attribution::FirewallReply);
+        assert!(error.policy.summary.starts_with("an ICMP error"), "{}", error.policy.summary);
 
         // A reset the pod itself sent, with no drop before it, stays a reply.
         assert_eq!(c.handle(&leaving("10.244.0.10", 40001, "10.244.0.30", 8080)), None);

@@ -79,9 +79,9 @@ pub enum Attribution {
     Reply,
     /// Dropped on its way to a Service that has no endpoints (kube-proxy rejects it).
     ServiceWithoutEndpoints,
-    /// A TCP reset a reject rule sent in its peer's name, answering a packet it dropped: not
-    /// the peer's reply (the rejected packet's drop holds the verdict).
-    FirewallReset,
+    /// A TCP reset or ICMP error a reject rule sent, answering a packet it dropped: not the
+    /// peer's reply (the rejected packet's drop holds the verdict).
+    FirewallReply,
     /// NetworkPolicy does not govern this traffic (ICMP, other protocols).
     NotApplicable,
 }
@@ -101,7 +101,7 @@ impl Attribution {
             Attribution::ForwardedDespiteNetworkPolicy => "forwarded_despite_network_policy",
             Attribution::Reply => "reply",
             Attribution::ServiceWithoutEndpoints => "service_without_endpoints",
-            Attribution::FirewallReset => "firewall_reset",
+            Attribution::FirewallReply => "firewall_reply",
             Attribution::NotApplicable => "not_applicable",
         }
     }
