@@ -91,7 +91,13 @@ mod cluster_lab {
 
     #[test]
     fn netiso_on_the_node_records_service_node_and_world_traffic() {
-        let lab = lab("r", Enforcement::TcpReset, Mode::Nftables);
+        for mode in [Mode::Nftables, Mode::Iptables] {
+            records_service_node_and_world_traffic(mode);
+        }
+    }
+
+    fn records_service_node_and_world_traffic(kube_proxy: Mode) {
+        let lab = lab("r", Enforcement::TcpReset, kube_proxy);
         let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
         let netiso = xtask::build::netiso(false).expect("netiso builds");
         let mut daemon = lab.observe(&netiso, &[]).expect("netiso observes the node");
