@@ -117,7 +117,7 @@ struct Held {
 /// What the correlator learned of a record beyond the record itself.
 #[derive(Clone, Copy, Debug, Default)]
 struct Admit {
-    /// A reset a reject rule sent in the name of its source.
+    /// A TCP reset or ICMP error a reject rule sent, not its source.
     forged: bool,
     /// The address the packet was sent to before DNAT (a Service's ClusterIP).
     sent_to: Option<SocketAddr>,
@@ -164,8 +164,8 @@ pub struct Correlator {
     active: HashMap<DatapathKey, (u64, SystemTime, Arc<FlowFacts>)>,
     /// Recently seen conversations, to recognise replies.
     seen: HashMap<Conversation, SystemTime>,
-    /// Held flow keys by the socket a drop would name: a leaving flow's source, a reset's
-    /// destination.
+    /// Held flow keys by the socket a drop would name: a leaving flow's source, an answer's
+    /// destination (an ICMP error's: its address, port 0).
     held: HashMap<Socket, Vec<Held>>,
     hold: Duration,
     /// Keys whose packet left a pod and was then dropped: the drop is their record, and their
@@ -199,18 +199,11 @@ impl Correlator {
             *last = r.last_seen;
             return None;
         }
+        if self.count_held(&key, r) {
+            return None;
+        }
         let source = (r.protocol, r.src_ip, r.src_port);
         let destination = (r.protocol, r.dst_ip, r.dst_port);
-        for socket in [source, destination] {
-            if let Some(held) = self.held.get_mut(&socket).and_then(|list| list.iter_mut().find(|h| h.key == key)) {
-                held.record.packets = r.packets;
-                held.record.bytes = r.bytes;
-                held.record.last_seen = r.last_seen;
-                held.record.delta_packets += r.delta_packets;
-                held.record.delta_bytes += r.delta_bytes;
-                return None;
-            }
-        }
         let mut sent_to = None;
         let mut waiting = None;
         if r.protocol.policy().is_some() {
@@ -250,6 +243,23 @@ impl Correlator {
         self.admit(r, Admit { sent_to, ..Admit::default() })
     }
 
+    /// Adds a held key's new counts to it; false when `key` is not held.
+    fn count_held(&mut self, key: &DatapathKey, r: &DatapathRecord) -> bool {
+        let sockets =
+            [(r.protocol, r.src_ip, r.src_port), (r.protocol, r.dst_ip, r.dst_port), (r.protocol, r.dst_ip, 0)];
+        for socket in sockets {
+            if let Some(held) = self.held.get_mut(&socket).and_then(|list| list.iter_mut().find(|h| &h.key == key)) {
+                held.record.packets = r.packets;
+                held.record.bytes = r.bytes;
+                held.record.last_seen = r.last_seen;
+                held.record.delta_packets += r.delta_packets;
+                held.record.delta_bytes += r.delta_bytes;
+                return true;
+            }
+        }
+        false
+    }
+
     /// The address a packet was sent to, when it arrives or is dropped at another (kube-proxy's
     /// DNAT of a ClusterIP): the flow held as it left `socket` for that address is this packet,
     /// and is recorded here, at its destination, or as the drop.
@@ -266,8 +276,8 @@ impl Correlator {
         Some(SocketAddr::new(held.record.dst_ip, held.record.dst_port))
     }
 
-    /// The kernel dropped a packet sent from `socket`: a flow held as it left is that drop, and a
-    /// reset held on its way to `socket` was forged by the reject that dropped it.
+    /// The kernel dropped a packet sent from `socket`: a flow held as it left is that drop, and an
+    /// answer held on its way to `socket` was sent by the reject that dropped it.
     fn decide_held(&mut self, socket: &Socket, at: SystemTime) {
         let Some(list) = self.held.get_mut(socket) else { return };
         list.retain_mut(|held| match &mut held.waiting {
