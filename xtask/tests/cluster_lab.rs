@@ -160,7 +160,8 @@ mod cluster_lab {
         let no_endpoints = find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
         assert_eq!(no_endpoints["policy"]["attribution"], "service_without_endpoints", "{no_endpoints}");
         let rejected = find("develop/debug", "world", ProbeKind::Tcp, "dropped");
-        find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
+        let to_world = find("ingress-nginx/controller", "world", ProbeKind::Tcp, "forwarded");
+        assert_eq!(to_world["is_reply"], false, "the request, recorded after its hold: {to_world}");
 
         // Held no longer than the allowed world flow sent with them: a blocked packet that left
         // its pod is a drop, never also a forwarded flow.

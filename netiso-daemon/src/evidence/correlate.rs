@@ -377,9 +377,10 @@ impl Correlator {
         // A reply, forwarded or dropped (a late packet after the peer closed), answers a
         // conversation already seen.
         let is_reply = self.seen.contains_key(&reverse(r));
-        // Only forwarded traffic opens a conversation: a dropped packet has no reply to expect,
-        // and a reset ends one (the packet a reject answered with a reset is no reply).
-        if r.event == EventKind::Flow && !is_reset(r) {
+        // Only forwarded traffic opens a conversation: a dropped packet has no reply to expect, a
+        // reset ends one (the packet a reject answered with a reset is no reply), and a reply
+        // answers one (a request released from its hold after the reply is still the request).
+        if r.event == EventKind::Flow && !is_reply && !is_reset(r) {
             self.seen.insert(conversation(r), r.last_seen);
         }
 
@@ -707,6 +708,7 @@ mod tests {
             panic!("one forwarded record with all its packets: {released:?}")
         };
         assert_eq!((rec.verdict, rec.packets), (FlowVerdict::Forwarded, 3));
+        assert!(!rec.is_reply, "the request, though its reply was recorded first");
         assert_eq!(rec.destination.ip.to_string(), "203.0.113.10");
         let counted = DatapathRecord { new_key: false, packets: 4, ..out };
         assert!(matches!(c.handle(&counted).map(|h| h.op), Some(StoreOp::Count { packets: 4, .. })));
