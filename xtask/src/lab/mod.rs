@@ -169,15 +169,8 @@ impl Lab {
     }
 
     fn probe_in(&self, netns: &str, kind: ProbeKind, target: SocketAddr, source_port: u16) -> Outcome {
-        let status = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(&self.helper)
-            .args([kind.command(), &target.to_string(), "--source-port", &source_port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        status.ok().and_then(|s| s.code()).map_or(Outcome::NoAnswer, Outcome::from_exit_code)
+        let args = [kind.command(), &target.to_string(), "--source-port", &source_port.to_string()];
+        self.helper_status(netns, &args).and_then(|s| s.code()).map_or(Outcome::NoAnswer, Outcome::from_exit_code)
     }
 
     /// A command inside the node namespace (netiso's CLI, ...): its output.
@@ -410,6 +403,11 @@ impl Lab {
     }
 
     fn in_netns(&self, ns: &str, args: &[&str]) -> bool {
+        self.helper_status(ns, args).is_some_and(|s| s.success())
+    }
+
+    /// The helper run with `args` inside namespace `ns`, quietly: how it exited, if it ran.
+    fn helper_status(&self, ns: &str, args: &[&str]) -> Option<std::process::ExitStatus> {
         Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&self.helper)
@@ -418,10 +416,10 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .is_ok_and(|s| s.success())
+            .ok()
     }
 
-    /// Drives the scenario's traffic and checks every flow against the engine's verdict under
+    /// Drives the scenario's traffic; each result carries what Kubernetes would do with it under
     /// the lab's current policies.
     pub fn traffic(&self) -> anyhow::Result<Vec<ProbeResult>> {
         self.traffic_of(probes())
@@ -550,12 +548,7 @@ fn kubernetes_allows(engine: &PolicyEngine, p: &Probe) -> bool {
     let End::Pod(from) = p.from else { return matches!(p.from, End::Node) };
     let (to, port) = match p.to {
         End::Service(service) => {
-            let protocol = match p.protocol() {
-                Protocol::Tcp => "TCP",
-                Protocol::Udp => "UDP",
-                Protocol::Sctp => "SCTP",
-            };
-            match (service.backends().first(), service.target_port(p.port, protocol)) {
+            match (service.backends().first(), service.target_port(p.port, p.protocol().as_str())) {
                 (Some(backend), Some(target)) => (End::Pod(backend).ip(p.ipv6), target),
                 _ => return false,
             }
