@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::cluster::NodeInfo;
+use crate::datapath::conntrack::Conntrack;
 use crate::datapath::record::DatapathRecord;
 use crate::datapath::{Datapath, DatapathConfig, DatapathStats, interfaces};
 use crate::evidence::correlate::{self, Correlator, Handled};
@@ -137,6 +138,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.datapath.idle_timeout * 2,
         correlate::HOLD,
     );
+    let correlator = match Conntrack::open() {
+        Ok(conntrack) => correlator.with_translations(Box::new(conntrack)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot read connection tracking (needs CAP_NET_ADMIN and the kernel's nf_conntrack_netlink): flows to Services whose backend is on another node name only the ClusterIP"
+            );
+            correlator
+        }
+    };
     let (writer, writer_task) = store::spawn_writer(store.clone(), Duration::from_millis(200), Duration::from_secs(30));
 
     let stats = datapath.stats();

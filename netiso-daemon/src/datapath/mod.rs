@@ -3,6 +3,7 @@
 //! into a stream of [`DatapathRecord`]s.
 
 pub mod btf;
+pub mod conntrack;
 pub mod drain;
 pub mod interfaces;
 pub mod kallsyms;

@@ -11,6 +11,7 @@ use super::engines::Engines;
 use super::record::{Attribution, Evidence, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
 use super::store::StoreOp;
 use crate::cluster::{EndpointKind, Identity};
+use crate::datapath::conntrack::{Connection, Translations};
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::record::IpProtocol;
 use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
@@ -121,6 +122,9 @@ struct Admit {
     forged: bool,
     /// The address the packet was sent to before DNAT (a Service's ClusterIP).
     sent_to: Option<SocketAddr>,
+    /// Where a packet sent to a ClusterIP went after DNAT, learned from connection tracking: a
+    /// backend whose arrival this node does not see (on another node).
+    backend: Option<SocketAddr>,
 }
 
 /// An ICMP destination unreachable: what a reject rule sends for other protocols.
@@ -173,6 +177,8 @@ pub struct Correlator {
     superseded: HashMap<DatapathKey, SystemTime>,
     /// Entries unused for this long are forgotten (the datapath evicts idle keys sooner).
     forget_after: Duration,
+    /// Where connections to ClusterIPs went, when their translated packet was not seen here.
+    translations: Option<Box<dyn Translations>>,
 }
 
 impl Correlator {
@@ -190,7 +196,15 @@ impl Correlator {
             hold,
             superseded: HashMap::new(),
             forget_after,
+            translations: None,
         }
+    }
+
+    /// Asks `translations` where a flow to a ClusterIP went when its packet was neither seen
+    /// arriving at a backend here nor dropped: the backend is on another node.
+    pub fn with_translations(mut self, translations: Box<dyn Translations>) -> Self {
+        self.translations = Some(translations);
+        self
     }
 
     pub fn handle(&mut self, r: &DatapathRecord) -> Option<Handled> {
@@ -303,13 +317,35 @@ impl Correlator {
                 if h.due > now {
                     return true;
                 }
-                due.push((h.record.clone(), h.waiting == Waiting::Answer { rejected: true }));
+                due.push((h.record.clone(), h.waiting));
                 false
             });
             !list.is_empty()
         });
         due.sort_by_key(|(r, _)| r.time);
-        due.iter().filter_map(|(r, forged)| self.admit(r, Admit { forged: *forged, sent_to: None })).collect()
+        due.iter()
+            .filter_map(|(r, waiting)| {
+                let how = match waiting {
+                    Waiting::Leaving => Admit { backend: self.backend(r), ..Admit::default() },
+                    Waiting::Answer { rejected } => Admit { forged: *rejected, ..Admit::default() },
+                };
+                self.admit(r, how)
+            })
+            .collect()
+    }
+
+    /// Where connection tracking says a flow that left for a ClusterIP went.
+    fn backend(&mut self, r: &DatapathRecord) -> Option<SocketAddr> {
+        let translations = self.translations.as_mut()?;
+        let (destination, _) = self.inventory.identify(r.dst_ip, r.dst_port, r.time);
+        if destination.kind != EndpointKind::Service {
+            return None;
+        }
+        translations.translated_destination(&Connection {
+            protocol: r.protocol,
+            source: SocketAddr::new(r.src_ip, r.src_port),
+            destination: SocketAddr::new(r.dst_ip, r.dst_port),
+        })
     }
 
     fn admit(&mut self, r: &DatapathRecord, how: Admit) -> Option<Handled> {
@@ -355,8 +391,10 @@ impl Correlator {
     fn correlate(&mut self, r: &DatapathRecord, how: Admit) -> Option<FlowRecord> {
         let at = r.time;
         let (source, source_pod) = self.inventory.identify(r.src_ip, r.src_port, at);
-        let (mut destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, at);
-        if let Some(sent_to) = how.sent_to {
+        let reached = how.backend.unwrap_or(SocketAddr::new(r.dst_ip, r.dst_port));
+        let (mut destination, destination_pod) = self.inventory.identify(reached.ip(), reached.port(), at);
+        let sent_to = how.sent_to.or(how.backend.map(|_| SocketAddr::new(r.dst_ip, r.dst_port)));
+        if let Some(sent_to) = sent_to {
             let (original, _) = self.inventory.identify(sent_to.ip(), sent_to.port(), at);
             destination.service = original.service;
         }
@@ -365,6 +403,7 @@ impl Correlator {
             EventKind::Flow => FlowVerdict::Forwarded,
         };
         if r.event == EventKind::Flow
+            && how.backend.is_none()
             && r.direction == Some(PacketDirection::FromPod)
             && destination.kind == EndpointKind::Pod
             && destination.node.as_ref().is_none_or(|n| n == &self.node)
@@ -474,7 +513,7 @@ impl Correlator {
         let snapshots: Vec<&PodSnapshot> =
             [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
         let engine = self.engines.with(&snapshots);
-        let flow = Flow { from: source.into(), to: destination.into(), port: r.dst_port, protocol };
+        let flow = Flow { from: source.into(), to: destination.into(), port: destination.port, protocol };
         // The responder's bundle offers the fix: the suggestion is computed once, here.
         let explanation = match explain_with_suggestion(&engine, &flow) {
             Ok(x) => x,
@@ -800,6 +839,51 @@ mod tests {
         assert_eq!(rec.destination.service.as_deref(), Some("production/api"));
         assert_eq!(rec.policy.attribution, Attribution::DeniedByNetworkPolicy);
         assert!(c.release(Instant::now() + HOLD).is_empty());
+    }
+
+    /// Connection tracking as a table: the kernel's is read in the conntrack and cluster lab tests.
+    struct Tracked(HashMap<Connection, SocketAddr>);
+
+    impl Translations for Tracked {
+        fn translated_destination(&mut self, connection: &Connection) -> Option<SocketAddr> {
+            self.0.get(connection).copied()
+        }
+    }
+
+    #[test]
+    fn a_service_flow_to_a_backend_on_another_node_is_judged_against_the_backend_connection_tracking_names() {
+        let query = Connection {
+            protocol: IpProtocol::Udp,
+            source: "10.244.0.10:40000".parse().unwrap(),
+            destination: "10.96.0.10:53".parse().unwrap(),
+        };
+        let tracked = Tracked(HashMap::from([(query, "10.244.0.53:53".parse().unwrap())]));
+        let mut c = Correlator::new(inventory_with_services(), "lab".into(), 0, Duration::from_secs(300), HOLD)
+            .with_translations(Box::new(tracked));
+        let mut leaving = raw(EventKind::Flow, "10.244.0.10", 40000, "10.96.0.10", 53, "UDP");
+        leaving.direction = Some(PacketDirection::FromPod);
+        assert_eq!(c.handle(&leaving), None, "held for its arrival or drop");
+        let released = c.release(Instant::now() + HOLD);
+        let [Handled { op: StoreOp::Insert(rec), .. }] = released.as_slice() else { panic!("{released:?}") };
+        assert_eq!(rec.destination.pod_key().as_deref(), Some("kube-system/coredns"));
+        assert_eq!((rec.destination.ip, rec.destination.port), ("10.244.0.53".parse().unwrap(), 53));
+        assert_eq!(rec.destination.service.as_deref(), Some("kube-system/kube-dns"));
+        assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy, "judged against the backend");
+        let id = rec.id;
+
+        leaving.new_key = false;
+        leaving.packets = 2;
+        let Some(StoreOp::Count { id: counted, packets: 2, .. }) = c.handle(&leaving).map(|h| h.op) else {
+            panic!("later packets count on the record")
+        };
+        assert_eq!(counted, id);
+
+        let mut untracked = raw(EventKind::Flow, "10.244.0.10", 40001, "10.96.0.30", 80, "TCP");
+        untracked.direction = Some(PacketDirection::FromPod);
+        c.handle(&untracked);
+        let released = c.release(Instant::now() + HOLD);
+        let [Handled { op: StoreOp::Insert(rec), .. }] = released.as_slice() else { panic!("{released:?}") };
+        assert_eq!(rec.destination.kind, EndpointKind::Service, "no entry: the ClusterIP is all that is known");
     }
 
     #[test]
