@@ -62,6 +62,8 @@ mod cluster_lab {
             assert_eq!(dns.outcome, Outcome::Through, "names resolve through the kube-dns ClusterIP");
             let service = result(&results, "ingress-nginx/controller", "service production/api", ProbeKind::Tcp);
             assert_eq!(service.outcome, Outcome::Through, "Service port 80 reaches the backend's 8080");
+            let remote = result(&results, "ingress-nginx/controller", "service staging/docs", ProbeKind::Tcp);
+            assert_eq!(remote.outcome, Outcome::Through, "a Service reaches its backend on the other node");
             for to in ["production/api", "staging/web", "service production/api"] {
                 let kubelet = result(&results, "node", to, ProbeKind::Tcp);
                 assert_eq!(kubelet.outcome, Outcome::Through, "the node reaches {to} whatever the policies");
@@ -155,6 +157,20 @@ mod cluster_lab {
             (call["destination"]["pod"].as_str(), call["destination"]["port"].as_u64()),
             (Some("api"), Some(8080))
         );
+        // staging/docs runs on the other node: where its Service's traffic went, connection
+        // tracking says.
+        let remote = find("ingress-nginx/controller", "service staging/docs", ProbeKind::Tcp, "forwarded");
+        let docs = scenario::pod("staging/docs");
+        assert_eq!(remote["destination"]["ip"], docs.ipv4().to_string().as_str(), "{remote}");
+        assert_eq!(
+            (remote["destination"]["pod"].as_str(), remote["destination"]["node"].as_str()),
+            (Some("docs"), Some(docs.node().name)),
+            "{remote}"
+        );
+        assert_eq!(remote["destination"]["port"], 8080, "{remote}");
+        assert_eq!(remote["policy"]["attribution"], "allowed_by_network_policy", "judged at the backend: {remote}");
+        let remote_denied = find("develop/debug", "service staging/docs", ProbeKind::Tcp, "dropped");
+        assert_eq!(remote_denied["policy"]["attribution"], "denied_by_network_policy", "{remote_denied}");
         let denied = find("develop/debug", "service production/api", ProbeKind::Tcp, "dropped");
         assert_eq!(denied["policy"]["attribution"], "denied_by_network_policy", "{denied}");
         let no_endpoints = find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");

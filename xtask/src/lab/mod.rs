@@ -106,6 +106,14 @@ impl Lab {
         format!("{}node", self.prefix())
     }
 
+    /// The namespace of node `index` of [`scenario::NODES`]: the first is [`Lab::node_ns`].
+    pub fn node_ns_at(&self, index: usize) -> String {
+        match index {
+            0 => self.node_ns(),
+            i => format!("{}node{}", self.prefix(), i + 1),
+        }
+    }
+
     pub fn pod_ns(&self, pod: &LabPod) -> String {
         format!("{}{}-{}", self.prefix(), pod.namespace, pod.name)
     }
@@ -202,23 +210,25 @@ impl Lab {
     }
 
     fn build(&self, policies: &[NetworkPolicy]) -> anyhow::Result<()> {
-        let node = self.node_ns();
-        sh::ip(&["netns", "add", &node])?;
-        sh::ip(&["-n", &node, "link", "set", "lo", "up"])?;
-        sh::ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
-        sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", scenario::GATEWAY_V4), "dev", "br0"])?;
-        sh::ip(&["-n", &node, "addr", "add", &format!("{}/64", scenario::GATEWAY_V6), "dev", "br0", "nodad"])?;
-        sh::ip(&["-n", &node, "link", "set", "br0", "up"])?;
         // Bridged traffic must traverse the IP forward hook, where the policies are enforced. The
         // knobs come with br_netfilter, a module on distribution kernels (kube-proxy loads it too).
         if !Path::new("/proc/sys/net/bridge").exists() {
             sh::run("modprobe", &["br_netfilter"]).context("the lab needs the br_netfilter module")?;
         }
-        for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
-            sh::run("ip", &["netns", "exec", &node, "sysctl", "-qw", &format!("net.bridge.{knob}=1")])?;
+        for (index, lab_node) in scenario::NODES.iter().enumerate() {
+            let node = self.node_ns_at(index);
+            sh::ip(&["netns", "add", &node])?;
+            sh::ip(&["-n", &node, "link", "set", "lo", "up"])?;
+            sh::ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+            sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", lab_node.gateway_v4()), "dev", "br0"])?;
+            sh::ip(&["-n", &node, "addr", "add", &format!("{}/64", lab_node.gateway_v6()), "dev", "br0", "nodad"])?;
+            sh::ip(&["-n", &node, "link", "set", "br0", "up"])?;
+            for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+                sh::run("ip", &["netns", "exec", &node, "sysctl", "-qw", &format!("net.bridge.{knob}=1")])?;
+            }
         }
         for pod in PODS {
-            let ns = self.pod_ns(pod);
+            let (ns, node) = (self.pod_ns(pod), self.node_ns_at(pod.node));
             sh::ip(&["netns", "add", &ns])?;
             sh::ip(&["-n", &node, "link", "add", &pod.veth(), "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             sh::ip(&["-n", &node, "link", "set", &pod.veth(), "master", "br0", "up"])?;
@@ -226,10 +236,12 @@ impl Lab {
             sh::ip(&["-n", &ns, "addr", "add", &format!("{}/24", pod.ipv4()), "dev", "eth0"])?;
             sh::ip(&["-n", &ns, "addr", "add", &format!("{}/64", pod.ipv6()), "dev", "eth0", "nodad"])?;
             sh::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            sh::ip(&["-n", &ns, "route", "add", "default", "via", scenario::GATEWAY_V4])?;
+            sh::ip(&["-n", &ns, "route", "add", "default", "via", &pod.node().gateway_v4()])?;
         }
         self.build_uplink()?;
         self.apply_policies(policies)?;
+        // kube-proxy on the observed node; the other's pods call no Service.
+        let node = self.node_ns();
         match self.kube_proxy {
             kube_proxy::Mode::Nftables => {
                 self.nft(&node, "kube-proxy.nft", &kube_proxy::ruleset(scenario::SERVICES))?
@@ -247,35 +259,56 @@ impl Lab {
         self.wait_for_servers()
     }
 
-    /// The node's uplink to the lab router, the router, and the world behind it. Pod egress
-    /// leaving the pod network is masqueraded to the node's address (as CNIs and ip-masq-agent
-    /// do), then to the router's (as a cloud NAT does); the world has no route back to either
-    /// inner network.
+    /// The nodes' uplinks to one subnet behind the lab router, the router, and the world behind
+    /// it. An uplink is a macvlan port of that subnet, not a veth: on a node it is a NIC, which
+    /// netiso does not take for a pod's interface. Each node routes the other's pod range to it (as host-gateway CNIs and cloud routes
+    /// do), so pods reach pods on another node untranslated. Pod egress leaving the cluster is
+    /// masqueraded to the node's address (as CNIs and ip-masq-agent do), then to the router's (as
+    /// a cloud NAT does); the world has no route back to either inner network.
     fn build_uplink(&self) -> anyhow::Result<()> {
-        let (node, router, world) = (self.node_ns(), self.router_ns(), self.world_ns());
+        let (router, world) = (self.router_ns(), self.world_ns());
         sh::ip(&["netns", "add", &router])?;
         sh::ip(&["netns", "add", &world])?;
-        for ns in [&node, &router] {
-            sh::run("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        }
-        sh::ip(&["-n", &node, "link", "add", "uplink", "type", "veth", "peer", "name", "node", "netns", &router])?;
-        sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", scenario::NODE_IP), "dev", "uplink"])?;
-        sh::ip(&["-n", &node, "link", "set", "uplink", "up"])?;
-        sh::ip(&["-n", &node, "route", "add", "default", "via", scenario::ROUTER_IP])?;
+        sh::run("ip", &["netns", "exec", &router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         sh::ip(&["-n", &router, "link", "set", "lo", "up"])?;
-        sh::ip(&["-n", &router, "addr", "add", &format!("{}/24", scenario::ROUTER_IP), "dev", "node"])?;
-        sh::ip(&["-n", &router, "link", "set", "node", "up"])?;
+        // The subnet: macvlan ports in bridge mode reach each other through their parent, which
+        // only needs a carrier (one end of a veth pair whose other end is up too).
+        sh::ip(&["-n", &router, "link", "add", "subnet", "type", "veth", "peer", "name", "subnet-end"])?;
+        for end in ["subnet", "subnet-end"] {
+            sh::ip(&["-n", &router, "link", "set", end, "up"])?;
+        }
+        let port = |name: &str| {
+            sh::ip(&["-n", &router, "link", "add", name, "link", "subnet", "type", "macvlan", "mode", "bridge"])
+        };
+        port("nodes")?;
+        sh::ip(&["-n", &router, "addr", "add", &format!("{}/24", scenario::ROUTER_IP), "dev", "nodes"])?;
+        sh::ip(&["-n", &router, "link", "set", "nodes", "up"])?;
+        for (index, lab_node) in scenario::NODES.iter().enumerate() {
+            let node = self.node_ns_at(index);
+            let name = format!("node{}", index + 1);
+            sh::run("ip", &["netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            port(&name)?;
+            sh::ip(&["-n", &router, "link", "set", &name, "netns", &node])?;
+            sh::ip(&["-n", &node, "link", "set", &name, "name", "uplink"])?;
+            sh::ip(&["-n", &node, "addr", "add", &format!("{}/24", lab_node.ip), "dev", "uplink"])?;
+            sh::ip(&["-n", &node, "link", "set", "uplink", "up"])?;
+            sh::ip(&["-n", &node, "route", "add", "default", "via", scenario::ROUTER_IP])?;
+            for other in scenario::NODES.iter().filter(|other| other.name != lab_node.name) {
+                sh::ip(&["-n", &node, "route", "add", &other.pod_cidr_v4(), "via", other.ip])?;
+            }
+            let masquerade = format!(
+                "table ip pod-egress {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr {} ip daddr != {} oifname \"uplink\" masquerade\n\t}}\n}}\n",
+                lab_node.pod_cidr_v4(),
+                scenario::CLUSTER_CIDR
+            );
+            self.nft(&node, &format!("pod-egress-{}.nft", lab_node.name), &masquerade)?;
+        }
         sh::ip(&["-n", &router, "link", "add", "world", "type", "veth", "peer", "name", "eth0", "netns", &world])?;
         sh::ip(&["-n", &router, "addr", "add", &format!("{}/24", scenario::ROUTER_WORLD_IP), "dev", "world"])?;
         sh::ip(&["-n", &router, "link", "set", "world", "up"])?;
         sh::ip(&["-n", &world, "link", "set", "lo", "up"])?;
         sh::ip(&["-n", &world, "addr", "add", &format!("{}/24", scenario::WORLD_IP), "dev", "eth0"])?;
         sh::ip(&["-n", &world, "link", "set", "eth0", "up"])?;
-        let pods = format!("{}.0/24", scenario::V4_PREFIX);
-        let node_masquerade = format!(
-            "table ip pod-egress {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr {pods} oifname \"uplink\" masquerade\n\t}}\n}}\n"
-        );
-        self.nft(&node, "pod-egress.nft", &node_masquerade)?;
         let router_masquerade = "table ip cloud-nat {\n\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"world\" masquerade\n\t}\n}\n";
         self.nft(&router, "cloud-nat.nft", router_masquerade)
     }
@@ -299,7 +332,9 @@ impl Lab {
         for service in scenario::services() {
             docs.push(serde_saphyr::to_string(&service)?);
         }
-        docs.push(serde_saphyr::to_string(&scenario::node())?);
+        for node in scenario::nodes() {
+            docs.push(serde_saphyr::to_string(&node)?);
+        }
         // A resourceVersion per apply, as the API server would give, so evidence can cite it.
         let version = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -320,7 +355,12 @@ impl Lab {
         let ruleset = nft::ruleset(NFT_TABLE, &engine, self.enforcement);
         // Replace the table atomically: delete (if present) and add in one transaction.
         let script = format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{ruleset}");
-        self.nft(&self.node_ns(), "nftables.nft", &script)
+        // Every node enforces the policies of the packets it forwards (the rules match pod
+        // addresses, so one ruleset serves all).
+        for index in 0..scenario::NODES.len() {
+            self.nft(&self.node_ns_at(index), "nftables.nft", &script)?;
+        }
+        Ok(())
     }
 
     /// The engine over the lab's current manifests.
@@ -375,7 +415,7 @@ impl Lab {
         Ok(())
     }
 
-    /// Servers answer from the node (node → pod traffic is not forwarded, so no policy applies).
+    /// Servers answer from their node (node → pod traffic is not forwarded, so no policy applies).
     fn wait_for_servers(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let until_ready = |what: &str, ready: &dyn Fn() -> bool| -> anyhow::Result<()> {
@@ -390,12 +430,24 @@ impl Lab {
         for pod in PODS {
             until_ready(&pod.key(), &|| match pod.server {
                 Server::None => true,
-                Server::Echo(port) => self.in_node(&["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()]),
+                Server::Echo(port) => self.in_netns(
+                    &self.node_ns_at(pod.node),
+                    &["probe-tcp", &SocketAddr::new(pod.ipv4(), port).to_string()],
+                ),
                 Server::Dns => self.in_node(&["probe-dns-udp", &SocketAddr::new(pod.ipv4(), 53).to_string()]),
             })?;
         }
         let world = SocketAddr::new(scenario::WORLD_IP.parse()?, scenario::WORLD_PORT).to_string();
-        until_ready("the world", &|| self.in_netns(&self.router_ns(), &["probe-tcp", &world]))
+        until_ready("the world", &|| self.in_netns(&self.router_ns(), &["probe-tcp", &world]))?;
+        // The observed node reaches the others (their answer, a port unreachable, is enough): a
+        // first probe across nodes must not wait for the nodes' subnet to settle.
+        for other in &scenario::NODES[1..] {
+            let target = SocketAddr::new(other.ip.parse()?, 9).to_string();
+            until_ready(other.name, &|| {
+                self.probe_in(&self.node_ns(), ProbeKind::Udp, target.parse().expect("valid"), 0) != Outcome::NoAnswer
+            })?;
+        }
+        Ok(())
     }
 
     fn in_node(&self, args: &[&str]) -> bool {
@@ -681,6 +733,8 @@ pub fn node_probes() -> Vec<Probe> {
         probe(pod("ingress-nginx/controller"), End::World, scenario::WORLD_PORT, ProbeKind::Tcp),
         probe(pod("ingress-nginx/controller"), End::World, scenario::WORLD_PORT, ProbeKind::Udp),
         probe(pod("develop/debug"), End::World, scenario::WORLD_PORT, ProbeKind::Tcp),
+        probe(pod("ingress-nginx/controller"), service("staging/docs"), 80, ProbeKind::Tcp),
+        probe(pod("develop/debug"), service("staging/docs"), 80, ProbeKind::Tcp),
     ]);
     for (i, probe) in list.iter_mut().enumerate() {
         probe.source_port = FIRST_NODE_SOURCE_PORT + i as u16;

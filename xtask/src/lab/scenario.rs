@@ -21,8 +21,10 @@ pub const API_NAME: &str = "api.production.svc.cluster.local";
 /// The Node object's name and InternalIP: the node's address on its uplink to the lab router.
 pub const NODE_NAME: &str = "lab";
 pub const NODE_IP: &str = "192.0.2.2";
-/// The lab router's side of the node's uplink (the node's default gateway).
+/// The lab router's address on the nodes' subnet (the nodes' default gateway).
 pub const ROUTER_IP: &str = "192.0.2.1";
+/// The pod network of the whole cluster: pods reach each other across nodes untranslated.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The router's address toward the world: what the world sees pods' egress come from.
 pub const ROUTER_WORLD_IP: &str = "203.0.113.1";
 /// A server in the "world" namespace behind the router, with TCP and UDP echo on WORLD_PORT.
@@ -42,7 +44,40 @@ pub enum Server {
     Dns,
 }
 
+/// A node of the lab cluster: the first is the one netiso observes and kube-proxy runs on; the
+/// others hold backends that its pods reach across the nodes' subnet.
+pub struct LabNode {
+    pub name: &'static str,
+    /// Its InternalIP on the nodes' subnet behind the lab router.
+    pub ip: &'static str,
+    /// Its pods' IPv4 /24 without the last byte, and their IPv6 /64 without the last group.
+    pub v4_prefix: &'static str,
+    pub v6_prefix: &'static str,
+}
+
+impl LabNode {
+    /// The node's address on its pods' bridge: their gateway, and the source of its probes.
+    pub fn gateway_v4(&self) -> String {
+        format!("{}.1", self.v4_prefix)
+    }
+
+    pub fn gateway_v6(&self) -> String {
+        format!("{}1", self.v6_prefix)
+    }
+
+    pub fn pod_cidr_v4(&self) -> String {
+        format!("{}.0/24", self.v4_prefix)
+    }
+}
+
+pub const NODES: &[LabNode] = &[
+    LabNode { name: NODE_NAME, ip: NODE_IP, v4_prefix: V4_PREFIX, v6_prefix: V6_PREFIX },
+    LabNode { name: "lab-2", ip: "192.0.2.3", v4_prefix: "10.244.1", v6_prefix: "fd00:10:244:1::" },
+];
+
 pub struct LabPod {
+    /// Index in [`NODES`] of the node it runs on.
+    pub node: usize,
     pub namespace: &'static str,
     pub name: &'static str,
     pub labels: &'static [(&'static str, &'static str)],
@@ -57,12 +92,16 @@ impl LabPod {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    pub fn node(&self) -> &'static LabNode {
+        &NODES[self.node]
+    }
+
     pub fn ipv4(&self) -> IpAddr {
-        format!("{V4_PREFIX}.{}", self.host).parse().expect("valid")
+        format!("{}.{}", self.node().v4_prefix, self.host).parse().expect("valid")
     }
 
     pub fn ipv6(&self) -> IpAddr {
-        format!("{V6_PREFIX}{}", self.host).parse().expect("valid")
+        format!("{}{}", self.node().v6_prefix, self.host).parse().expect("valid")
     }
 
     /// The host-side veth in the node namespace (15 characters at most).
@@ -73,6 +112,7 @@ impl LabPod {
 
 pub const PODS: &[LabPod] = &[
     LabPod {
+        node: 0,
         namespace: "develop",
         name: "debug",
         labels: &[("app", "debug")],
@@ -81,6 +121,7 @@ pub const PODS: &[LabPod] = &[
         server: Server::None,
     },
     LabPod {
+        node: 0,
         namespace: "staging",
         name: "web",
         labels: &[("app", "web"), ("pod-template-hash", "6d4b9c7f5")],
@@ -89,6 +130,7 @@ pub const PODS: &[LabPod] = &[
         server: Server::Echo(8080),
     },
     LabPod {
+        node: 0,
         namespace: "production",
         name: "api",
         labels: &[("app", "api"), ("pod-template-hash", "5f7c8d9b4")],
@@ -97,6 +139,7 @@ pub const PODS: &[LabPod] = &[
         server: Server::Echo(8080),
     },
     LabPod {
+        node: 0,
         namespace: "ingress-nginx",
         name: "controller",
         labels: &[
@@ -109,12 +152,23 @@ pub const PODS: &[LabPod] = &[
         server: Server::None,
     },
     LabPod {
+        node: 0,
         namespace: "kube-system",
         name: "coredns",
         labels: &[("k8s-app", "kube-dns"), ("pod-template-hash", "668d6bf9bc")],
         host: 53,
         ports: &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
         server: Server::Dns,
+    },
+    // On the second node: the Service in front of it is reached across the nodes' subnet.
+    LabPod {
+        node: 1,
+        namespace: "staging",
+        name: "docs",
+        labels: &[("app", "docs"), ("pod-template-hash", "8b6c5d4f7")],
+        host: 60,
+        ports: &[("http", 8080, "TCP")],
+        server: Server::Echo(8080),
     },
 ];
 
@@ -170,6 +224,14 @@ pub const SERVICES: &[LabService] = &[
         name: "api",
         cluster_ip: "10.96.0.30",
         selector: &[("app", "api")],
+        ports: &[("http", 80, "TCP", 8080)],
+    },
+    // Its only backend runs on the second node.
+    LabService {
+        namespace: "staging",
+        name: "docs",
+        cluster_ip: "10.96.0.50",
+        selector: &[("app", "docs")],
         ports: &[("http", 80, "TCP", 8080)],
     },
     // Scaled to zero: kube-proxy rejects its traffic.
@@ -242,16 +304,19 @@ pub fn services() -> Vec<Service> {
         .collect()
 }
 
-/// The node the lab's pods run on, with its InternalIP.
-pub fn node() -> Node {
-    Node {
-        metadata: ObjectMeta { name: Some(NODE_NAME.into()), ..Default::default() },
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: NODE_IP.into() }]),
+/// The nodes the lab's pods run on, with their InternalIPs.
+pub fn nodes() -> Vec<Node> {
+    NODES
+        .iter()
+        .map(|n| Node {
+            metadata: ObjectMeta { name: Some(n.name.into()), ..Default::default() },
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: n.ip.into() }]),
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    }
+        })
+        .collect()
 }
 
 pub fn pods() -> Vec<Pod> {
@@ -264,7 +329,7 @@ pub fn pods() -> Vec<Pod> {
                 ..Default::default()
             },
             spec: Some(PodSpec {
-                node_name: Some(NODE_NAME.into()),
+                node_name: Some(p.node().name.into()),
                 containers: vec![Container {
                     name: p.name.into(),
                     image: Some(format!("lab/{}:1", p.name)),
