@@ -149,6 +149,7 @@ mod cluster_lab {
         assert_eq!(kubelet["source"]["kind"], "node", "the bridge address is the node's own: {kubelet}");
         assert_eq!(kubelet["source"]["node"], scenario::NODE_NAME);
         assert_eq!(kubelet["policy"]["attribution"], "node_traffic", "{kubelet}");
+        assert_eq!(kubelet["observed_at"], "pod_ingress", "{kubelet}");
         let dns = find("develop/debug", "service kube-system/kube-dns", ProbeKind::DnsUdp, "forwarded");
         assert_eq!(dns["destination"]["pod"], "coredns", "{dns}");
         assert_eq!(dns["policy"]["attribution"], "allowed_by_network_policy", "judged at the backend: {dns}");
@@ -169,10 +170,12 @@ mod cluster_lab {
         );
         assert_eq!(remote["destination"]["port"], 8080, "{remote}");
         assert_eq!(remote["policy"]["attribution"], "allowed_by_network_policy", "judged at the backend: {remote}");
+        assert_eq!(remote["observed_at"], "pod_egress", "{remote}");
         let remote_denied = find("develop/debug", "service staging/docs", ProbeKind::Tcp, "dropped");
         assert_eq!(remote_denied["policy"]["attribution"], "denied_by_network_policy", "{remote_denied}");
         let denied = find("develop/debug", "service production/api", ProbeKind::Tcp, "dropped");
         assert_eq!(denied["policy"]["attribution"], "denied_by_network_policy", "{denied}");
+        assert_eq!(denied["observed_at"], "node", "dropped by the node's enforcement: {denied}");
         let no_endpoints = find("ingress-nginx/controller", "service production/payments", ProbeKind::Tcp, "dropped");
         assert_eq!(no_endpoints["policy"]["attribution"], "service_without_endpoints", "{no_endpoints}");
         let rejected = find("develop/debug", "world", ProbeKind::Tcp, "dropped");

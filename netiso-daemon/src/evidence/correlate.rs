@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::attribution::attribute;
 use super::engines::Engines;
-use super::record::{Attribution, Evidence, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicySides, PolicyVerdict};
+use super::record::{
+    Attribution, Evidence, FLOW_SCHEMA, FlowRecord, FlowVerdict, ObservationPoint, PolicySides, PolicyVerdict,
+};
 use super::store::StoreOp;
 use crate::cluster::{EndpointKind, Identity};
 use crate::datapath::conntrack::{Connection, Translations};
@@ -453,6 +455,7 @@ impl Correlator {
             location: r.location.clone(),
             interface: r.interface.clone(),
             direction: r.direction,
+            observed_at: ObservationPoint::of(r.event, r.direction, r.netns.is_some()),
             is_reply,
             packets: r.packets,
             bytes: r.bytes,
@@ -628,12 +631,22 @@ mod tests {
         assert_eq!(rec.destination.pod_key().as_deref(), Some("production/api"));
         assert_eq!(rec.policy.attribution, Attribution::DeniedByNetworkPolicy);
         assert_eq!(rec.policy.direction, Some(PolicySides::Both));
+        assert_eq!(rec.observed_at, Some(ObservationPoint::Node), "freed by the node's netfilter");
         let names: Vec<String> = rec.policy.policies.iter().map(|p| p.to_string()).collect();
         assert!(names.contains(&"production/default-deny-all".to_owned()), "{names:?}");
         assert!(names.contains(&"production/allow-from-ingress-nginx".to_owned()), "{names:?}");
         let evidence = rec.evidence.unwrap();
         assert!(evidence.policies.len() >= 4, "the policy objects in force are kept");
         assert_eq!(evidence.explanation.ingress.nearest_misses[0].kind, MissKind::PeerOnly);
+    }
+
+    #[test]
+    fn a_drop_inside_a_pods_namespace_is_observed_in_the_pod() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        let mut refused = drop("10.244.0.10", "10.244.0.30", 8080, "NO_SOCKET", ReasonClass::Socket);
+        refused.netns = Some("cni-3f2a".into());
+        let Some(StoreOp::Insert(rec)) = c.handle(&refused).map(|h| h.op) else { panic!("the drop is stored") };
+        assert_eq!(rec.observed_at, Some(ObservationPoint::Pod));
     }
 
     #[test]
@@ -827,6 +840,7 @@ mod tests {
         assert_eq!(rec.destination.pod_key().as_deref(), Some("kube-system/coredns"));
         assert_eq!(rec.destination.service.as_deref(), Some("kube-system/kube-dns"));
         assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy, "judged against the backend");
+        assert_eq!(rec.observed_at, Some(ObservationPoint::PodIngress));
         assert!(c.release(Instant::now() + HOLD).is_empty(), "no record of the ClusterIP as a destination");
 
         // A call to the api Service that production/api's ingress policy drops after DNAT.
@@ -869,6 +883,7 @@ mod tests {
         assert_eq!((rec.destination.ip, rec.destination.port), ("10.244.0.53".parse().unwrap(), 53));
         assert_eq!(rec.destination.service.as_deref(), Some("kube-system/kube-dns"));
         assert_eq!(rec.policy.attribution, Attribution::AllowedByNetworkPolicy, "judged against the backend");
+        assert_eq!(rec.observed_at, Some(ObservationPoint::PodEgress), "seen only as it left its pod");
         let id = rec.id;
 
         leaving.new_key = false;

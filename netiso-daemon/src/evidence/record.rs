@@ -7,9 +7,9 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::Identity;
-use crate::datapath::Direction as PacketDirection;
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::record::IpProtocol;
+use crate::datapath::{Direction as PacketDirection, EventKind};
 use crate::policy::explain::Suggestion;
 use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
 
@@ -180,6 +180,32 @@ mod schema {
     }
 }
 
+/// Where a record's packet was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObservationPoint {
+    /// Leaving a pod, at its interface on the node (before netfilter, routing and kube-proxy).
+    PodEgress,
+    /// Entering a pod, at its interface on the node (after them).
+    PodIngress,
+    /// Freed by the node's network stack: netfilter, routing, a qdisc, a socket of the node.
+    Node,
+    /// Freed inside a pod's own network namespace.
+    Pod,
+}
+
+impl ObservationPoint {
+    pub fn of(event: EventKind, direction: Option<PacketDirection>, in_pod_namespace: bool) -> Option<Self> {
+        match (event, direction) {
+            (EventKind::Drop, _) if in_pod_namespace => Some(ObservationPoint::Pod),
+            (EventKind::Drop, _) => Some(ObservationPoint::Node),
+            (EventKind::Flow, Some(PacketDirection::FromPod)) => Some(ObservationPoint::PodEgress),
+            (EventKind::Flow, Some(PacketDirection::ToPod)) => Some(ObservationPoint::PodIngress),
+            (EventKind::Flow, None) => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowRecord {
     /// [`FLOW_SCHEMA`] of the netiso that wrote the record.
@@ -214,6 +240,9 @@ pub struct FlowRecord {
     pub interface: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direction: Option<PacketDirection>,
+    /// Where netiso saw the packet (absent from records written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<ObservationPoint>,
     #[serde(default)]
     pub is_reply: bool,
     pub packets: u64,

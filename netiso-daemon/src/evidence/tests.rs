@@ -61,6 +61,7 @@ fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: O
         location: None,
         interface: None,
         direction: None,
+        observed_at: None,
         is_reply: false,
         packets: 1,
         bytes: 60,
