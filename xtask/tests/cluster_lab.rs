@@ -304,13 +304,20 @@ mod cluster_lab {
         assert_eq!(out.status.code(), Some(0), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(report["newly_denied"].as_array().unwrap().is_empty(), "{report}");
 
-        let advice = lab
-            .in_node_output(&netiso, &["advise", "--namespace", "production", "--since", "1h", "--server", server])
-            .unwrap();
-        let yaml = String::from_utf8_lossy(&advice.stdout);
-        assert!(advice.status.success(), "{}", String::from_utf8_lossy(&advice.stderr));
-        assert!(!yaml.contains("10.96."), "no ClusterIP in the advice:\n{yaml}");
-        assert!(!yaml.contains(scenario::GATEWAY_V4), "no rule for the node's own probes:\n{yaml}");
+        // staging's Services have backends on both nodes.
+        for namespace in ["production", "staging"] {
+            let advice = lab
+                .in_node_output(&netiso, &["advise", "--namespace", namespace, "--since", "1h", "--server", server])
+                .unwrap();
+            let yaml = String::from_utf8_lossy(&advice.stdout);
+            assert!(advice.status.success(), "{}", String::from_utf8_lossy(&advice.stderr));
+            assert!(!yaml.contains("10.96."), "no ClusterIP in the advice for {namespace}:\n{yaml}");
+            assert!(!yaml.contains(scenario::GATEWAY_V4), "no rule for the node's own probes:\n{yaml}");
+            if namespace == "staging" {
+                // Reached only through its Service on the other node: connection tracking named it.
+                assert!(yaml.contains("app: docs"), "ingress-nginx's calls to staging/docs are kept:\n{yaml}");
+            }
+        }
         daemon.stop().expect("netiso stops cleanly");
     }
 }
