@@ -141,6 +141,19 @@ pub const REASON_NONE: u32 = u32::MAX;
 /// Size of the reason filter array: larger than any `enum skb_drop_reason` so far (128 on 6.18).
 pub const MAX_DROP_REASONS: u32 = 512;
 
+/// Every dropped IP packet by cause, whatever became of its detail (a full map, a filtered
+/// reason, headers that could not be read): a per-CPU array indexed by the reason, with one slot
+/// more for drops without a reason (before 5.17) or beyond [`MAX_DROP_REASONS`].
+pub const DROP_TOTAL_SLOTS: u32 = MAX_DROP_REASONS + 1;
+pub const DROP_TOTAL_NO_REASON: u32 = MAX_DROP_REASONS;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropTotal {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -157,6 +170,8 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DropTotal {}
 }
 
 #[cfg(test)]
@@ -173,5 +188,6 @@ mod tests {
         assert_eq!(size_of::<Counters>(), 40);
         assert_eq!(size_of::<Event>(), 80);
         assert_eq!(size_of::<KernelOffsets>(), 40);
+        assert_eq!(size_of::<DropTotal>(), 16);
     }
 }

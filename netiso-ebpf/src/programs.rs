@@ -14,9 +14,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use netiso_common::{
-    Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY,
-    EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS, LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL,
-    LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS, REASON_NONE,
+    Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DROP_TOTAL_NO_REASON, DROP_TOTAL_SLOTS, DropKey, DropTotal,
+    EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS,
+    LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL, LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS, REASON_NONE,
 };
 
 use crate::headers::{ETH_P_IP, ETH_P_IPV6, HeaderSource, Parsed, parse_ip};
@@ -54,6 +54,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 static DROP_REASON_FILTER: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
+#[map]
+static DROP_TOTALS: PerCpuArray<DropTotal> = PerCpuArray::with_max_entries(DROP_TOTAL_SLOTS, 0);
 
 const EEXIST: i32 = 17;
 /// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
@@ -213,13 +215,7 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
 /// For kernels from 5.17: `kfree_skb(skb, location, reason, ...)`.
 #[btf_tracepoint(function = "kfree_skb")]
 fn netiso_drop(ctx: BtfTracePointContext) -> i32 {
-    let reason: u32 = ctx.arg(2);
-    if let Some(keep) = DROP_REASON_FILTER.get(reason)
-        && *keep == 0
-    {
-        return 0;
-    }
-    let _ = record_drop(ctx.arg(0), ctx.arg(1), reason);
+    let _ = record_drop(ctx.arg(0), ctx.arg(1), ctx.arg(2));
     0
 }
 
@@ -230,11 +226,30 @@ fn netiso_drop_loc(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Adds a dropped packet to its cause's total: one slot of a per-CPU array, which no flood can
+/// fill.
+#[inline(always)]
+fn count_drop(reason: u32, len: u32) {
+    let slot = if reason < DROP_TOTAL_NO_REASON { reason } else { DROP_TOTAL_NO_REASON };
+    let Some(total) = DROP_TOTALS.get_ptr_mut(slot) else { return };
+    // SAFETY: this CPU's slot of a per-CPU array, only written by this CPU (see `count_loss`).
+    let total = unsafe { &mut *total };
+    total.packets += 1;
+    total.bytes += len as u64;
+}
+
 #[inline(always)]
 fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
     let off = OFFSETS.load();
     let protocol = u16::from_be(read_kernel(skb + off.skb_protocol as u64)?);
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
+        return None;
+    }
+    let len: u32 = read_kernel(skb + off.skb_len as u64).unwrap_or(0);
+    count_drop(reason, len);
+    if let Some(keep) = DROP_REASON_FILTER.get(reason)
+        && *keep == 0
+    {
         return None;
     }
     let head: u64 = read_kernel(skb + off.skb_head as u64)?;
@@ -247,7 +262,6 @@ fn record_drop(skb: u64, location: u64, reason: u32) -> Option<()> {
         count_loss(LOSS_UNPARSED);
         return None;
     };
-    let len: u32 = read_kernel(skb + off.skb_len as u64).unwrap_or(0);
     let dev: u64 = read_kernel(skb + off.skb_dev as u64).unwrap_or(0);
     // The tracepoint fires for every namespace on the host: the device's namespace tells which.
     let (ifindex, netns): (u32, u32) = if dev != 0 {

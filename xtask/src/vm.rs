@@ -19,7 +19,8 @@ pub const KERNELS_DIR: &str = "/opt/netiso-vm/kernels";
 pub const SERIES: [&str; 3] = ["5.10", "6.1", "6.12"];
 
 /// Test binaries run in each VM: package, integration test.
-const SUITE: [(&str, &str); 2] = [("netiso-daemon", "datapath"), ("xtask", "lab_datapath")];
+const SUITE: [(&str, &str); 3] =
+    [("netiso-daemon", "datapath"), ("netiso-daemon", "drop_totals"), ("xtask", "lab_datapath")];
 
 pub struct Kernel {
     pub release: String,

@@ -13,7 +13,7 @@ pub mod privileges;
 pub mod reasons;
 pub mod record;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -23,8 +23,8 @@ use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType, TcError};
 use aya::programs::{BtfTracePoint, LinkOrder, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use netiso_common::{
-    Counters, DropKey, EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets,
-    LOSS_COUNTERS, MAX_DROP_REASONS, REASON_NONE,
+    Counters, DROP_TOTAL_NO_REASON, DROP_TOTAL_SLOTS, DropKey, DropTotal, EVENT_DROP, EVENT_FLAG_MAP_FULL,
+    EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets, LOSS_COUNTERS, MAX_DROP_REASONS, REASON_NONE,
 };
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
@@ -124,7 +124,14 @@ pub struct DatapathStats {
     pub flow_packets: u64,
     /// Dropped packets in network namespaces that are neither this node's nor its pods'.
     pub foreign_drops: u64,
+    /// Every IP packet the kernel dropped on the host since the programs were loaded, by the
+    /// kernel's reason name ([`NO_REASON`] where it gives none), counted in the kernel: complete
+    /// whatever became of the packets' detail.
+    pub kernel_drops: BTreeMap<String, DropTotal>,
 }
+
+/// The reason of kernel drop totals on kernels that give none (before 5.17).
+pub const NO_REASON: &str = "none";
 
 impl DatapathStats {
     pub fn losses(&self) -> u64 {
@@ -392,6 +399,9 @@ impl Datapath {
             PerCpuHashMap::try_from(self.ebpf.take_map("FLOWS").expect("map in object")).map_err(map_err("FLOWS"))?;
         let losses: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(self.ebpf.take_map("LOSSES").expect("map in object")).map_err(map_err("LOSSES"))?;
+        let drop_totals: PerCpuArray<MapData, DropTotal> =
+            PerCpuArray::try_from(self.ebpf.take_map("DROP_TOTALS").expect("map in object"))
+                .map_err(map_err("DROP_TOTALS"))?;
         let mut kernel_log = match self.kernel_log.take() {
             // SAFETY: the logger owns its map fd, which stays open and unchanged until the AsyncFd
             // that owns the logger is dropped.
@@ -475,11 +485,13 @@ impl Datapath {
                 _ = tick.tick() => {
                     self.drain(&mut drains, &records).await;
                     self.read_losses(&losses, &mut reported_losses);
+                    self.read_drop_totals(&drop_totals);
                 },
             }
         }
         self.drain(&mut drains, &records).await;
         self.read_losses(&losses, &mut reported_losses);
+        self.read_drop_totals(&drop_totals);
         watcher.abort();
         Ok(())
     }
@@ -596,6 +608,25 @@ impl Datapath {
         for (_, record) in batch {
             self.emit(records, record).await;
         }
+    }
+
+    /// Sums each cause's slot over the CPUs; a slot that cannot be read this time keeps its last
+    /// total.
+    fn read_drop_totals(&self, totals: &PerCpuArray<MapData, DropTotal>) {
+        let mut read = Vec::new();
+        for slot in 0..DROP_TOTAL_SLOTS {
+            let Ok(values) = totals.get(&slot, 0) else { continue };
+            let total = values.iter().fold(DropTotal::default(), |sum, v| DropTotal {
+                packets: sum.packets.saturating_add(v.packets),
+                bytes: sum.bytes.saturating_add(v.bytes),
+            });
+            if total.packets > 0 {
+                let name = if slot == DROP_TOTAL_NO_REASON { NO_REASON.to_owned() } else { self.reasons.name(slot) };
+                read.push((name, total));
+            }
+        }
+        let mut stats = self.stats.lock().expect("stats lock");
+        stats.kernel_drops.extend(read);
     }
 
     fn read_losses(&self, losses: &PerCpuArray<MapData, u64>, reported: &mut [u64; LOSS_COUNTERS as usize]) {

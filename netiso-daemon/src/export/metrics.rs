@@ -2,6 +2,7 @@
 //! names and policy names only: no IPs and no pod names, so cardinality stays bounded by the
 //! cluster's configuration rather than its traffic.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
@@ -13,7 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::datapath::DatapathStats;
+use crate::datapath::reasons::{ReasonClass, classify};
+use crate::datapath::{DatapathStats, NO_REASON};
 use crate::evidence::correlate::Handled;
 use crate::evidence::record::{Attribution, FlowVerdict};
 use crate::evidence::store::StoreStats;
@@ -75,11 +77,14 @@ struct Seen {
     evictions: u64,
     failed_writes: u64,
     lost_operations: u64,
+    kernel_drops: HashMap<String, (u64, u64)>,
 }
 
 pub struct Metrics {
     registry: Registry,
     drops: Family<ReasonLabels, Counter>,
+    kernel_drops: Family<ReasonLabels, Counter>,
+    kernel_dropped_bytes: Family<ReasonLabels, Counter>,
     namespace_drops: Family<NamespaceDropLabels, Counter>,
     policy_drops: Family<PolicyLabels, Counter>,
     forwarded_flows: Family<NamespacePairLabels, Counter>,
@@ -114,6 +119,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("netiso");
         let m = Metrics {
             drops: Family::default(),
+            kernel_drops: Family::default(),
+            kernel_dropped_bytes: Family::default(),
             namespace_drops: Family::default(),
             policy_drops: Family::default(),
             forwarded_flows: Family::default(),
@@ -137,7 +144,21 @@ impl Metrics {
             seen: Mutex::default(),
             registry: Registry::default(),
         };
-        registry.register("drops", "Packets dropped by the kernel, by reason class and kernel reason", m.drops.clone());
+        registry.register(
+            "drops",
+            "Dropped packets recorded as flows (this node's and its pods' namespaces, the reasons --drop-reasons keeps), by reason class and kernel reason",
+            m.drops.clone(),
+        );
+        registry.register(
+            "kernel_drops",
+            "Every IP packet the kernel dropped on the host, counted in the kernel by reason (`none` before Linux 5.17): complete even when flow records were lost or filtered",
+            m.kernel_drops.clone(),
+        );
+        registry.register(
+            "kernel_dropped_bytes",
+            "Bytes of every IP packet the kernel dropped on the host, by reason",
+            m.kernel_dropped_bytes.clone(),
+        );
         registry.register(
             "namespace_drops",
             "Dropped packets by source and destination namespace and the side whose policies denied them",
@@ -277,6 +298,13 @@ impl Metrics {
             counter.inc_by(lost[i].saturating_sub(seen.lost[i]));
         }
         seen.lost = lost;
+        for (reason, total) in &datapath.kernel_drops {
+            let reason_class = if reason == NO_REASON { ReasonClass::Other } else { classify(reason) };
+            let labels = ReasonLabels { reason_class: reason_class.as_str().into(), reason: reason.clone() };
+            let before = seen.kernel_drops.insert(reason.clone(), (total.packets, total.bytes)).unwrap_or_default();
+            self.kernel_drops.get_or_create(&labels).inc_by(total.packets.saturating_sub(before.0));
+            self.kernel_dropped_bytes.get_or_create(&labels).inc_by(total.bytes.saturating_sub(before.1));
+        }
         self.ring_events.inc_by(datapath.ring_events.saturating_sub(seen.ring_events));
         seen.ring_events = datapath.ring_events;
         self.foreign_drops.inc_by(datapath.foreign_drops.saturating_sub(seen.foreign_drops));
@@ -402,5 +430,29 @@ mod tests {
         assert!(text.contains("netiso_store_write_failures_total 3"), "{text}");
         assert!(text.contains("netiso_store_lost_operations_total 1"), "{text}");
         assert!(text.contains("netiso_datapath_foreign_drops_total 5"), "{text}");
+    }
+
+    #[test]
+    fn kernel_drop_totals_count_by_their_increments_per_reason() {
+        use netiso_common::DropTotal;
+        let m = Metrics::new();
+        let inventory = InventoryStatus { synced: true, stale: false, objects: Default::default(), last_sync: None };
+        let store = StoreStats::default();
+        let mut datapath = DatapathStats::default();
+        datapath.kernel_drops.insert("NETFILTER_DROP".into(), DropTotal { packets: 3, bytes: 180 });
+        m.refresh(&datapath, &inventory, &store);
+        datapath.kernel_drops.insert("NETFILTER_DROP".into(), DropTotal { packets: 5, bytes: 300 });
+        datapath.kernel_drops.insert(NO_REASON.into(), DropTotal { packets: 1, bytes: 40 });
+        m.refresh(&datapath, &inventory, &store);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"netiso_kernel_drops_total{reason_class="policy",reason="NETFILTER_DROP"} 5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"netiso_kernel_dropped_bytes_total{reason_class="policy",reason="NETFILTER_DROP"} 300"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"netiso_kernel_drops_total{reason_class="other",reason="none"} 1"#), "{text}");
     }
 }
