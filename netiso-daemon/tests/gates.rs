@@ -84,3 +84,46 @@ fn whatif_and_advise_fail_closed() {
     assert!(nothing.stdout.is_empty(), "no allow set printed: {}", String::from_utf8_lossy(&nothing.stdout));
     daemon.stop().unwrap();
 }
+
+/// A record of develop/debug's forwarded call to production/api from source port `port`, in the
+/// store's own form.
+fn recorded_call(id: u64, port: u16) -> netiso::evidence::record::FlowRecord {
+    let time = humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(id)).to_string();
+    serde_json::from_value(serde_json::json!({
+        "schema": 2, "id": id.to_string(), "time": time, "last_seen": time, "node": "n1",
+        "verdict": "forwarded", "protocol": "TCP",
+        "source": {"kind": "pod", "namespace": "develop", "pod": "debug", "workload": null,
+            "ip": "10.244.0.10", "port": port},
+        "destination": {"kind": "pod", "namespace": "production", "pod": "api", "workload": null,
+            "ip": "10.244.0.30", "port": 8080},
+        "reason": null, "packets": 1, "bytes": 60,
+        "policy": {"verdict": "allowed", "direction": null, "attribution": "not_isolated", "policies": [], "summary": ""}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn whatif_replays_every_record_of_a_window_larger_than_a_page() {
+    use netiso::evidence::store::{Retention, Store, StoreOp};
+    const RECORDS: u64 = 12_000;
+    let tag = tag("wp");
+    let (node, _pod, mut cleanup) = node_and_pod(&tag);
+    let dir = std::env::temp_dir();
+    let (store, deny) = (dir.join(format!("{tag}.redb")), dir.join(format!("{tag}-deny.yaml")));
+    cleanup.files.extend([store.clone(), deny.clone()]);
+    std::fs::write(&deny, DEFAULT_DENY).unwrap();
+    let newest =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 - 60_000_000_000;
+    let ops: Vec<StoreOp> = (0..RECORDS)
+        .map(|i| StoreOp::Insert(Box::new(recorded_call(newest - i * 1_000_000, 20_000 + i as u16))))
+        .collect();
+    Store::open(&store, Retention::default()).unwrap().write(&ops).unwrap();
+    let manifests = format!("{}/tests/fixtures/course.yaml", env!("CARGO_MANIFEST_DIR"));
+    let mut daemon = start_daemon(&node, &store, &["--manifests", &manifests]);
+
+    let out = cli(&node, &["whatif", "--policies", deny.to_str().unwrap(), "--since", "1h", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["evaluated"], RECORDS, "every record of the window, across pages");
+    daemon.stop().unwrap();
+}

@@ -75,17 +75,19 @@ fn recorded_flow(r: FlowRecord) -> Option<RecordedFlow> {
     })
 }
 
-/// The flows of one server's answer. A gate must judge every recorded flow: an answer that says
-/// it holds only part of the window is an error (and one whose records cannot be read is not a
-/// `FlowList` at all).
-fn recorded_flows(server: &str, answer: FlowList) -> anyhow::Result<Vec<RecordedFlow>> {
-    if answer.more {
-        bail!(
-            "{server} holds more than {} records in the window; narrow --since so that every recorded flow is replayed",
+/// The flows of one page of a server's answer, and where the next page starts. A gate must judge
+/// every recorded flow: an answer that holds more without saying where it continues is an error
+/// (and one whose records cannot be read is not a `FlowList` at all).
+fn recorded_flows(server: &str, answer: FlowList) -> anyhow::Result<(Vec<RecordedFlow>, Option<String>)> {
+    let next = match (answer.more, answer.next) {
+        (false, _) => None,
+        (true, Some(next)) => Some(next),
+        (true, None) => bail!(
+            "{server} holds more than {} records in the window and names no next page; narrow --since so that every recorded flow is replayed",
             crate::evidence::record::MAX_LIMIT
-        );
-    }
-    Ok(answer.flows.into_iter().filter_map(recorded_flow).collect())
+        ),
+    };
+    Ok((answer.flows.into_iter().filter_map(recorded_flow).collect(), next))
 }
 
 async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
@@ -107,18 +109,29 @@ async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
                 Err(e) => eprintln!("netiso: {}: {e:#}", endpoint.name()),
             }
         }
-        // Every server's flows, or no answer at all: a replay of part of the traffic would pass
-        // what it did not see.
+        // Every server's flows, page by page, or no answer at all: a replay of part of the
+        // traffic would pass what it did not see.
         let name = endpoint.name();
-        let path = format!("/v1/flows?since={since}&limit={}", crate::evidence::record::MAX_LIMIT);
-        let (status, body) =
-            client::get(endpoint, &path).await.with_context(|| format!("reading the recorded flows of {name}"))?;
-        if status != 200 {
-            bail!("{name} answered HTTP {status} for its recorded flows: {}", excerpt(&body));
+        let mut before: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/flows?since={since}&limit={}", crate::evidence::record::MAX_LIMIT);
+            if let Some(before) = &before {
+                path.push_str(&format!("&before={}", client::encode(before)));
+            }
+            let (status, body) =
+                client::get(endpoint, &path).await.with_context(|| format!("reading the recorded flows of {name}"))?;
+            if status != 200 {
+                bail!("{name} answered HTTP {status} for its recorded flows: {}", excerpt(&body));
+            }
+            let answer: FlowList = serde_json::from_slice(&body)
+                .with_context(|| format!("{name} did not answer with readable flow records: {}", excerpt(&body)))?;
+            let (page, next) = recorded_flows(&name, answer)?;
+            flows.extend(page);
+            match next {
+                Some(next) => before = Some(next),
+                None => break,
+            }
         }
-        let answer: FlowList = serde_json::from_slice(&body)
-            .with_context(|| format!("{name} did not answer with readable flow records: {}", excerpt(&body)))?;
-        flows.extend(recorded_flows(&name, answer)?);
     }
     let Some(inventory) = inventory else { bail!("no server answered with its inventory") };
     Ok(Recorded { state: inventory.state, dns: inventory.dns_selector, flows })
@@ -256,13 +269,16 @@ mod tests {
     #[test]
     fn a_port_out_of_range_is_not_wrapped_into_another_port() {
         let list: FlowList = serde_json::from_value(json!({"flows": [record("1", json!(8080))]})).unwrap();
-        assert_eq!(recorded_flows("n1", list).unwrap()[0].port, 8080);
+        assert_eq!(recorded_flows("n1", list).unwrap().0[0].port, 8080);
         let wrapped = serde_json::from_value::<FlowList>(json!({"flows": [record("1", json!(65536 + 8080))]}));
         assert!(wrapped.unwrap_err().to_string().contains("73616"));
     }
 
     #[test]
     fn a_partial_or_unreadable_answer_fails_the_replay() {
+        let paged: FlowList =
+            serde_json::from_value(json!({"flows": [record("2", json!(8080))], "more": true, "next": "2"})).unwrap();
+        assert_eq!(recorded_flows("n1", paged).unwrap().1.as_deref(), Some("2"), "the next page is read");
         let capped: FlowList =
             serde_json::from_value(json!({"flows": [record("1", json!(8080))], "more": true})).unwrap();
         let err = recorded_flows("n1", capped).unwrap_err();

@@ -289,9 +289,12 @@ pub const MAX_LIMIT: usize = 10_000;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowList {
     pub flows: Vec<FlowRecord>,
-    /// Older records match too: a client that needs them all narrows the window.
+    /// Older records match too: a client that needs them all asks again with `before=<next>`.
     #[serde(default)]
     pub more: bool,
+    /// When `more`: the id to pass as `before` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `GET /v1/flows/{id}/evidence`: one record and everything that explains it.

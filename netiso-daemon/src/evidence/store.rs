@@ -143,6 +143,8 @@ pub struct Query {
     pub until: Option<SystemTime>,
     /// Only records with a larger id (for following).
     pub after_id: Option<u64>,
+    /// Only records with a smaller id (the next page of a listing).
+    pub before_id: Option<u64>,
     pub limit: usize,
 }
 
@@ -152,6 +154,9 @@ pub struct Query {
 pub struct Page {
     pub records: Vec<FlowRecord>,
     pub more: bool,
+    /// When `more`: the id the next page starts below (the oldest record returned, or the oldest
+    /// one read when the scan stopped short of the limit).
+    pub next_before: Option<u64>,
 }
 
 /// The most records one query may read before it stops, whatever it found: bounded work.
@@ -504,11 +509,14 @@ impl Store {
                 q.verdict.map(|v| (BY_VERDICT, v.as_str().to_owned()))
             };
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let high = q.before_id.unwrap_or(u64::MAX);
         let mut out = Vec::new();
         let mut scanned = 0;
+        let mut oldest_read = None;
         // One match beyond the limit tells that there are more.
-        let mut consider = |encoded: &[u8]| -> Result<bool, StoreError> {
+        let mut consider = |id: u64, encoded: &[u8]| -> Result<bool, StoreError> {
             scanned += 1;
+            oldest_read = Some(id);
             let r: FlowRecord = serde_json::from_slice(encoded)?;
             if q.matches(&r) {
                 out.push(r);
@@ -523,22 +531,23 @@ impl Store {
         match index {
             Some((table, key)) => {
                 let index = txn.open_multimap_table(table)?;
-                for id in index.get(key.as_str())?.rev().take(MAX_SCANNED) {
+                let ids = index.get(key.as_str())?.rev().filter(|id| id.as_ref().map_or(true, |id| id.value() < high));
+                for id in ids.take(MAX_SCANNED) {
                     let id = id?.value();
                     if id < low {
                         break;
                     }
                     if let Some(v) = records.get(id)?
-                        && !consider(v.value())?
+                        && !consider(id, v.value())?
                     {
                         break;
                     }
                 }
             }
             None => {
-                for entry in records.range(low..)?.rev().take(MAX_SCANNED) {
-                    let (_, v) = entry?;
-                    if !consider(v.value())? {
+                for entry in records.range(low..high)?.rev().take(MAX_SCANNED) {
+                    let (id, v) = entry?;
+                    if !consider(id.value(), v.value())? {
                         break;
                     }
                 }
@@ -546,7 +555,12 @@ impl Store {
         }
         let more = out.len() > limit || scanned >= MAX_SCANNED;
         out.truncate(limit);
-        Ok(Page { records: out, more })
+        let next_before = match (more, out.len() == limit) {
+            (false, _) => None,
+            (true, true) => out.last().map(|r| r.id),
+            (true, false) => oldest_read,
+        };
+        Ok(Page { records: out, more, next_before })
     }
 }
 

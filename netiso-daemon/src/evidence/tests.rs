@@ -159,6 +159,44 @@ fn records_survive_a_reopen_and_are_found_by_every_index() {
 }
 
 #[test]
+fn a_listing_pages_through_every_record_without_repeating_one() {
+    let dir = TempDir::new("pages");
+    let store = Store::open(&dir.0.join("evidence.redb"), Retention::default()).unwrap();
+    let ids: Vec<u64> = (0..25).map(|i| now_id(100) + i).collect();
+    let ops: Vec<StoreOp> = ids
+        .iter()
+        .map(|&id| {
+            let verdict = if id % 2 == 0 { FlowVerdict::Dropped } else { FlowVerdict::Forwarded };
+            let from = pod("develop", "debug", "10.0.0.1", 40000);
+            StoreOp::Insert(Box::new(record(id, verdict, from, pod("production", "api", "10.0.0.2", 8080), None)))
+        })
+        .collect();
+    store.write(&ops).unwrap();
+    // Through the time range and through an index (the verdict's).
+    for (verdict, expected) in
+        [(None, ids.len()), (Some(FlowVerdict::Dropped), ids.iter().filter(|i| *i % 2 == 0).count())]
+    {
+        let mut read = Vec::new();
+        let mut before = None;
+        loop {
+            let page =
+                store.query_page(&Query { verdict, limit: 10, before_id: before, ..Default::default() }).unwrap();
+            assert!(page.records.len() <= 10);
+            read.extend(page.records.iter().map(|r| r.id));
+            match (page.more, page.next_before) {
+                (true, Some(next)) => before = Some(next),
+                (false, None) => break,
+                other => panic!("more and next disagree: {other:?}"),
+            }
+        }
+        let mut unique = read.clone();
+        unique.dedup();
+        assert_eq!((read.len(), unique.len()), (expected, expected), "{verdict:?}: {read:?}");
+        assert!(read.windows(2).all(|w| w[0] > w[1]), "newest first across pages");
+    }
+}
+
+#[test]
 fn retention_removes_by_age_and_by_size_and_counts_evictions() {
     let dir = TempDir::new("retention");
     let path = dir.0.join("evidence.redb");

@@ -107,6 +107,10 @@ pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), Ba
             }
             "since" => q.since = Some(parse_time(value).map_err(|e| bad(name, e))?),
             "until" => q.until = Some(parse_time(value).map_err(|e| bad(name, e))?),
+            "before" => {
+                q.before_id =
+                    Some(value.parse().map_err(|_| bad(name, format!("`{value}`: use a record id (from `next`)")))?)
+            }
             "limit" => {
                 q.limit = value
                     .parse()
@@ -147,9 +151,10 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
     };
     let history = page.records;
     if !follow {
-        // `more`: older records match too; a client that needs them all narrows the window.
+        // `more`: older records match too; `next` is where the following page starts.
         let flows = history.into_iter().map(FlowRecord::listed).collect();
-        return axum::Json(FlowList { flows, more: page.more }).into_response();
+        let next = page.next_before.map(|id| id.to_string());
+        return axum::Json(FlowList { flows, more: page.more, next }).into_response();
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     tokio::spawn(async move {
