@@ -7,4 +7,4 @@ pub mod record;
 pub mod store;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -41,7 +41,9 @@ fn pod(ns: &str, name: &str, ip: &str, port: u16) -> Identity {
     }
 }
 
-fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: Option<&str>) -> FlowRecord {
+/// A record of a flow between `from` and `to` at `id` nanoseconds since the epoch (also for other
+/// modules' tests).
+pub(crate) fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity, policy: Option<&str>) -> FlowRecord {
     let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(id);
     FlowRecord {
         schema: FLOW_SCHEMA,

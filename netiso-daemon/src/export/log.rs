@@ -24,12 +24,26 @@ pub fn init_diagnostics(format: LogFormat) {
     }
 }
 
+/// Most "flow blocked" lines one source may cause per interval: a scan of thousands of ports is
+/// thousands of distinct flows, and must not become as many lines.
+pub const BLOCKED_LINES_PER_SOURCE: u32 = 10;
+
 /// One log line per newly blocked flow, rate-limited per flow (source, destination, port,
 /// protocol, reason; not the source port, which changes with every attempt): repeats within the
-/// interval are counted and reported with the next line for that flow.
+/// interval are counted and reported with the next line for that flow. Each source is also held
+/// to [`BLOCKED_LINES_PER_SOURCE`] lines per interval; what it tried beyond them is counted and
+/// reported with its next line (the records and metrics keep every attempt).
 pub struct BlockedFlowLog {
     interval: std::time::Duration,
     last: std::collections::HashMap<String, (std::time::Instant, u64)>,
+    sources: std::collections::HashMap<String, SourceBudget>,
+}
+
+/// A source's lines in its current interval, and its flows left unlogged since its last line.
+struct SourceBudget {
+    since: std::time::Instant,
+    lines: u32,
+    unlogged: u64,
 }
 
 fn end(id: &crate::cluster::Identity) -> String {
@@ -38,24 +52,39 @@ fn end(id: &crate::cluster::Identity) -> String {
 
 impl BlockedFlowLog {
     pub fn new(interval: std::time::Duration) -> Self {
-        BlockedFlowLog { interval, last: Default::default() }
+        BlockedFlowLog { interval, last: Default::default(), sources: Default::default() }
     }
 
-    /// Logs `r` unless the same flow was logged within the interval; returns whether it logged.
+    /// Logs `r` unless the same flow was logged within the interval or its source used up its
+    /// lines; returns whether it logged.
     pub fn record(&mut self, r: &crate::evidence::record::FlowRecord) -> bool {
-        let key =
-            format!("{}|{}|{}|{}|{:?}", end(&r.source), end(&r.destination), r.destination.port, r.protocol, r.reason);
-        let now = std::time::Instant::now();
+        self.record_at(r, std::time::Instant::now())
+    }
+
+    fn record_at(&mut self, r: &crate::evidence::record::FlowRecord, now: std::time::Instant) -> bool {
+        let source = end(&r.source);
+        let key = format!("{source}|{}|{}|{}|{:?}", end(&r.destination), r.destination.port, r.protocol, r.reason);
         if let Some((at, suppressed)) = self.last.get_mut(&key)
             && now.duration_since(*at) < self.interval
         {
             *suppressed += 1;
             return false;
         }
+        let budget = self.sources.entry(source.clone()).or_insert(SourceBudget { since: now, lines: 0, unlogged: 0 });
+        if now.duration_since(budget.since) >= self.interval {
+            (budget.since, budget.lines) = (now, 0);
+        }
+        if budget.lines >= BLOCKED_LINES_PER_SOURCE {
+            budget.unlogged += 1;
+            return false;
+        }
+        budget.lines += 1;
+        let unlogged_from_source = std::mem::take(&mut budget.unlogged);
         let suppressed = self.last.insert(key, (now, 0)).map(|(_, s)| s).unwrap_or(0);
         if self.last.len() > 100_000 {
             let interval = self.interval;
             self.last.retain(|_, (at, _)| now.duration_since(*at) < interval);
+            self.sources.retain(|_, b| now.duration_since(b.since) < interval || b.unlogged > 0);
         }
         let policies: Vec<String> = r.policy.policies.iter().map(|p| p.to_string()).collect();
         tracing::warn!(
@@ -78,6 +107,7 @@ impl BlockedFlowLog {
             summary = %r.policy.summary,
             inventory_stale = r.inventory_stale,
             suppressed_repeats = suppressed,
+            unlogged_from_source,
             "flow blocked"
         );
         true
@@ -149,5 +179,35 @@ pub fn text_line(r: &DatapathRecord) -> String {
             r.packets
         ),
         EventKind::Flow => format!("{time} FORWARDED {flow} on {iface} ({} pkts, {} bytes)", r.packets, r.bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::cluster::Identity;
+    use crate::evidence::record::{FlowRecord, FlowVerdict};
+    use crate::evidence::tests::record;
+
+    fn blocked(source: &str, port: u16) -> FlowRecord {
+        let end = |ip: &str, port| Identity::world(ip.parse().unwrap(), port);
+        record(1, FlowVerdict::Dropped, end(source, 40000), end("10.0.0.9", port), None)
+    }
+
+    #[test]
+    fn a_scan_logs_a_few_lines_per_source_and_interval_and_counts_the_rest() {
+        let mut log = BlockedFlowLog::new(Duration::from_secs(60));
+        let start = Instant::now();
+        let logged = (1..=1000).filter(|port| log.record_at(&blocked("10.0.0.1", *port), start)).count();
+        assert_eq!(logged, BLOCKED_LINES_PER_SOURCE as usize, "a 1,000-port scan is a few lines");
+        assert!(log.record_at(&blocked("10.0.0.2", 80), start), "another source still logs");
+        assert!(!log.record_at(&blocked("10.0.0.1", 1), start), "a repeat of a logged flow waits for its interval");
+        assert_eq!(log.sources["10.0.0.1"].unlogged, 990, "the scan's other ports are counted");
+        let later = start + Duration::from_secs(61);
+        assert!(log.record_at(&blocked("10.0.0.1", 2000), later), "the next interval logs again");
+        assert_eq!(log.sources["10.0.0.1"].unlogged, 0, "its line carried the count of what was left unlogged");
+        assert_eq!(log.sources["10.0.0.1"].lines, 1);
     }
 }
