@@ -35,6 +35,22 @@ fn inventory() -> Arc<Inventory> {
     inventory
 }
 
+/// The course's inventory and `count` more pods elsewhere, as on a large cluster.
+fn inventory_with_pods(count: u32) -> Arc<Inventory> {
+    let inventory = inventory();
+    let at = SystemTime::now() - Duration::from_secs(60);
+    for i in 0..count {
+        let pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("load-{i}"), "namespace": "load", "uid": format!("load-{i}")},
+            "spec": {"nodeName": format!("node-{}", i % 100), "containers": []},
+            "status": {"podIP": format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256)}
+        }))
+        .expect("a pod");
+        inventory.apply_at(Change::Apply(Object::Pod(pod)), at);
+    }
+    inventory
+}
+
 fn record(direction: Direction, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> DatapathRecord {
     let now = SystemTime::now();
     DatapathRecord {
@@ -117,6 +133,11 @@ fn correlate(c: &mut Criterion) {
         b.iter_custom(|iters| {
             per_flow(iters, &inventory, |port| vec![record(Direction::FromPod, debug, port, world, 443)])
         })
+    });
+    let large = inventory_with_pods(10_000);
+    let load = ip("10.200.0.7");
+    group.bench_function("to the world, among 10,000 pods", |b| {
+        b.iter_custom(|iters| per_flow(iters, &large, |port| vec![record(Direction::FromPod, load, port, world, 443)]))
     });
     group.finish();
 }

@@ -7,9 +7,9 @@ pub mod manifests;
 mod state;
 pub mod timeline;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -111,7 +111,19 @@ pub struct Inventory {
     required: Vec<Kind>,
     /// How long ended IP holdings are kept (the evidence retention).
     history: Duration,
+    /// Node addresses and ClusterIPs by address, for the state's generation they were built from.
+    addresses: Mutex<Option<(u64, Arc<AddressIndex>)>>,
 }
+
+/// What an address that no pod holds belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AddressOwner {
+    Node(String),
+    /// `namespace/name`.
+    Service(String),
+}
+
+type AddressIndex = HashMap<IpAddr, AddressOwner>;
 
 fn log_freshness(was_stale: bool, stale: bool) {
     match (was_stale, stale) {
@@ -124,7 +136,12 @@ fn log_freshness(was_stale: bool, stale: bool) {
 impl Inventory {
     /// An inventory that is synced once every kind in `required` has been listed.
     pub fn new(required: &[Kind], history: Duration) -> Arc<Self> {
-        Arc::new(Inventory { state: RwLock::default(), required: required.to_vec(), history })
+        Arc::new(Inventory {
+            state: RwLock::default(),
+            required: required.to_vec(),
+            history,
+            addresses: Mutex::default(),
+        })
     }
 
     pub fn apply(&self, change: Change) {
@@ -228,27 +245,49 @@ impl Inventory {
             };
             return (identity, Some(pod));
         }
-        let node = s.nodes().into_iter().find(|n| n.addresses.contains(&ip)).map(|n| n.name);
-        if let Some(node) = node {
-            let mut id = Identity::world(ip, port);
-            id.kind = EndpointKind::Node;
-            id.node = Some(node);
-            return (id, None);
+        let mut id = Identity::world(ip, port);
+        match self.address_index(&s).get(&ip) {
+            Some(AddressOwner::Node(node)) => {
+                id.kind = EndpointKind::Node;
+                id.node = Some(node.clone());
+            }
+            Some(AddressOwner::Service(service)) => {
+                id.kind = EndpointKind::Service;
+                id.namespace = service.split('/').next().map(str::to_owned);
+                id.service = Some(service.clone());
+            }
+            None => {}
         }
-        let text = ip.to_string();
-        let service = s.services.iter().find_map(|((ns, name), svc)| {
-            let spec = svc.spec.as_ref()?;
-            let ips = spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter());
-            ips.into_iter().any(|c| c == &text).then(|| format!("{ns}/{name}"))
-        });
-        if let Some(service) = service {
-            let mut id = Identity::world(ip, port);
-            id.kind = EndpointKind::Service;
-            id.namespace = service.split('/').next().map(str::to_owned);
-            id.service = Some(service);
-            return (id, None);
+        (id, None)
+    }
+
+    /// The node addresses and ClusterIPs of `s`, built once per generation of the state rather
+    /// than searched for every flow (finding a node's addresses reads every pod).
+    fn address_index(&self, s: &State) -> Arc<AddressIndex> {
+        let mut cached = self.addresses.lock().expect("address index lock");
+        if let Some((generation, index)) = cached.as_ref()
+            && *generation == s.generation
+        {
+            return index.clone();
         }
-        (Identity::world(ip, port), None)
+        let mut index = AddressIndex::new();
+        for ((namespace, name), service) in &s.services {
+            let Some(spec) = service.spec.as_ref() else { continue };
+            for ip in spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()) {
+                if let Ok(ip) = ip.parse() {
+                    index.insert(ip, AddressOwner::Service(format!("{namespace}/{name}")));
+                }
+            }
+        }
+        // A node's address wins over a ClusterIP that claims it too.
+        for node in s.nodes() {
+            for ip in node.addresses {
+                index.insert(ip, AddressOwner::Node(node.name.clone()));
+            }
+        }
+        let index = Arc::new(index);
+        *cached = Some((s.generation, index.clone()));
+        index
     }
 
     /// The engine's view of the whole cluster now (for what-if and advice elsewhere).
@@ -354,6 +393,24 @@ mod tests {
         let (svc, _) = inv.identify("10.96.0.10".parse().unwrap(), 80, now);
         assert_eq!((svc.kind, svc.service.as_deref()), (EndpointKind::Service, Some("prod/api")));
         assert_eq!(inv.identify("203.0.113.1".parse().unwrap(), 1, now).0.kind, EndpointKind::World);
+    }
+
+    #[test]
+    fn addresses_follow_the_objects_that_own_them() {
+        let inv = Inventory::new(&[], Duration::from_secs(60));
+        let ip = "10.96.0.77".parse().unwrap();
+        let kind = |inv: &Inventory| inv.identify(ip, 80, SystemTime::now()).0.kind;
+        assert_eq!(kind(&inv), EndpointKind::World);
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "late", "namespace": "prod"}, "spec": {"clusterIP": "10.96.0.77"}
+        }))
+        .unwrap();
+        inv.apply(Change::Apply(Object::Service(svc.clone())));
+        assert_eq!(kind(&inv), EndpointKind::Service, "a Service created after the address was looked up");
+        inv.apply(Change::Delete(Object::Service(svc)));
+        assert_eq!(kind(&inv), EndpointKind::World, "and gone with it");
+        inv.set_local_node(NodeInfo { name: "self".into(), addresses: vec![ip] });
+        assert_eq!(kind(&inv), EndpointKind::Node, "the node's own interface address");
     }
 
     #[test]
