@@ -186,7 +186,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// CPU seconds a process's threads have run, from /proc/PID/task/*/schedstat (nanoseconds).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let mut total_ns = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let stat = std::fs::read_to_string(task?.path().join("schedstat"))?;

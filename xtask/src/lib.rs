@@ -11,4 +11,5 @@ pub mod netns;
 pub mod nft;
 pub mod probe;
 pub mod sh;
+pub mod storm;
 pub mod vm;

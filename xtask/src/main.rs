@@ -14,6 +14,26 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum BenchCmd {
+    /// develop/debug scans production/api and floods one of its blocked ports, in the lab with the
+    /// baseline enforced: lost events, exact counts, netiso's CPU, memory and store growth, API
+    /// latency during the storm, and whether the records from before it are kept.
+    Storm {
+        /// New flows per second.
+        #[arg(long, default_value_t = 4000)]
+        rate: u32,
+        /// Ports scanned (1 to N).
+        #[arg(long, default_value_t = 20000)]
+        ports: u16,
+        /// Connection attempts to one blocked port, each from a fresh source port.
+        #[arg(long, default_value_t = 20000)]
+        attempts: u32,
+        #[arg(long, default_value = "storm")]
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// The course scenario in network namespaces, policies enforced by nftables.
     Lab {
@@ -28,8 +48,11 @@ enum Cmd {
         #[arg(long, default_value = "demo")]
         id: String,
     },
-    /// Packets/s through a veth pair with and without netiso, and a drop flood.
+    /// Packets/s through a veth pair with and without netiso, and a drop flood; `bench storm`: a
+    /// port scan and a connection flood in the lab.
     Bench {
+        #[command(subcommand)]
+        storm: Option<BenchCmd>,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         #[arg(long, default_value_t = 3.0)]
@@ -160,7 +183,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Lab { action, id } => lab_action(action, &id),
         Cmd::Demo { id } => lab_for(&id).and_then(|lab| xtask::demo::run(&lab)),
-        Cmd::Bench { rounds, seconds } => bench(rounds, seconds),
+        Cmd::Bench { storm: None, rounds, seconds } => bench(rounds, seconds),
+        Cmd::Bench { storm: Some(BenchCmd::Storm { rate, ports, attempts, id }), .. } => {
+            storm(&id, &xtask::storm::Options { rate, ports, attempts })
+        }
         Cmd::Leftovers { remove, prefix } => leftovers(remove, &prefix),
         Cmd::Vm { kernels, timeout } => vm(kernels, timeout),
         Cmd::BenchBlast { addr, seconds, size } => xtask::bench::blast(addr, seconds, size).map(|sent| {
@@ -216,6 +242,15 @@ fn bench(rounds: usize, seconds: f64) -> anyhow::Result<ExitCode> {
     println!("  unaccounted         {:>12}", unaccounted);
     println!("  netiso CPU          {:>11.1}% of one core", f.flood_cpu_percent);
     println!("  tracepoint program  {:>12.0} ns/drop", f.tracepoint_ns_per_drop);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn storm(id: &str, options: &xtask::storm::Options) -> anyhow::Result<ExitCode> {
+    eprintln!("building netiso (release)");
+    let netiso = xtask::build::netiso(true)?;
+    let helper = std::env::current_exe().context("locating the xtask binary")?;
+    let lab = Lab::new(id, &out_dir(id), &helper);
+    xtask::storm::run(&lab, &netiso, options)?.print(options);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -67,12 +67,14 @@ pub enum Enforcement {
 }
 
 impl Enforcement {
-    /// The rules that end a policy chain.
+    /// The rules that end a policy chain, each counting what it refuses (as the benchmarks read).
     fn verdict(self) -> &'static str {
         match self {
-            Enforcement::Drop => "drop",
-            Enforcement::Reject => "reject with icmpx admin-prohibited",
-            Enforcement::TcpReset => "meta l4proto tcp reject with tcp reset\n\t\treject with icmpx admin-prohibited",
+            Enforcement::Drop => "counter drop",
+            Enforcement::Reject => "counter reject with icmpx admin-prohibited",
+            Enforcement::TcpReset => {
+                "meta l4proto tcp counter reject with tcp reset\n\t\tcounter reject with icmpx admin-prohibited"
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::probe::Outcome;
 use crate::{nft, probe, sh};
 use scenario::{LabPod, LabService, PODS, Server};
 
-const NFT_TABLE: &str = "netiso_lab";
+pub const NFT_TABLE: &str = "netiso_lab";
 
 /// The repository root (for deploy/network-policies).
 pub fn repo_root() -> PathBuf {
