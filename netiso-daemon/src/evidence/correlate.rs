@@ -555,7 +555,7 @@ fn reverse(r: &DatapathRecord) -> Conversation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::inventory::{Change, Kind, Object};
     use crate::policy::Verdict;
@@ -617,6 +617,16 @@ mod tests {
         r.reason_class = Some(class);
         r.location = Some("nft_do_chain+0x3e8".into());
         r
+    }
+
+    /// The record of develop/debug's packet to production/api:`port` that netfilter dropped, with
+    /// its evidence, as the correlator makes it (also for the store's tests).
+    pub(crate) fn denied_record(port: u16) -> FlowRecord {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        match c.handle(&drop("10.244.0.10", "10.244.0.30", port, "NETFILTER_DROP", ReasonClass::Policy)).map(|h| h.op) {
+            Some(StoreOp::Insert(record)) => *record,
+            other => panic!("a drop is stored, not {other:?}"),
+        }
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The on-node evidence store (redb: an embedded, crash-safe B-tree store with no server).
 //! Records are keyed by id (nanoseconds of their first packet, so by time) and indexed by
 //! namespace, pod, verdict and policy; retention by age and by size; writes are batched.
+//!
+//! A record's evidence (the explanation and the policies in force) is stored once per distinct
+//! content, under its digest, and counted by the records that refer to it: the thousands of records
+//! of a flood share one.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -35,6 +39,57 @@ const BY_POD: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new(
 const BY_VERDICT: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_verdict");
 const BY_POLICY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_policy");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Evidence by the digest of its encoding, and how many records refer to each.
+const EVIDENCE: TableDefinition<u128, &[u8]> = TableDefinition::new("evidence");
+const EVIDENCE_REFS: TableDefinition<u128, u64> = TableDefinition::new("evidence_refs");
+
+/// The first byte of a stored record whose evidence is in [`EVIDENCE`]: the 16-byte digest
+/// follows, then the record's JSON. A record stored as plain JSON (`{`) holds its own evidence, or
+/// none.
+const EVIDENCE_REF: u8 = b'E';
+
+/// A record as stored: its JSON without the evidence, and the digest of that evidence.
+struct Encoded {
+    json: Vec<u8>,
+    evidence: Option<(u128, Vec<u8>)>,
+}
+
+impl Encoded {
+    fn of(r: &FlowRecord) -> Result<Self, StoreError> {
+        let Some(evidence) = &r.evidence else {
+            return Ok(Encoded { json: serde_json::to_vec(r)?, evidence: None });
+        };
+        let evidence = serde_json::to_vec(evidence)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &evidence);
+        let key = u128::from_be_bytes(digest.as_ref()[..16].try_into().expect("a SHA-256 digest has 32 bytes"));
+        let json = serde_json::to_vec(&FlowRecord { evidence: None, ..r.clone() })?;
+        Ok(Encoded { json, evidence: Some((key, evidence)) })
+    }
+
+    /// The stored value: the digest of the evidence (if any) before the JSON.
+    fn value(&self) -> Vec<u8> {
+        match &self.evidence {
+            None => self.json.clone(),
+            Some((key, _)) => [&[EVIDENCE_REF][..], &key.to_be_bytes(), &self.json].concat(),
+        }
+    }
+}
+
+/// A stored value's evidence digest, if it refers to one, and its record's JSON.
+fn split_stored(value: &[u8]) -> (Option<u128>, &[u8]) {
+    match value.split_first() {
+        Some((&EVIDENCE_REF, rest)) if rest.len() >= 16 => {
+            let (key, json) = rest.split_at(16);
+            (Some(u128::from_be_bytes(key.try_into().expect("16 bytes"))), json)
+        }
+        _ => (None, value),
+    }
+}
+
+/// The record in a stored value, without the evidence it refers to.
+fn decode(value: &[u8]) -> Result<FlowRecord, StoreError> {
+    Ok(serde_json::from_slice(split_stored(value).1)?)
+}
 
 const META_BYTES: &str = "bytes";
 const META_EVICTIONS: &str = "evictions";
@@ -239,6 +294,42 @@ impl<'t> Indexes<'t> {
     }
 }
 
+/// The shared evidence of a write transaction, counted by the records that refer to it.
+struct EvidenceTables<'t> {
+    content: redb::Table<'t, u128, &'static [u8]>,
+    refs: redb::Table<'t, u128, u64>,
+}
+
+impl<'t> EvidenceTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(EvidenceTables { content: txn.open_table(EVIDENCE)?, refs: txn.open_table(EVIDENCE_REFS)? })
+    }
+
+    /// One more record refers to the evidence `content` under `key`: the bytes this adds to the
+    /// store (its content, the first time).
+    fn hold(&mut self, key: u128, content: &[u8]) -> Result<u64, StoreError> {
+        let refs = self.refs.get(key)?.map(|v| v.value()).unwrap_or(0);
+        self.refs.insert(key, refs + 1)?;
+        if refs > 0 {
+            return Ok(0);
+        }
+        self.content.insert(key, content)?;
+        Ok(content.len() as u64)
+    }
+
+    /// A record that referred to `key` is gone: the bytes this frees (the content, with the last
+    /// reference).
+    fn release(&mut self, key: u128) -> Result<u64, StoreError> {
+        let refs = self.refs.get(key)?.map(|v| v.value()).unwrap_or(0);
+        if refs > 1 {
+            self.refs.insert(key, refs - 1)?;
+            return Ok(0);
+        }
+        self.refs.remove(key)?;
+        Ok(self.content.remove(key)?.map(|v| v.value().len() as u64).unwrap_or(0))
+    }
+}
+
 pub struct Store {
     /// None only while the database is being reopened.
     db: RwLock<Option<Database>>,
@@ -295,6 +386,8 @@ impl Store {
         {
             txn.open_table(RECORDS)?;
             txn.open_table(META)?;
+            txn.open_table(EVIDENCE)?;
+            txn.open_table(EVIDENCE_REFS)?;
             Indexes::open(&txn)?;
         }
         txn.commit()?;
@@ -406,27 +499,40 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
+            let mut evidence = EvidenceTables::open(&txn)?;
             let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
             for op in ops {
                 match op {
                     StoreOp::Insert(r) => {
-                        let encoded = serde_json::to_vec(r)?;
-                        if let Some(old) = records.insert(r.id, encoded.as_slice())? {
-                            bytes = bytes.saturating_sub(old.value().len() as u64);
+                        let encoded = Encoded::of(r)?;
+                        let value = encoded.value();
+                        if let Some(old) = records.insert(r.id, value.as_slice())?.map(|v| v.value().to_vec()) {
+                            bytes = bytes.saturating_sub(old.len() as u64);
+                            if let (Some(key), _) = split_stored(&old) {
+                                bytes = bytes.saturating_sub(evidence.release(key)?);
+                            }
                         }
-                        bytes += encoded.len() as u64;
+                        bytes += value.len() as u64;
+                        if let Some((key, content)) = &encoded.evidence {
+                            bytes += evidence.hold(*key, content)?;
+                        }
                         indexes.add(r)?;
                     }
                     StoreOp::Count { id, packets, bytes: b, last_seen } => {
                         let Some(existing) = records.get(*id)?.map(|v| v.value().to_vec()) else { continue };
-                        let mut r: FlowRecord = serde_json::from_slice(&existing)?;
+                        let (key, json) = split_stored(&existing);
+                        let mut r: FlowRecord = serde_json::from_slice(json)?;
                         r.packets = *packets;
                         r.bytes = *b;
                         r.last_seen = *last_seen;
-                        let encoded = serde_json::to_vec(&r)?;
-                        bytes = bytes.saturating_sub(existing.len() as u64) + encoded.len() as u64;
-                        records.insert(*id, encoded.as_slice())?;
+                        let json = serde_json::to_vec(&r)?;
+                        let value = match key {
+                            Some(key) => [&[EVIDENCE_REF][..], &key.to_be_bytes(), &json].concat(),
+                            None => json,
+                        };
+                        bytes = bytes.saturating_sub(existing.len() as u64) + value.len() as u64;
+                        records.insert(*id, value.as_slice())?;
                     }
                 }
             }
@@ -449,6 +555,7 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
+            let mut evidence = EvidenceTables::open(&txn)?;
             let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
             let mut count = 0u64;
@@ -460,7 +567,11 @@ impl Store {
                 records.remove(id)?;
                 bytes = bytes.saturating_sub(encoded.len() as u64);
                 count += 1;
-                if let Ok(r) = serde_json::from_slice::<FlowRecord>(&encoded) {
+                let (key, json) = split_stored(&encoded);
+                if let Some(key) = key {
+                    bytes = bytes.saturating_sub(evidence.release(key)?);
+                }
+                if let Ok(r) = serde_json::from_slice::<FlowRecord>(json) {
                     indexes.remove(&r)?;
                 }
             }
@@ -477,10 +588,17 @@ impl Store {
         self.with_db(|db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(RECORDS)?;
-            Ok(match table.get(id)? {
-                Some(v) => Some(serde_json::from_slice(v.value())?),
-                None => None,
-            })
+            let Some(value) = table.get(id)? else { return Ok(None) };
+            let (key, json) = split_stored(value.value());
+            let mut r: FlowRecord = serde_json::from_slice(json)?;
+            if let Some(key) = key {
+                let evidence = txn.open_table(EVIDENCE)?;
+                r.evidence = match evidence.get(key)? {
+                    Some(v) => Some(serde_json::from_slice(v.value())?),
+                    None => None,
+                };
+            }
+            Ok(Some(r))
         })
     }
 
@@ -517,7 +635,7 @@ impl Store {
         let mut consider = |id: u64, encoded: &[u8]| -> Result<bool, StoreError> {
             scanned += 1;
             oldest_read = Some(id);
-            let r: FlowRecord = serde_json::from_slice(encoded)?;
+            let r = decode(encoded)?;
             if q.matches(&r) {
                 out.push(r);
             }

@@ -248,6 +248,75 @@ fn retention_removes_by_age_and_by_size_and_counts_evictions() {
 }
 
 #[test]
+fn records_of_one_conversation_share_its_evidence_until_the_last_is_removed() {
+    let dir = TempDir::new("shared-evidence");
+    let path = dir.0.join("evidence.redb");
+    let keep_all = Retention { max_age: Duration::from_secs(3600), max_bytes: 1 << 30 };
+    let store = Store::open(&path, keep_all).unwrap();
+    let first = super::correlate::tests::denied_record(8080);
+    let evidence = first.evidence.clone().expect("a denied flow carries its evidence");
+    let evidence_bytes = serde_json::to_vec(&evidence).unwrap().len() as u64;
+    let record_bytes = serde_json::to_vec(&first.clone().listed()).unwrap().len() as u64;
+    // A flood: the same conversation from a thousand source ports.
+    let flood: Vec<FlowRecord> = (0..1000u64)
+        .map(|i| {
+            let mut r = first.clone();
+            r.id = now_id(100) + i;
+            r.source.port = 40000 + i as u16;
+            r
+        })
+        .collect();
+    store.write(&flood.iter().map(|r| StoreOp::Insert(Box::new(r.clone()))).collect::<Vec<_>>()).unwrap();
+    let stored = store.stats().bytes;
+    assert!(
+        stored < evidence_bytes + 1000 * (record_bytes + 64),
+        "{stored} bytes for 1000 records of {record_bytes} bytes and one evidence of {evidence_bytes}"
+    );
+    assert!(evidence_bytes > 1000, "the evidence is what sharing saves: {evidence_bytes} bytes");
+    for r in [&flood[0], &flood[999]] {
+        assert_eq!(store.get(r.id).unwrap().unwrap().evidence.as_ref(), Some(&evidence), "each record keeps it");
+    }
+    store.write(&[StoreOp::Count { id: flood[5].id, packets: 3, bytes: 180, last_seen: flood[5].time }]).unwrap();
+    let counted = store.get(flood[5].id).unwrap().unwrap();
+    assert_eq!((counted.packets, counted.evidence.as_ref()), (3, Some(&evidence)), "a count update keeps it");
+    let listed = store.query(&Query { limit: 2000, ..Default::default() }).unwrap();
+    assert_eq!(listed.len(), 1000);
+    drop(store);
+
+    let one_left = Retention { max_age: Duration::from_secs(3600), max_bytes: evidence_bytes + record_bytes + 64 };
+    let store = Store::open(&path, one_left).unwrap();
+    assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 999);
+    assert_eq!(store.get(flood[999].id).unwrap().unwrap().evidence, Some(evidence), "the last one still has it");
+    drop(store);
+
+    let none_left = Retention { max_age: Duration::from_secs(3600), max_bytes: 0 };
+    let store = Store::open(&path, none_left).unwrap();
+    assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 1);
+    assert_eq!(store.stats().bytes, 0, "the evidence goes with its last record");
+}
+
+#[test]
+fn a_record_stored_with_its_own_evidence_is_still_read_whole() {
+    let dir = TempDir::new("inline-evidence");
+    let path = dir.0.join("evidence.redb");
+    let r = super::correlate::tests::denied_record(8080);
+    // As stores written before evidence was shared hold it: inside the record's JSON.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut records = txn.open_table(redb::TableDefinition::<u64, &[u8]>::new("records")).unwrap();
+            records.insert(r.id, serde_json::to_vec(&r).unwrap().as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path, Retention::default()).unwrap();
+    assert_eq!(store.get(r.id).unwrap(), Some(r.clone()));
+    let listed: Vec<FlowRecord> = store.query(&Query::default()).unwrap().into_iter().map(FlowRecord::listed).collect();
+    assert_eq!(listed, vec![r.listed()]);
+}
+
+#[test]
 fn an_unreadable_store_is_moved_aside_and_a_fresh_one_works() {
     let dir = TempDir::new("corrupt");
     let path = dir.0.join("evidence.redb");
