@@ -5,7 +5,7 @@
 //! flows per second. What the incident costs netiso, and what it loses, is read from its metrics,
 //! its process and its store, and from nftables' own count of what it dropped.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -50,8 +50,10 @@ pub struct Figures {
     pub peak_rss_mib: f64,
     pub store_growth_mib: f64,
     pub records_processed: u64,
-    /// Records the store gained over the storm.
-    pub records_stored: i64,
+    /// Records the store lists after the storm that it did not before.
+    pub records_stored: usize,
+    /// The dropped packets those records account for.
+    pub recorded_drops: u64,
     pub api_latency_max: Duration,
     pub api_queries: usize,
     pub pre_storm_records: usize,
@@ -66,7 +68,7 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options) -> anyhow::Result<Figure
     eprintln!("quiet baseline: the scenario's traffic");
     lab.traffic_of(lab::all_probes())?;
     let pre_storm = wait_for_quiet(lab, Duration::from_secs(60))
-        .and_then(|_| record_ids(lab))
+        .and_then(|_| records(lab))
         .context("recording the quiet baseline")?;
     if pre_storm.is_empty() {
         bail!("the quiet baseline left no record");
@@ -102,7 +104,8 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options) -> anyhow::Result<Figure
 
     let metrics_after = metrics(lab)?;
     let delta = |name: &str, labels: &str| sum(&metrics_after, name, labels) - sum(&metrics_before, name, labels);
-    let after = record_ids(lab)?;
+    let after = records(lab)?;
+    let storm: Vec<u64> = after.iter().filter(|(id, _)| !pre_storm.contains_key(*id)).map(|(_, p)| *p).collect();
     let figures = Figures {
         attempts_sent: scanned + flooded,
         send_seconds,
@@ -116,11 +119,12 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options) -> anyhow::Result<Figure
         peak_rss_mib: peak_rss_kib(pid)? as f64 / 1024.0,
         store_growth_mib: (store_bytes(lab)? as f64 - store_before as f64) / (1024.0 * 1024.0),
         records_processed: delta("netiso_records_processed_total", "") as u64,
-        records_stored: delta("netiso_store_records", "") as i64,
+        records_stored: storm.len(),
+        recorded_drops: storm.iter().sum(),
         api_latency_max: latencies.iter().copied().max().unwrap_or_default(),
         api_queries: latencies.len(),
         pre_storm_records: pre_storm.len(),
-        pre_storm_kept: pre_storm.intersection(&after).count(),
+        pre_storm_kept: pre_storm.keys().filter(|id| after.contains_key(*id)).count(),
     };
     observer.stop()?;
     Ok(figures)
@@ -205,9 +209,9 @@ fn sum(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// Every record id in the node's store, page by page.
-fn record_ids(lab: &Lab) -> anyhow::Result<HashSet<String>> {
-    let mut ids = HashSet::new();
+/// Every record in the node's store, page by page: its id, and its packets when it is a drop.
+fn records(lab: &Lab) -> anyhow::Result<HashMap<String, u64>> {
+    let mut ids = HashMap::new();
     let mut before = String::new();
     loop {
         let path = format!("/v1/flows?since=24h&limit=10000{before}");
@@ -217,7 +221,10 @@ fn record_ids(lab: &Lab) -> anyhow::Result<HashSet<String>> {
         }
         let page: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{path}: not JSON"))?;
         let flows = page["flows"].as_array().with_context(|| format!("{path}: no flows"))?;
-        ids.extend(flows.iter().filter_map(|f| f["id"].as_str().map(str::to_owned)));
+        ids.extend(flows.iter().filter_map(|f| {
+            let dropped = if f["verdict"] == "dropped" { f["packets"].as_u64().unwrap_or(0) } else { 0 };
+            Some((f["id"].as_str()?.to_owned(), dropped))
+        }));
         match page["next"].as_str() {
             Some(next) if page["more"] == true => before = format!("&before={next}"),
             _ => return Ok(ids),
@@ -276,7 +283,10 @@ impl Figures {
         println!("  daemon peak RSS                  {:>12.1} MiB   (target <= 128)", self.peak_rss_mib);
         println!("  store growth                     {:>12.1} MiB   (target <= 16)", self.store_growth_mib);
         println!("  records processed                {:>12}", self.records_processed);
-        println!("  records stored                   {:>12}", self.records_stored);
+        println!(
+            "  records stored                   {:>12}   (accounting for {} dropped packets)",
+            self.records_stored, self.recorded_drops
+        );
         println!(
             "  API latency during the storm     {:>12.3} s max over {} queries   (target < 1)",
             self.api_latency_max.as_secs_f64(),
