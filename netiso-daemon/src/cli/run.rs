@@ -35,7 +35,8 @@ pub struct RunArgs {
     /// How often the kernel maps are read.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub drain_interval: Duration,
-    /// Keys idle this long leave the kernel maps.
+    /// Keys idle this long leave the kernel maps (while a map is more than half full, keys idle for
+    /// two drain intervals).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
     /// Take the inventory from these manifests (file or directory, reloaded on change) instead

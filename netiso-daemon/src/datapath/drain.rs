@@ -64,6 +64,14 @@ impl<K: Copy + Eq + Hash> Ledger<K> {
     }
 }
 
+/// How long a key may stay idle in a map that holds `entries` keys of `capacity`: `idle_ns`, or,
+/// while the map is more than half full, `pressed_ns`. A scan or a flood brings new keys faster
+/// than idle ones would otherwise leave, and a key idle that long has had its counts read: what
+/// the map loses is only that a later packet of the key starts a new record.
+pub fn idle_limit(entries: usize, capacity: u32, idle_ns: u64, pressed_ns: u64) -> u64 {
+    if entries as u64 * 2 > u64::from(capacity) { idle_ns.min(pressed_ns) } else { idle_ns }
+}
+
 /// Sums per-CPU counters: totals add up, first/last seen span the CPUs that saw packets.
 pub fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counters>) -> Counters {
     let mut total = Counters::default();
@@ -98,6 +106,13 @@ mod tests {
 
     fn counters(packets: u64, bytes: u64, first_seen_ns: u64, last_seen_ns: u64) -> Counters {
         Counters { packets, bytes, first_seen_ns, last_seen_ns, ..Default::default() }
+    }
+
+    #[test]
+    fn a_map_more_than_half_full_lets_keys_go_sooner() {
+        assert_eq!(idle_limit(8192, 16384, 60_000, 2_000), 60_000, "half full: the usual timeout");
+        assert_eq!(idle_limit(8193, 16384, 60_000, 2_000), 2_000);
+        assert_eq!(idle_limit(16384, 16384, 1_000, 2_000), 1_000, "never longer than asked");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use self::btf::{Btf, BtfError};
-use self::drain::{Change, Ledger, loss_deltas, sum};
+use self::drain::{Change, Ledger, idle_limit, loss_deltas, sum};
 use self::interfaces::{Link, LinkChange};
 use self::kallsyms::Kallsyms;
 use self::netns::PodNamespaces;
@@ -425,7 +425,10 @@ impl Datapath {
             let _ = ready.send(self.attached_interfaces());
         }
 
-        let mut drains = Drains { drops: Drain::new(drops), flows: Drain::new(flows) };
+        let mut drains = Drains {
+            drops: Drain::new(drops, self.config.drop_map_entries),
+            flows: Drain::new(flows, self.config.flow_map_entries),
+        };
         let mut tick = tokio::time::interval(self.config.drain_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let soon = tokio::time::sleep(Duration::from_secs(3600));
@@ -571,8 +574,9 @@ impl Datapath {
     async fn drain(&mut self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
         let now = monotonic_ns();
         let idle = self.config.idle_timeout.as_nanos() as u64;
-        let drops = drains.drops.drain(now, idle);
-        let flows = drains.flows.drain(now, idle);
+        let pressed = 2 * self.config.drain_interval.as_nanos() as u64;
+        let drops = drains.drops.drain(now, idle, pressed);
+        let flows = drains.flows.drain(now, idle, pressed);
         if self.pod_namespaces.due() && drops.iter().any(|c| !self.watches(c.key.netns)) {
             let peer_ids = self.attached.values().filter_map(|a| a.peer_netns_id).collect();
             self.pod_namespaces.refresh(&peer_ids).await;
@@ -718,20 +722,23 @@ pub fn tuple_record(event: EventKind, tuple: &FlowTuple, c: &Counters) -> Datapa
 /// One kernel map and what user space already knows of its keys.
 struct Drain<K: aya::Pod> {
     map: PerCpuHashMap<MapData, K, Counters>,
+    capacity: u32,
     ledger: Ledger<K>,
 }
 
 impl<K: aya::Pod + Eq + Hash> Drain<K> {
-    fn new(map: PerCpuHashMap<MapData, K, Counters>) -> Self {
-        Drain { map, ledger: Ledger::default() }
+    fn new(map: PerCpuHashMap<MapData, K, Counters>, capacity: u32) -> Self {
+        Drain { map, capacity, ledger: Ledger::default() }
     }
 
     /// Reads the map: the keys that are new or saw packets since the last read. Keys idle for
-    /// longer than `idle_ns` leave the map.
-    fn drain(&mut self, now_ns: u64, idle_ns: u64) -> Vec<Change<K>> {
+    /// longer than `idle_ns` leave the map, or longer than `pressed_ns` while it is more than half
+    /// full ([`idle_limit`]).
+    fn drain(&mut self, now_ns: u64, idle_ns: u64, pressed_ns: u64) -> Vec<Change<K>> {
         let entries: Vec<(K, Counters)> =
             self.map.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect();
-        let (changes, idle) = self.ledger.read(entries, now_ns, idle_ns);
+        let limit = idle_limit(entries.len(), self.capacity, idle_ns, pressed_ns);
+        let (changes, idle) = self.ledger.read(entries, now_ns, limit);
         for key in idle {
             let _ = self.map.remove(&key);
         }
