@@ -250,7 +250,7 @@ fn storm(id: &str, options: &xtask::storm::Options) -> anyhow::Result<ExitCode> 
     let netiso = xtask::build::netiso(true)?;
     let helper = std::env::current_exe().context("locating the xtask binary")?;
     let lab = Lab::new(id, &out_dir(id), &helper);
-    xtask::storm::run(&lab, &netiso, options)?.print(options);
+    xtask::storm::run(&lab, &netiso, options, &[])?.print(options);
     Ok(ExitCode::SUCCESS)
 }
 

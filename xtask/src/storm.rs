@@ -60,9 +60,10 @@ pub struct Figures {
     pub pre_storm_kept: usize,
 }
 
-pub fn run(lab: &Lab, netiso: &Path, options: &Options) -> anyhow::Result<Figures> {
+/// Runs the storm against `netiso run` with `netiso_args` beside the lab's own.
+pub fn run(lab: &Lab, netiso: &Path, options: &Options, netiso_args: &[&str]) -> anyhow::Result<Figures> {
     let _guard = lab.up_guarded(&lab::baseline_policies()?)?;
-    let mut observer = lab.observe(netiso, &[])?;
+    let mut observer = lab.observe(netiso, netiso_args)?;
     let pid = observer.pid();
 
     eprintln!("quiet baseline: the scenario's traffic");
