@@ -55,7 +55,8 @@ pub struct RunArgs {
     /// Keep evidence this long.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// Keep at most this many bytes of evidence (e.g. 512MiB, 2GiB).
+    /// Keep at most this many bytes of evidence (e.g. 512MiB, 2GiB): each write removes the oldest
+    /// records beyond it.
     #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
     pub store_max_bytes: u64,
     /// Address of the query API (/v1/...).

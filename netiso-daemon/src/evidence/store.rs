@@ -294,6 +294,35 @@ impl<'t> Indexes<'t> {
     }
 }
 
+/// Removes the oldest records while `over(oldest id, payload bytes)` holds, with their index
+/// entries and their share of evidence, keeping `bytes` in step; returns how many went.
+fn evict_oldest(
+    records: &mut redb::Table<'_, u64, &'static [u8]>,
+    evidence: &mut EvidenceTables<'_>,
+    indexes: &mut Indexes<'_>,
+    bytes: &mut u64,
+    over: impl Fn(u64, u64) -> bool,
+) -> Result<u64, StoreError> {
+    let mut count = 0u64;
+    loop {
+        let Some((id, encoded)) = records.first()?.map(|(k, v)| (k.value(), v.value().to_vec())) else { break };
+        if !over(id, *bytes) {
+            break;
+        }
+        records.remove(id)?;
+        *bytes = bytes.saturating_sub(encoded.len() as u64);
+        count += 1;
+        let (key, json) = split_stored(&encoded);
+        if let Some(key) = key {
+            *bytes = bytes.saturating_sub(evidence.release(key)?);
+        }
+        if let Ok(r) = serde_json::from_slice::<FlowRecord>(json) {
+            indexes.remove(&r)?;
+        }
+    }
+    Ok(count)
+}
+
 /// The shared evidence of a write transaction, counted by the records that refer to it.
 struct EvidenceTables<'t> {
     content: redb::Table<'t, u128, &'static [u8]>,
@@ -491,10 +520,12 @@ impl Store {
 
     /// Applies a batch of operations in one transaction.
     pub fn write(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        self.with_db(|db| Self::write_to(db, ops))
+        self.with_db(|db| self.write_to(db, ops))
     }
 
-    fn write_to(db: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
+    /// Applies `ops`, then removes the oldest records while the payload exceeds the size limit,
+    /// in the same transaction: the limit holds at every write, not only at retention passes.
+    fn write_to(&self, db: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
         let txn = db.begin_write()?;
         {
             let mut records = txn.open_table(RECORDS)?;
@@ -536,6 +567,13 @@ impl Store {
                     }
                 }
             }
+            let max_bytes = self.retention.max_bytes;
+            let evicted =
+                evict_oldest(&mut records, &mut evidence, &mut indexes, &mut bytes, |_, bytes| bytes > max_bytes)?;
+            if evicted > 0 {
+                let evictions = meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0) + evicted;
+                meta.insert(META_EVICTIONS, evictions)?;
+            }
             meta.insert(META_BYTES, bytes)?;
         }
         txn.commit()?;
@@ -558,23 +596,10 @@ impl Store {
             let mut evidence = EvidenceTables::open(&txn)?;
             let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
-            let mut count = 0u64;
-            loop {
-                let Some((id, encoded)) = records.first()?.map(|(k, v)| (k.value(), v.value().to_vec())) else { break };
-                if id >= cutoff && bytes <= self.retention.max_bytes {
-                    break;
-                }
-                records.remove(id)?;
-                bytes = bytes.saturating_sub(encoded.len() as u64);
-                count += 1;
-                let (key, json) = split_stored(&encoded);
-                if let Some(key) = key {
-                    bytes = bytes.saturating_sub(evidence.release(key)?);
-                }
-                if let Ok(r) = serde_json::from_slice::<FlowRecord>(json) {
-                    indexes.remove(&r)?;
-                }
-            }
+            let max_bytes = self.retention.max_bytes;
+            let count = evict_oldest(&mut records, &mut evidence, &mut indexes, &mut bytes, |id, bytes| {
+                id < cutoff || bytes > max_bytes
+            })?;
             let evictions = meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0) + count;
             meta.insert(META_BYTES, bytes)?;
             meta.insert(META_EVICTIONS, evictions)?;

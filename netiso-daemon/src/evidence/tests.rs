@@ -317,6 +317,29 @@ fn a_record_stored_with_its_own_evidence_is_still_read_whole() {
 }
 
 #[test]
+fn the_size_limit_holds_at_every_write() {
+    let dir = TempDir::new("size-at-write");
+    let path = dir.0.join("evidence.redb");
+    let make = |id: u64| {
+        record(id, FlowVerdict::Dropped, pod("a", "x", "10.0.0.1", 1), pod("b", "y", "10.0.0.2", 2), Some("b/p"))
+    };
+    let first = now_id(100);
+    let ids: Vec<u64> = (0..50).map(|i| first + i).collect();
+    let one = serde_json::to_vec(&make(first)).unwrap().len() as u64;
+    let limit = one * 10;
+    let store = Store::open(&path, Retention { max_age: Duration::from_secs(3600), max_bytes: limit }).unwrap();
+    for batch in ids.chunks(7) {
+        store.write(&batch.iter().map(|&id| StoreOp::Insert(Box::new(make(id)))).collect::<Vec<_>>()).unwrap();
+        let stats = store.stats();
+        assert!(stats.bytes <= limit, "{} bytes stored with a limit of {limit}", stats.bytes);
+    }
+    let kept: Vec<u64> = store.query(&Query::default()).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(kept, ids.iter().rev().take(10).copied().collect::<Vec<_>>(), "the newest are kept");
+    assert_eq!(store.stats().evictions, 40);
+    assert_eq!(store.query(&Query { policy: Some("b/p".into()), limit: 100, ..Default::default() }).unwrap().len(), 10);
+}
+
+#[test]
 fn an_unreadable_store_is_moved_aside_and_a_fresh_one_works() {
     let dir = TempDir::new("corrupt");
     let path = dir.0.join("evidence.redb");
