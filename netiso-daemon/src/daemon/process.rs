@@ -13,9 +13,11 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// How long a start may take until the programs are attached, and a stop after SIGTERM.
+/// How long a start may take until the programs are attached, and a stop after SIGTERM (writing
+/// what it holds and detaching): generous, as the datapath suite also runs in VMs of other kernels
+/// on a shared machine, several times slower than the host.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Process {
     child: Child,
