@@ -66,12 +66,16 @@ impl Encoded {
         Ok(Encoded { json, evidence: Some((key, evidence)) })
     }
 
-    /// The stored value: the digest of the evidence (if any) before the JSON.
     fn value(&self) -> Vec<u8> {
-        match &self.evidence {
-            None => self.json.clone(),
-            Some((key, _)) => [&[EVIDENCE_REF][..], &key.to_be_bytes(), &self.json].concat(),
-        }
+        stored_value(self.evidence.as_ref().map(|(key, _)| *key), &self.json)
+    }
+}
+
+/// The stored value of a record's JSON: the digest of its evidence (if any) before the JSON.
+fn stored_value(evidence: Option<u128>, json: &[u8]) -> Vec<u8> {
+    match evidence {
+        None => json.to_vec(),
+        Some(key) => [&[EVIDENCE_REF][..], &key.to_be_bytes(), json].concat(),
     }
 }
 
@@ -305,11 +309,11 @@ fn evict_oldest(
 ) -> Result<u64, StoreError> {
     let mut count = 0u64;
     loop {
-        let Some((id, encoded)) = records.first()?.map(|(k, v)| (k.value(), v.value().to_vec())) else { break };
+        let Some(id) = records.first()?.map(|(k, _)| k.value()) else { break };
         if !over(id, *bytes) {
             break;
         }
-        records.remove(id)?;
+        let Some(encoded) = records.remove(id)?.map(|v| v.value().to_vec()) else { break };
         *bytes = bytes.saturating_sub(encoded.len() as u64);
         count += 1;
         let (key, json) = split_stored(&encoded);
@@ -557,11 +561,7 @@ impl Store {
                         r.packets = *packets;
                         r.bytes = *b;
                         r.last_seen = *last_seen;
-                        let json = serde_json::to_vec(&r)?;
-                        let value = match key {
-                            Some(key) => [&[EVIDENCE_REF][..], &key.to_be_bytes(), &json].concat(),
-                            None => json,
-                        };
+                        let value = stored_value(key, &serde_json::to_vec(&r)?);
                         bytes = bytes.saturating_sub(existing.len() as u64) + value.len() as u64;
                         records.insert(*id, value.as_slice())?;
                     }
