@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use netiso::evidence::store::{Query, Store};
-use support::{connect, curl, node_and_pod, start_daemon, tag, udp_flows_from_pod, wait_until};
+use support::{connect, curl, node_and_pod, start_daemon, tag, udp_to_ports_from_pod, wait_until};
 
 /// A tmpfs of its own, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
@@ -42,8 +42,9 @@ fn a_full_disk_makes_the_daemon_unready_until_space_returns_and_loses_no_record(
         while file.write_all(&chunk).is_ok() {}
     }
     // Enough new flows that their records outgrow the store file's free pages.
+    const FIRST_PORT: u16 = 21000;
     const FLOWS: u16 = 600;
-    udp_flows_from_pod(&pod, 46000, FLOWS, 9431);
+    udp_to_ports_from_pod(&pod, FIRST_PORT, FLOWS);
     assert!(
         wait_until(Duration::from_secs(30), || readyz().0 == 503),
         "not ready while writes fail: {:?}",
@@ -73,7 +74,10 @@ fn a_full_disk_makes_the_daemon_unready_until_space_returns_and_loses_no_record(
         Store::open(&store, Default::default()).unwrap().query(&Query { limit: 0, ..Default::default() }).unwrap();
     let drops = records
         .iter()
-        .filter(|r| r.destination.port == 9431 && r.verdict == netiso::evidence::record::FlowVerdict::Dropped)
+        .filter(|r| {
+            (FIRST_PORT..FIRST_PORT + FLOWS).contains(&r.destination.port)
+                && r.verdict == netiso::evidence::record::FlowVerdict::Dropped
+        })
         .count();
     assert_eq!(drops, FLOWS as usize, "every record held during the outage is written");
 }

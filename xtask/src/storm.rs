@@ -52,8 +52,11 @@ pub struct Figures {
     pub records_processed: u64,
     /// Records the store lists after the storm that it did not before.
     pub records_stored: usize,
-    /// The dropped packets those records account for.
+    /// The dropped packets the records account for.
     pub recorded_drops: u64,
+    /// New records of the flood, and the attempts at its port that records count.
+    pub flood_records: usize,
+    pub flood_attempts_recorded: u64,
     pub api_latency_max: Duration,
     pub api_queries: usize,
     pub pre_storm_records: usize,
@@ -106,7 +109,13 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options, netiso_args: &[&str]) ->
     let metrics_after = metrics(lab)?;
     let delta = |name: &str, labels: &str| sum(&metrics_after, name, labels) - sum(&metrics_before, name, labels);
     let after = records(lab)?;
-    let storm: Vec<u64> = after.iter().filter(|(id, _)| !pre_storm.contains_key(*id)).map(|(_, p)| *p).collect();
+    // The storm's attempts may also count on a record from before it (the same conversation):
+    // what it recorded is what every record gained.
+    let gained = |of: fn(&Stored) -> u64| {
+        after.iter().map(|(id, r)| of(r).saturating_sub(pre_storm.get(id).map_or(0, of))).sum::<u64>()
+    };
+    let new_records: Vec<&Stored> =
+        after.iter().filter(|(id, _)| !pre_storm.contains_key(*id)).map(|(_, r)| r).collect();
     let figures = Figures {
         attempts_sent: scanned + flooded,
         send_seconds,
@@ -120,8 +129,10 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options, netiso_args: &[&str]) ->
         peak_rss_mib: peak_rss_kib(pid)? as f64 / 1024.0,
         store_growth_mib: (store_bytes(lab)? as f64 - store_before as f64) / (1024.0 * 1024.0),
         records_processed: delta("netiso_records_processed_total", "") as u64,
-        records_stored: storm.len(),
-        recorded_drops: storm.iter().sum(),
+        records_stored: new_records.len(),
+        recorded_drops: gained(|r| r.dropped_packets),
+        flood_records: new_records.iter().filter(|r| r.flood_attempts > 0).count(),
+        flood_attempts_recorded: gained(|r| r.flood_attempts),
         api_latency_max: latencies.iter().copied().max().unwrap_or_default(),
         api_queries: latencies.len(),
         pre_storm_records: pre_storm.len(),
@@ -210,8 +221,17 @@ fn sum(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// Every record in the node's store, page by page: its id, and its packets when it is a drop.
-fn records(lab: &Lab) -> anyhow::Result<HashMap<String, u64>> {
+/// What the storm's figures need of a stored record.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stored {
+    /// Its packets when it is a drop.
+    dropped_packets: u64,
+    /// Its attempts when it is a drop to the flooded port.
+    flood_attempts: u64,
+}
+
+/// Every record in the node's store by id, page by page.
+fn records(lab: &Lab) -> anyhow::Result<HashMap<String, Stored>> {
     let mut ids = HashMap::new();
     let mut before = String::new();
     loop {
@@ -223,8 +243,14 @@ fn records(lab: &Lab) -> anyhow::Result<HashMap<String, u64>> {
         let page: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{path}: not JSON"))?;
         let flows = page["flows"].as_array().with_context(|| format!("{path}: no flows"))?;
         ids.extend(flows.iter().filter_map(|f| {
-            let dropped = if f["verdict"] == "dropped" { f["packets"].as_u64().unwrap_or(0) } else { 0 };
-            Some((f["id"].as_str()?.to_owned(), dropped))
+            let mut stored = Stored::default();
+            if f["verdict"] == "dropped" {
+                stored.dropped_packets = f["packets"].as_u64().unwrap_or(0);
+                if f["destination"]["port"] == FLOOD_PORT {
+                    stored.flood_attempts = f["attempts"].as_u64().unwrap_or(1);
+                }
+            }
+            Some((f["id"].as_str()?.to_owned(), stored))
         }));
         match page["next"].as_str() {
             Some(next) if page["more"] == true => before = format!("&before={next}"),
@@ -287,6 +313,10 @@ impl Figures {
         println!(
             "  records stored                   {:>12}   (accounting for {} dropped packets)",
             self.records_stored, self.recorded_drops
+        );
+        println!(
+            "  records of the flood             {:>12}   (counting {} attempts at its port)",
+            self.flood_records, self.flood_attempts_recorded
         );
         println!(
             "  API latency during the storm     {:>12.3} s max over {} queries   (target < 1)",

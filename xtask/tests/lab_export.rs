@@ -272,7 +272,18 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     assert_eq!(bundle["evaluation"]["ingress"]["nearest_misses"][0]["policy"]["name"], "allow-from-ingress-nginx");
     assert!(bundle["suggested_policy"]["yaml"].as_str().unwrap().contains("kind: NetworkPolicy"));
 
-    // follow: a new blocked flow arrives on the open stream.
+    // follow: a new blocked attempt arrives on the open stream, as a new record or as an update
+    // of its conversation's record (the same id, counting one attempt more).
+    let attempts_before: std::collections::HashMap<String, u64> = {
+        let (_, body) = netns::get(&node, api, "/v1/flows?verdict=dropped&port=8080&limit=10000").unwrap();
+        let list: Value = serde_json::from_str(&body).unwrap();
+        list["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["id"].as_str().unwrap().to_owned(), f["attempts"].as_u64().unwrap_or(1)))
+            .collect()
+    };
     let mut follow = Killed(
         Command::new("ip")
             .args(["netns", "exec", &node])
@@ -311,7 +322,12 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     while Instant::now() < deadline && !seen {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
             let v: Value = serde_json::from_str(&line).unwrap();
-            seen = v["source"]["port"] == 45555;
+            let attempts = v["attempts"].as_u64().unwrap_or(1);
+            let counted_again = v["source"]["ip"] == "10.244.0.10"
+                && v["destination"]["port"] == 8080
+                && v["protocol"] == "TCP"
+                && v["id"].as_str().and_then(|id| attempts_before.get(id)).is_some_and(|before| attempts > *before);
+            seen = v["source"]["port"] == 45555 || counted_again;
         }
     }
     assert!(seen, "the new drop arrived on the follow stream");

@@ -8,7 +8,7 @@ use xtask::lab::{self, Lab};
 use xtask::storm::{self, Options};
 
 #[test]
-fn a_scan_and_a_flood_lose_no_event_and_every_dropped_packet_is_counted_and_recorded() {
+fn a_scan_and_a_flood_lose_no_event_and_every_dropped_packet_is_counted_and_recorded_the_flood_on_one_record() {
     let id = lab::unique_id("st");
     let out = std::env::temp_dir().join(format!("netiso-{id}"));
     let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
@@ -25,5 +25,7 @@ fn a_scan_and_a_flood_lose_no_event_and_every_dropped_packet_is_counted_and_reco
     assert_eq!(figures.netiso_dropped, figures.nft_dropped, "netiso counts what nftables dropped");
     assert_eq!(figures.nft_dropped, 2000);
     assert_eq!(figures.recorded_drops, 2000, "every dropped packet is in a record");
+    assert_eq!(figures.flood_attempts_recorded, 1000, "a record counts every attempt of the flood");
+    assert!(figures.flood_records <= 1, "the flood is one record, not {}", figures.flood_records);
     assert_eq!(figures.pre_storm_kept, figures.pre_storm_records, "the records from before are kept");
 }

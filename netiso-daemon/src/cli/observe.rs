@@ -146,6 +146,9 @@ fn compact(r: &FlowRecord) -> String {
     if !p.is_empty() {
         line.push_str(&format!(" by {p}"));
     }
+    if r.attempts > 1 {
+        line.push_str(&format!(" x{} attempts", r.attempts));
+    }
     line.push_str(&format!(" id={}", r.id));
     line
 }
@@ -340,5 +343,8 @@ mod tests {
             "workload": null, "service": "production/payments", "ip": "10.96.0.40", "port": 80}))
         .unwrap();
         assert!(compact(&record).contains(" -> service/production/payments:80 "), "{}", compact(&record));
+        assert!(!compact(&record).contains("attempts"), "one attempt goes without saying");
+        record.attempts = 20_000;
+        assert!(compact(&record).contains(" x20000 attempts id=1"), "{}", compact(&record));
     }
 }

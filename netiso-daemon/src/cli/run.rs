@@ -84,8 +84,9 @@ pub struct RunArgs {
     /// headers (also when idle between requests), within this; responses are not limited.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub connection_timeout: Duration,
-    /// Log a blocked flow at most once per this interval (repeats are counted), and at most 10
-    /// blocked flows per source (a scan's other attempts are counted in its next line).
+    /// A dropped conversation's attempts from fresh source ports within this interval of its first
+    /// are one record (counting them) and one log line; log at most 10 blocked flows per source
+    /// and interval (a scan's other ports are counted in its next line).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub blocked_log_interval: Duration,
 }

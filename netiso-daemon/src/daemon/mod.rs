@@ -137,7 +137,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         store.last_id()?,
         config.datapath.idle_timeout * 2,
         correlate::HOLD,
-    );
+    )
+    .with_attempt_window(config.blocked_log_interval);
     let correlator = match Conntrack::open() {
         Ok(conntrack) => correlator.with_translations(Box::new(conntrack)),
         Err(e) => {
@@ -168,7 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         inventory,
         datapath: stats.clone(),
         datapath_ready: Default::default(),
-        inserted: writer.inserted.clone(),
+        written: writer.written.clone(),
         listeners: vec![api_health.clone(), metrics_health.clone()],
     });
     let (http_stop, _) = broadcast::channel::<()>(1);

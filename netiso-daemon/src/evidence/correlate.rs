@@ -89,6 +89,61 @@ fn datapath_key(r: &DatapathRecord) -> DatapathKey {
 
 type Conversation = (IpProtocol, IpAddr, u16, IpAddr, u16);
 
+/// A stored record the datapath is still counting, by one of its kernel keys.
+#[derive(Debug)]
+struct Active {
+    id: u64,
+    last: SystemTime,
+    facts: Arc<FlowFacts>,
+    /// The record stands for the attempts of a retried conversation, whose totals are kept there.
+    attempts: Option<AttemptKey>,
+}
+
+/// A dropped conversation as retried from fresh source ports: its kernel keys less the source
+/// port, the pods that held both addresses at the time, and the inventory generation it was
+/// judged in (a change to pods, Services or policies starts a new record, judged anew).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AttemptKey {
+    protocol: IpProtocol,
+    source: IpAddr,
+    destination: SocketAddr,
+    pods: (Option<String>, Option<String>),
+    sent_to: Option<SocketAddr>,
+    reason: Option<String>,
+    location: Option<String>,
+    generation: u64,
+}
+
+/// The totals of a record that stands for several attempts: the sums over their kernel keys.
+#[derive(Debug)]
+struct Attempts {
+    id: u64,
+    /// The record's first attempt: attempts join it within [`Correlator::with_attempt_window`].
+    first: SystemTime,
+    facts: Arc<FlowFacts>,
+    attempts: u64,
+    packets: u64,
+    bytes: u64,
+    last_seen: SystemTime,
+}
+
+impl Attempts {
+    /// Adds what a kernel key of the conversation gained (`new_attempt`: the key is a new one).
+    fn add(&mut self, r: &DatapathRecord, new_attempt: bool) -> StoreOp {
+        self.attempts += u64::from(new_attempt);
+        self.packets += r.delta_packets;
+        self.bytes += r.delta_bytes;
+        self.last_seen = self.last_seen.max(r.last_seen);
+        StoreOp::Count {
+            id: self.id,
+            packets: self.packets,
+            bytes: self.bytes,
+            last_seen: self.last_seen,
+            attempts: self.attempts,
+        }
+    }
+}
+
 /// How long a held flow waits for the drop that decides it: the kernel drops a packet within the
 /// same softirq, and both events share one ring buffer, so a drop follows within microseconds
 /// (one held in a queue, as for an unresolved neighbour, may come later than this).
@@ -167,7 +222,9 @@ pub struct Correlator {
     node: String,
     ids: Ids,
     /// Stored records of the keys the datapath is still counting.
-    active: HashMap<DatapathKey, (u64, SystemTime, Arc<FlowFacts>)>,
+    active: HashMap<DatapathKey, Active>,
+    /// Records that count the attempts of a dropped conversation, by the conversation.
+    attempts: HashMap<AttemptKey, Attempts>,
     /// Recently seen conversations, to recognise replies.
     seen: HashMap<Conversation, SystemTime>,
     /// Held flow keys by the socket a drop would name: a leaving flow's source, an answer's
@@ -181,7 +238,12 @@ pub struct Correlator {
     forget_after: Duration,
     /// Where connections to ClusterIPs went, when their translated packet was not seen here.
     translations: Option<Box<dyn Translations>>,
+    attempt_window: Duration,
 }
+
+/// How long after a dropped conversation's first attempt later attempts count on its record, by
+/// default.
+pub const ATTEMPT_WINDOW: Duration = Duration::from_secs(60);
 
 impl Correlator {
     /// `hold`: how long a flow leaving a pod waits for a drop of its packet before it is recorded
@@ -193,13 +255,23 @@ impl Correlator {
             node,
             ids: Ids::after(last_id),
             active: HashMap::new(),
+            attempts: HashMap::new(),
             seen: HashMap::new(),
             held: HashMap::new(),
             hold,
             superseded: HashMap::new(),
             forget_after,
             translations: None,
+            attempt_window: ATTEMPT_WINDOW,
         }
+    }
+
+    /// Attempts of a dropped conversation count on its record for `window` after its first; a
+    /// later one starts the conversation's next record (and log line), as flow logs do per
+    /// interval.
+    pub fn with_attempt_window(mut self, window: Duration) -> Self {
+        self.attempt_window = window;
+        self
     }
 
     /// Asks `translations` where a flow to a ClusterIP went when its packet was neither seen
@@ -352,23 +424,57 @@ impl Correlator {
 
     fn admit(&mut self, r: &DatapathRecord, how: Admit) -> Option<Handled> {
         let key = datapath_key(r);
+        let counted = |op, facts: &Arc<FlowFacts>| Handled {
+            op,
+            facts: facts.clone(),
+            delta_packets: r.delta_packets,
+            delta_bytes: r.delta_bytes,
+            evaluation: None,
+        };
         if !r.new_key
-            && let Some((id, last, facts)) = self.active.get_mut(&key)
+            && let Some(active) = self.active.get_mut(&key)
         {
-            *last = r.last_seen;
-            return Some(Handled {
-                op: StoreOp::Count { id: *id, packets: r.packets, bytes: r.bytes, last_seen: r.last_seen },
-                facts: facts.clone(),
-                delta_packets: r.delta_packets,
-                delta_bytes: r.delta_bytes,
-                evaluation: None,
-            });
+            active.last = r.last_seen;
+            let op = match active.attempts.as_ref().and_then(|a| self.attempts.get_mut(a)) {
+                Some(totals) => totals.add(r, false),
+                None => StoreOp::Count {
+                    id: active.id,
+                    packets: r.packets,
+                    bytes: r.bytes,
+                    last_seen: r.last_seen,
+                    attempts: 1,
+                },
+            };
+            return Some(counted(op, &active.facts));
+        }
+        let attempt = self.attempt_key(r, &how);
+        let window = self.attempt_window;
+        let joins = |totals: &&mut Attempts| r.time.duration_since(totals.first).unwrap_or_default() < window;
+        if let Some(totals) = attempt.as_ref().and_then(|a| self.attempts.get_mut(a)).filter(joins) {
+            let op = totals.add(r, true);
+            let active = Active { id: totals.id, last: r.last_seen, facts: totals.facts.clone(), attempts: attempt };
+            let handled = counted(op, &active.facts);
+            self.active.insert(key, active);
+            return Some(handled);
         }
         let started = std::time::Instant::now();
         let record = self.correlate(r, how)?;
         let evaluation = Some(started.elapsed());
         let facts = Arc::new(FlowFacts::of(&record));
-        self.active.insert(key, (record.id, r.last_seen, facts.clone()));
+        let attempt = attempt.filter(|_| record.verdict == FlowVerdict::Dropped && !record.is_reply);
+        if let Some(conversation) = &attempt {
+            let totals = Attempts {
+                id: record.id,
+                first: record.time,
+                facts: facts.clone(),
+                attempts: 1,
+                packets: r.packets,
+                bytes: r.bytes,
+                last_seen: r.last_seen,
+            };
+            self.attempts.insert(conversation.clone(), totals);
+        }
+        self.active.insert(key, Active { id: record.id, last: r.last_seen, facts: facts.clone(), attempts: attempt });
         if self.active.len().is_multiple_of(1024) {
             self.forget(r.last_seen);
         }
@@ -381,9 +487,34 @@ impl Correlator {
         })
     }
 
+    /// The conversation a new drop retries, when attempts are counted on one record: a dropped
+    /// packet to a port, not a reply nor a reject's answer. NetworkPolicy never looks at the source
+    /// port, so every attempt of the conversation has the same verdict and evidence.
+    fn attempt_key(&self, r: &DatapathRecord, how: &Admit) -> Option<AttemptKey> {
+        if r.event != EventKind::Drop
+            || r.protocol.policy().is_none()
+            || how.forged
+            || self.seen.contains_key(&reverse(r))
+        {
+            return None;
+        }
+        let uid = |ip, port| self.inventory.identify(ip, port, r.time).1.map(|pod| pod.uid.clone());
+        Some(AttemptKey {
+            protocol: r.protocol,
+            source: r.src_ip,
+            destination: SocketAddr::new(r.dst_ip, r.dst_port),
+            pods: (uid(r.src_ip, r.src_port), uid(r.dst_ip, r.dst_port)),
+            sent_to: how.sent_to,
+            reason: r.reason.clone(),
+            location: r.location.clone(),
+            generation: self.inventory.generation(),
+        })
+    }
+
     fn forget(&mut self, now: SystemTime) {
         let keep = |t: &SystemTime| now.duration_since(*t).map(|d| d < self.forget_after).unwrap_or(true);
-        self.active.retain(|_, (_, last, _)| keep(last));
+        self.active.retain(|_, active| keep(&active.last));
+        self.attempts.retain(|_, totals| keep(&totals.last_seen));
         self.seen.retain(|_, last| keep(last));
         self.superseded.retain(|_, last| keep(last));
     }
@@ -459,6 +590,7 @@ impl Correlator {
             is_reply,
             packets: r.packets,
             bytes: r.bytes,
+            attempts: 1,
             policy,
             inventory_stale: stale,
             evidence,
@@ -698,6 +830,51 @@ pub(crate) mod tests {
         more.new_key = false;
         more.packets = 9;
         assert!(matches!(c.handle(&more).map(|h| h.op), Some(StoreOp::Count { packets: 9, .. })));
+    }
+
+    #[test]
+    fn attempts_from_fresh_source_ports_count_on_one_record_per_window_and_inventory() {
+        let inventory = inventory();
+        let mut c = Correlator::new(inventory.clone(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        let attempt = |sport: u16, dport: u16| {
+            let mut r = drop("10.244.0.10", "10.244.0.30", dport, "NETFILTER_DROP", ReasonClass::Policy);
+            r.src_port = sport;
+            r
+        };
+        let Some(StoreOp::Insert(first)) = c.handle(&attempt(40000, 5432)).map(|h| h.op) else { panic!() };
+        assert_eq!(first.attempts, 1);
+        for (sport, attempts) in [(40001, 2), (40002, 3)] {
+            let handled = c.handle(&attempt(sport, 5432)).expect("counted");
+            assert_eq!(handled.evaluation, None, "not judged again");
+            assert_eq!(handled.delta_packets, 1, "metrics count the attempt's packet");
+            let StoreOp::Count { id, packets, bytes, attempts: counted, .. } = handled.op else { panic!() };
+            assert_eq!((id, packets, bytes, counted), (first.id, attempts, 60 * attempts, attempts));
+        }
+        // A retransmission of an attempt already counted adds its packet, not an attempt.
+        let mut again = attempt(40001, 5432);
+        (again.new_key, again.packets, again.bytes) = (false, 2, 120);
+        let Some(StoreOp::Count { packets: 4, attempts: 3, .. }) = c.handle(&again).map(|h| h.op) else { panic!() };
+
+        let mut next_window = attempt(40005, 5432);
+        next_window.time = first.time + ATTEMPT_WINDOW;
+        let Some(StoreOp::Insert(next)) = c.handle(&next_window).map(|h| h.op) else {
+            panic!("an attempt a window after the first starts the next record")
+        };
+        let Some(StoreOp::Count { id, attempts: 2, .. }) = c.handle(&attempt(40006, 5432)).map(|h| h.op) else {
+            panic!("attempts count on the latest record")
+        };
+        assert_eq!(id, next.id);
+
+        let Some(StoreOp::Insert(other_port)) = c.handle(&attempt(40003, 5433)).map(|h| h.op) else {
+            panic!("another port is another conversation")
+        };
+        assert_ne!(other_port.id, first.id);
+
+        inventory.apply(Change::Replace(Kind::NetworkPolicy, vec![]));
+        let rejudged = c.handle(&attempt(40004, 5432)).expect("handled");
+        assert!(rejudged.evaluation.is_some(), "after a policy change an attempt is judged anew");
+        let StoreOp::Insert(rejudged) = rejudged.op else { panic!("a new record") };
+        assert_eq!(rejudged.attempts, 1);
     }
 
     #[test]

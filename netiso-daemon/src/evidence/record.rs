@@ -247,6 +247,12 @@ pub struct FlowRecord {
     pub is_reply: bool,
     pub packets: u64,
     pub bytes: u64,
+    /// The attempts this record stands for. A dropped conversation retried from fresh source
+    /// ports (a flood of connection attempts) is one record that counts them, as Calico's flow
+    /// logs aggregate denied flows by default; its source port is the first attempt's. One for
+    /// every other record.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub attempts: u64,
     pub policy: PolicyVerdict,
     /// The inventory could not be refreshed when this record was made.
     #[serde(default)]
@@ -254,6 +260,14 @@ pub struct FlowRecord {
     /// Kept for the evidence bundle, left out of listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<Evidence>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 /// What proves a record's verdict: the engine's evaluation and, for drops, the NetworkPolicy

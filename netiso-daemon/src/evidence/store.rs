@@ -30,6 +30,7 @@ pub enum StoreOp {
         packets: u64,
         bytes: u64,
         last_seen: SystemTime,
+        attempts: u64,
     },
 }
 
@@ -522,15 +523,17 @@ impl Store {
         }
     }
 
-    /// Applies a batch of operations in one transaction.
-    pub fn write(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+    /// Applies a batch of operations in one transaction. Returns the dropped records whose counts
+    /// it changed, as written (each once), for followers to see repeated attempts.
+    pub fn write(&self, ops: &[StoreOp]) -> Result<Vec<FlowRecord>, StoreError> {
         self.with_db(|db| self.write_to(db, ops))
     }
 
     /// Applies `ops`, then removes the oldest records while the payload exceeds the size limit,
     /// in the same transaction: the limit holds at every write, not only at retention passes.
-    fn write_to(&self, db: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
+    fn write_to(&self, db: &Database, ops: &[StoreOp]) -> Result<Vec<FlowRecord>, StoreError> {
         let txn = db.begin_write()?;
+        let mut counted: Vec<FlowRecord> = Vec::new();
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
@@ -554,16 +557,21 @@ impl Store {
                         }
                         indexes.add(r)?;
                     }
-                    StoreOp::Count { id, packets, bytes: b, last_seen } => {
+                    StoreOp::Count { id, packets, bytes: b, last_seen, attempts } => {
                         let Some(existing) = records.get(*id)?.map(|v| v.value().to_vec()) else { continue };
                         let (key, json) = split_stored(&existing);
                         let mut r: FlowRecord = serde_json::from_slice(json)?;
                         r.packets = *packets;
                         r.bytes = *b;
                         r.last_seen = *last_seen;
+                        r.attempts = *attempts;
                         let value = stored_value(key, &serde_json::to_vec(&r)?);
                         bytes = bytes.saturating_sub(existing.len() as u64) + value.len() as u64;
                         records.insert(*id, value.as_slice())?;
+                        if r.verdict == FlowVerdict::Dropped {
+                            counted.retain(|c| c.id != r.id);
+                            counted.push(r);
+                        }
                     }
                 }
             }
@@ -577,7 +585,7 @@ impl Store {
             meta.insert(META_BYTES, bytes)?;
         }
         txn.commit()?;
-        Ok(())
+        Ok(counted)
     }
 
     /// Removes records older than the retention age, then the oldest until the payload fits the
@@ -707,11 +715,20 @@ impl Store {
     }
 }
 
-/// Handle of the writer task: send operations; subscribers get every inserted record.
+/// A record as the writer wrote it.
+#[derive(Clone, Debug)]
+pub enum Written {
+    Inserted(Arc<FlowRecord>),
+    /// A dropped record with new counts: a repeated attempt, or more packets.
+    Counted(Arc<FlowRecord>),
+}
+
+/// Handle of the writer task: send operations; subscribers get every inserted record and every
+/// dropped record with new counts.
 #[derive(Clone)]
 pub struct StoreWriter {
     ops: mpsc::Sender<StoreOp>,
-    pub inserted: broadcast::Sender<Arc<FlowRecord>>,
+    pub written: broadcast::Sender<Written>,
 }
 
 impl StoreWriter {
@@ -732,8 +749,8 @@ pub fn spawn_writer(
 ) -> (StoreWriter, tokio::task::JoinHandle<()>) {
     const BATCH: usize = 512;
     let (tx, mut rx) = mpsc::channel::<StoreOp>(8192);
-    let (inserted, _) = broadcast::channel(1024);
-    let announce = inserted.clone();
+    let (written, _) = broadcast::channel(1024);
+    let announce = written.clone();
     let task = tokio::spawn(async move {
         let mut last_retention = std::time::Instant::now();
         // Operations not written yet, oldest first: the batch being built and any that failed.
@@ -771,15 +788,18 @@ pub fn spawn_writer(
                 })
                 .await;
                 match written {
-                    Ok((Ok(()), ops)) => {
+                    Ok((Ok(counted), ops)) => {
                         if failing {
                             store.note_success();
                             failing = false;
                         }
                         for op in ops {
                             if let StoreOp::Insert(r) = op {
-                                let _ = announce.send(Arc::from(r));
+                                let _ = announce.send(Written::Inserted(Arc::from(r)));
                             }
+                        }
+                        for r in counted {
+                            let _ = announce.send(Written::Counted(Arc::new(r)));
                         }
                     }
                     Ok((Err(e), ops)) => {
@@ -810,5 +830,5 @@ pub fn spawn_writer(
             }
         }
     });
-    (StoreWriter { ops: tx, inserted }, task)
+    (StoreWriter { ops: tx, written }, task)
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::record::{Attribution, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicyVerdict};
-use super::store::{Query, Retention, Store, StoreOp};
+use super::store::{Query, Retention, Store, StoreOp, Written};
 use crate::cluster::{EndpointKind, Identity};
 use crate::policy::PolicyRef;
 
@@ -67,6 +67,7 @@ pub(crate) fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity
         is_reply: false,
         packets: 1,
         bytes: 60,
+        attempts: 1,
         policy: PolicyVerdict {
             verdict: None,
             direction: None,
@@ -132,7 +133,7 @@ fn records_survive_a_reopen_and_are_found_by_every_index() {
                     pod("kube-system", "dns", "10.0.0.4", 53),
                     None,
                 ))),
-                StoreOp::Count { id: b, packets: 42, bytes: 4200, last_seen: SystemTime::now() },
+                StoreOp::Count { id: b, packets: 42, bytes: 4200, last_seen: SystemTime::now(), attempts: 7 },
             ])
             .unwrap();
     }
@@ -157,7 +158,9 @@ fn records_survive_a_reopen_and_are_found_by_every_index() {
     assert_eq!(ids(Query { port: Some(53), ..Default::default() }), vec![c]);
     assert_eq!(ids(Query { limit: 1, ..Default::default() }), vec![c]);
     assert_eq!(ids(Query { after_id: Some(b), ..Default::default() }), vec![c]);
-    assert_eq!(store.get(b).unwrap().unwrap().packets, 42);
+    let counted = store.get(b).unwrap().unwrap();
+    assert_eq!((counted.packets, counted.attempts), (42, 7));
+    assert_eq!(store.get(a).unwrap().unwrap().attempts, 1);
 }
 
 #[test]
@@ -276,7 +279,9 @@ fn records_of_one_conversation_share_its_evidence_until_the_last_is_removed() {
     for r in [&flood[0], &flood[999]] {
         assert_eq!(store.get(r.id).unwrap().unwrap().evidence.as_ref(), Some(&evidence), "each record keeps it");
     }
-    store.write(&[StoreOp::Count { id: flood[5].id, packets: 3, bytes: 180, last_seen: flood[5].time }]).unwrap();
+    store
+        .write(&[StoreOp::Count { id: flood[5].id, packets: 3, bytes: 180, last_seen: flood[5].time, attempts: 1 }])
+        .unwrap();
     let counted = store.get(flood[5].id).unwrap().unwrap();
     assert_eq!((counted.packets, counted.evidence.as_ref()), (3, Some(&evidence)), "a count update keeps it");
     let listed = store.query(&Query { limit: 2000, ..Default::default() }).unwrap();
@@ -410,12 +415,12 @@ fn a_store_on_a_read_only_filesystem_is_an_error_and_is_not_moved() {
 }
 
 #[tokio::test]
-async fn the_writer_batches_and_announces_inserts() {
+async fn the_writer_batches_and_announces_inserts_and_new_counts_of_drops() {
     let dir = TempDir::new("writer");
     let store = Arc::new(Store::open(&dir.0.join("e.redb"), Retention::default()).unwrap());
     let (writer, task) =
         super::store::spawn_writer(store.clone(), Duration::from_millis(20), Duration::from_secs(3600));
-    let mut announced = writer.inserted.subscribe();
+    let mut announced = writer.written.subscribe();
     for i in 0..100u64 {
         writer
             .send(StoreOp::Insert(Box::new(record(
@@ -427,11 +432,34 @@ async fn the_writer_batches_and_announces_inserts() {
             ))))
             .await;
     }
-    let first = tokio::time::timeout(Duration::from_secs(5), announced.recv()).await.unwrap().unwrap();
+    let mut next = async || tokio::time::timeout(Duration::from_secs(5), announced.recv()).await.unwrap().unwrap();
+    let Written::Inserted(first) = next().await else { panic!("an insert is announced as one") };
     assert_eq!(first.source.pod.as_deref(), Some("x"));
+    // New counts of a dropped record are announced (a follower sees a repeated attempt); a
+    // forwarded record's are not.
+    let dropped =
+        record(now_id(300), FlowVerdict::Dropped, pod("a", "x", "10.0.0.1", 1), pod("b", "y", "10.0.0.2", 2), None);
+    let count = |r: &FlowRecord, attempts| StoreOp::Count {
+        id: r.id,
+        packets: attempts,
+        bytes: 60 * attempts,
+        last_seen: r.time,
+        attempts,
+    };
+    writer.send(StoreOp::Insert(Box::new(dropped.clone()))).await;
+    writer.send(count(&first, 5)).await;
+    writer.send(count(&dropped, 2)).await;
+    let mut counted = None;
+    while counted.is_none() {
+        if let Written::Counted(r) = next().await {
+            counted = Some(r);
+        }
+    }
+    let counted = counted.unwrap();
+    assert_eq!((counted.id, counted.attempts, counted.packets), (dropped.id, 2, 2));
     drop(writer);
     task.await.unwrap();
-    assert_eq!(store.stats().records, 100);
+    assert_eq!(store.stats().records, 101);
 }
 
 /// A real full disk: the store on a 4 MiB tmpfs filled up by another file. Writes fail, are

@@ -22,7 +22,7 @@ use crate::datapath::DatapathStats;
 use crate::evidence::record::{
     EvidenceBundle, FlowList, FlowRecord, FlowVerdict, MAX_LIMIT, StreamNotice, ndjson_line,
 };
-use crate::evidence::store::{Query, Store};
+use crate::evidence::store::{Query, Store, Written};
 use crate::inventory::{Freshness, Inventory, InventoryView};
 
 /// Everything the listener reads; owned by `netiso run`.
@@ -32,7 +32,7 @@ pub struct Shared {
     pub inventory: Arc<Inventory>,
     pub datapath: Arc<Mutex<DatapathStats>>,
     pub datapath_ready: AtomicBool,
-    pub inserted: broadcast::Sender<Arc<FlowRecord>>,
+    pub written: broadcast::Sender<Written>,
     /// The API's and the metrics' listeners.
     pub listeners: Vec<Arc<ListenerHealth>>,
 }
@@ -137,7 +137,7 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
         Err(bad) => return bad.into_response(),
     };
     // Subscribe before reading history, so nothing falls in between.
-    let mut live = shared.inserted.subscribe();
+    let mut live = shared.written.subscribe();
     let store = shared.store.clone();
     let q = query.clone();
     let page = match tokio::task::spawn_blocking(move || store.query_page(&q)).await {
@@ -166,14 +166,15 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
             }
         }
         loop {
-            match live.recv().await {
-                Ok(r) if r.id > last && query.matches(&r) => {
+            // New records once each; a dropped record again whenever its counts change (a repeated
+            // attempt), as an update line with the same id.
+            let record = match live.recv().await {
+                Ok(Written::Inserted(r)) if r.id > last => {
                     last = r.id;
-                    if tx.send(Ok(Bytes::from(ndjson_line(&FlowRecord::clone(&r).listed())))).await.is_err() {
-                        return;
-                    }
+                    r
                 }
-                Ok(_) => {}
+                Ok(Written::Counted(r)) => r,
+                Ok(Written::Inserted(_)) => continue,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     let note = StreamNotice {
                         error: format!("{n} records were skipped: the reader is too slow"),
@@ -182,8 +183,14 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
                     if tx.send(Ok(Bytes::from(ndjson_line(&note)))).await.is_err() {
                         return;
                     }
+                    continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if query.matches(&record)
+                && tx.send(Ok(Bytes::from(ndjson_line(&FlowRecord::clone(&record).listed())))).await.is_err()
+            {
+                return;
             }
         }
     });

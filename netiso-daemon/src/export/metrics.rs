@@ -401,7 +401,7 @@ mod tests {
             }],
         });
         let h = Handled {
-            op: StoreOp::Count { id: 1, packets: 3, bytes: 180, last_seen: SystemTime::now() },
+            op: StoreOp::Count { id: 1, packets: 3, bytes: 180, last_seen: SystemTime::now(), attempts: 1 },
             facts,
             delta_packets: 3,
             delta_bytes: 180,

@@ -88,6 +88,22 @@ pub fn udp_flows_from_pod(pod: &str, first_port: u16, count: u16, dport: u16) {
     .unwrap();
 }
 
+/// Sends one UDP datagram from the pod namespace to each of `count` ports of 10.77.0.1 from
+/// `first_dport` on, where nothing listens: `count` distinct dropped conversations.
+pub fn udp_to_ports_from_pod(pod: &str, first_dport: u16, count: u16) {
+    let path = format!("/run/netns/{pod}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(path).unwrap();
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = std::net::UdpSocket::bind(("10.77.0.2", 0)).unwrap();
+        for port in first_dport..first_dport + count {
+            socket.send_to(b"x", ("10.77.0.1", port)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
 /// Sends one UDP datagram from the pod namespace (source port `sport`) to 10.77.0.1:`dport`,
 /// where nothing listens: the node drops it with NO_SOCKET.
 /// Sent from a socket of this process (`nc -u -w0` may exit before sending on a loaded machine).
