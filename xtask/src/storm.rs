@@ -57,6 +57,9 @@ pub struct Figures {
     /// New records of the flood, and the attempts at its port that records count.
     pub flood_records: usize,
     pub flood_attempts_recorded: u64,
+    /// New scan summaries, and the ports summaries gained.
+    pub scan_summaries: usize,
+    pub summarised_ports: u64,
     pub api_latency_max: Duration,
     pub api_queries: usize,
     pub pre_storm_records: usize,
@@ -133,6 +136,8 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options, netiso_args: &[&str]) ->
         recorded_drops: gained(|r| r.dropped_packets),
         flood_records: new_records.iter().filter(|r| r.flood_attempts > 0).count(),
         flood_attempts_recorded: gained(|r| r.flood_attempts),
+        scan_summaries: new_records.iter().filter(|r| r.summarised_ports > 0).count(),
+        summarised_ports: gained(|r| r.summarised_ports),
         api_latency_max: latencies.iter().copied().max().unwrap_or_default(),
         api_queries: latencies.len(),
         pre_storm_records: pre_storm.len(),
@@ -228,6 +233,8 @@ struct Stored {
     dropped_packets: u64,
     /// Its attempts when it is a drop to the flooded port.
     flood_attempts: u64,
+    /// The ports it summarises, when it is a scan's summary.
+    summarised_ports: u64,
 }
 
 /// Every record in the node's store by id, page by page.
@@ -249,6 +256,7 @@ fn records(lab: &Lab) -> anyhow::Result<HashMap<String, Stored>> {
                 if f["destination"]["port"] == FLOOD_PORT {
                     stored.flood_attempts = f["attempts"].as_u64().unwrap_or(1);
                 }
+                stored.summarised_ports = f["ports"]["count"].as_u64().unwrap_or(0);
             }
             Some((f["id"].as_str()?.to_owned(), stored))
         }));
@@ -313,6 +321,10 @@ impl Figures {
         println!(
             "  records stored                   {:>12}   (accounting for {} dropped packets)",
             self.records_stored, self.recorded_drops
+        );
+        println!(
+            "  scan summaries                   {:>12}   (summarising {} ports)",
+            self.scan_summaries, self.summarised_ports
         );
         println!(
             "  records of the flood             {:>12}   (counting {} attempts at its port)",

@@ -8,7 +8,7 @@ use xtask::lab::{self, Lab};
 use xtask::storm::{self, Options};
 
 #[test]
-fn a_scan_and_a_flood_lose_no_event_and_every_dropped_packet_is_counted_and_recorded_the_flood_on_one_record() {
+fn a_scan_and_a_flood_lose_no_event_every_dropped_packet_is_counted_and_recorded_and_both_are_summarised() {
     let id = lab::unique_id("st");
     let out = std::env::temp_dir().join(format!("netiso-{id}"));
     let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
@@ -27,5 +27,8 @@ fn a_scan_and_a_flood_lose_no_event_and_every_dropped_packet_is_counted_and_reco
     assert_eq!(figures.recorded_drops, 2000, "every dropped packet is in a record");
     assert_eq!(figures.flood_attempts_recorded, 1000, "a record counts every attempt of the flood");
     assert!(figures.flood_records <= 1, "the flood is one record, not {}", figures.flood_records);
+    // The scan: its first ports are records of their own, the rest one summary.
+    assert_eq!(figures.scan_summaries, 1);
+    assert_eq!(figures.summarised_ports, 1000 - u64::from(netiso::evidence::correlate::SCAN_RECORDED_PORTS));
     assert_eq!(figures.pre_storm_kept, figures.pre_storm_records, "the records from before are kept");
 }

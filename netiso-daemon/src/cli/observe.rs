@@ -105,13 +105,35 @@ impl ObserveArgs {
 /// One end as a responder reads it: the pod (and the Service it was reached through), the
 /// Service of an untranslated ClusterIP, else the address.
 fn end(id: &Identity) -> String {
+    end_at(id, &id.port.to_string())
+}
+
+/// Ports of a scan summary as a line shows them: the ranges, shortened past a few.
+fn port_ranges(r: &FlowRecord) -> Option<String> {
+    const SHOWN: usize = 40;
+    let sweep = r.ports.as_ref()?;
+    let shown = match sweep.ranges.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}...", &sweep.ranges[..cut]),
+        None => sweep.ranges.clone(),
+    };
+    Some(format!("{shown} ({} ports)", sweep.count))
+}
+
+fn destination(r: &FlowRecord) -> String {
+    match port_ranges(r) {
+        Some(ports) => end_at(&r.destination, &ports),
+        None => end(&r.destination),
+    }
+}
+
+fn end_at(id: &Identity, port: &str) -> String {
     let at = match (&id.namespace, &id.pod) {
-        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{}", id.port),
-        _ if id.ip.is_ipv6() => format!("[{}]:{}", id.ip, id.port),
-        _ => format!("{}:{}", id.ip, id.port),
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{port}"),
+        _ if id.ip.is_ipv6() => format!("[{}]:{port}", id.ip),
+        _ => format!("{}:{port}", id.ip),
     };
     match (&id.service, id.kind) {
-        (Some(service), EndpointKind::Service) => format!("service/{service}:{}", id.port),
+        (Some(service), EndpointKind::Service) => format!("service/{service}:{port}"),
         (Some(service), _) => format!("{at} (service/{service})"),
         (None, _) => at,
     }
@@ -131,7 +153,7 @@ fn compact(r: &FlowRecord) -> String {
         time(r),
         r.node,
         end(&r.source),
-        end(&r.destination),
+        destination(r),
         r.protocol,
         r.verdict.as_str().to_uppercase()
     );
@@ -162,7 +184,7 @@ fn print(out: &mut impl Write, format: Format, r: &FlowRecord) -> std::io::Resul
             "{:<30} {:<36} {:<36} {:<6} {:<10} {:<16} {}",
             time(r),
             end(&r.source),
-            end(&r.destination),
+            destination(r),
             r.protocol,
             r.verdict.as_str(),
             r.reason.as_deref().unwrap_or("-"),
@@ -346,5 +368,12 @@ mod tests {
         assert!(!compact(&record).contains("attempts"), "one attempt goes without saying");
         record.attempts = 20_000;
         assert!(compact(&record).contains(" x20000 attempts id=1"), "{}", compact(&record));
+        record.destination.port = 0;
+        record.ports = Some(crate::evidence::record::PortSweep { count: 19_983, ranges: "18-20000".into() });
+        assert!(
+            compact(&record).contains(" -> service/production/payments:18-20000 (19983 ports) "),
+            "{}",
+            compact(&record)
+        );
     }
 }

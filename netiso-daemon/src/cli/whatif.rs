@@ -59,20 +59,24 @@ struct Recorded {
     flows: Vec<RecordedFlow>,
 }
 
-/// A flow record as a flow to decide again; replies and protocols NetworkPolicy does not govern
-/// are left out.
-fn recorded_flow(r: FlowRecord) -> Option<RecordedFlow> {
-    if r.is_reply {
-        return None;
-    }
-    let protocol = r.protocol.policy()?;
-    Some(RecordedFlow {
-        port: r.destination.port,
-        source: r.source,
-        destination: r.destination,
-        protocol,
-        recorded: r.verdict.as_str().to_owned(),
-    })
+/// A flow record as flows to decide again: one, or a scan summary's, one per port. Replies and
+/// protocols NetworkPolicy does not govern are left out.
+fn recorded_flows_of(r: FlowRecord) -> Vec<RecordedFlow> {
+    let Some(protocol) = r.protocol.policy().filter(|_| !r.is_reply) else { return vec![] };
+    let ports: Vec<u16> = match &r.ports {
+        Some(sweep) => sweep.ports().collect(),
+        None => vec![r.destination.port],
+    };
+    ports
+        .into_iter()
+        .map(|port| RecordedFlow {
+            port,
+            source: r.source.clone(),
+            destination: crate::cluster::Identity { port, ..r.destination.clone() },
+            protocol,
+            recorded: r.verdict.as_str().to_owned(),
+        })
+        .collect()
 }
 
 /// The flows of one page of a server's answer, and where the next page starts. A gate must judge
@@ -87,7 +91,7 @@ fn recorded_flows(server: &str, answer: FlowList) -> anyhow::Result<(Vec<Recorde
             crate::evidence::record::MAX_LIMIT
         ),
     };
-    Ok((answer.flows.into_iter().filter_map(recorded_flow).collect(), next))
+    Ok((answer.flows.into_iter().flat_map(recorded_flows_of).collect(), next))
 }
 
 async fn fetch(window: &Window) -> anyhow::Result<Recorded> {
@@ -272,6 +276,17 @@ mod tests {
         assert_eq!(recorded_flows("n1", list).unwrap().0[0].port, 8080);
         let wrapped = serde_json::from_value::<FlowList>(json!({"flows": [record("1", json!(65536 + 8080))]}));
         assert!(wrapped.unwrap_err().to_string().contains("73616"));
+    }
+
+    #[test]
+    fn a_scan_summary_is_replayed_port_by_port() {
+        let mut summary = record("3", json!(0));
+        summary["verdict"] = json!("dropped");
+        summary["ports"] = json!({"count": 4, "ranges": "17-19,8080"});
+        let list: FlowList = serde_json::from_value(json!({"flows": [summary]})).unwrap();
+        let flows = recorded_flows("n1", list).unwrap().0;
+        let ports: Vec<(u16, u16)> = flows.iter().map(|f| (f.port, f.destination.port)).collect();
+        assert_eq!(ports, [(17, 17), (18, 18), (19, 19), (8080, 8080)]);
     }
 
     #[test]

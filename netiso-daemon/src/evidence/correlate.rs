@@ -10,6 +10,7 @@ use super::attribution::attribute;
 use super::engines::Engines;
 use super::record::{
     Attribution, Evidence, FLOW_SCHEMA, FlowRecord, FlowVerdict, ObservationPoint, PolicySides, PolicyVerdict,
+    PortSweep,
 };
 use super::store::StoreOp;
 use crate::cluster::{EndpointKind, Identity};
@@ -114,6 +115,14 @@ struct AttemptKey {
     generation: u64,
 }
 
+impl AttemptKey {
+    /// The scan this conversation is part of: its source's attempts at any port of its
+    /// destination.
+    fn scan(&self) -> AttemptKey {
+        AttemptKey { destination: SocketAddr::new(self.destination.ip(), 0), ..self.clone() }
+    }
+}
+
 /// The totals of a record that stands for several attempts: the sums over their kernel keys.
 #[derive(Debug)]
 struct Attempts {
@@ -125,23 +134,125 @@ struct Attempts {
     packets: u64,
     bytes: u64,
     last_seen: SystemTime,
+    /// A scan summary's ports.
+    ports: Option<PortSet>,
+    /// When its ports were last written: a scan of thousands of ports rewrites them at most
+    /// every [`HOLD`], and [`Correlator::release`] writes what is left.
+    swept_at: Option<Instant>,
+    sweep_pending: bool,
 }
 
 impl Attempts {
-    /// Adds what a kernel key of the conversation gained (`new_attempt`: the key is a new one).
-    fn add(&mut self, r: &DatapathRecord, new_attempt: bool) -> StoreOp {
-        self.attempts += u64::from(new_attempt);
-        self.packets += r.delta_packets;
-        self.bytes += r.delta_bytes;
-        self.last_seen = self.last_seen.max(r.last_seen);
+    fn of(record: &FlowRecord, facts: &Arc<FlowFacts>, ports: Option<PortSet>) -> Self {
+        Attempts {
+            id: record.id,
+            first: record.time,
+            facts: facts.clone(),
+            attempts: 1,
+            packets: record.packets,
+            bytes: record.bytes,
+            last_seen: record.last_seen,
+            swept_at: ports.as_ref().map(|_| Instant::now()),
+            ports,
+            sweep_pending: false,
+        }
+    }
+
+    fn count(&self, ports: Option<PortSweep>) -> StoreOp {
         StoreOp::Count {
             id: self.id,
             packets: self.packets,
             bytes: self.bytes,
             last_seen: self.last_seen,
             attempts: self.attempts,
+            ports,
         }
     }
+
+    /// The ports to write now, if they changed and were not written within [`HOLD`] of `now`.
+    fn sweep_due(&mut self, now: Instant) -> Option<PortSweep> {
+        let due = self.sweep_pending && self.swept_at.is_none_or(|at| now.saturating_duration_since(at) >= HOLD);
+        let sweep = self.ports.as_ref().filter(|_| due)?.sweep();
+        (self.swept_at, self.sweep_pending) = (Some(now), false);
+        Some(sweep)
+    }
+
+    /// Adds what a kernel key of the conversation gained (`new_attempt`: the key is a new one),
+    /// to the port it tried.
+    fn add(&mut self, r: &DatapathRecord, new_attempt: bool) -> StoreOp {
+        self.attempts += u64::from(new_attempt);
+        self.packets += r.delta_packets;
+        self.bytes += r.delta_bytes;
+        self.last_seen = self.last_seen.max(r.last_seen);
+        if let Some(ports) = &mut self.ports {
+            self.sweep_pending |= ports.insert(r.dst_port);
+        }
+        let ports = self.sweep_due(Instant::now());
+        self.count(ports)
+    }
+}
+
+/// Ports a source may try at one destination within the attempt window, each its own record with
+/// its own evidence, before the ports beyond them are summarised (a scan).
+pub const SCAN_RECORDED_PORTS: u32 = 16;
+
+/// A set of ports, a bit each.
+#[derive(Debug)]
+struct PortSet {
+    bits: Box<[u64; 1024]>,
+    count: u32,
+}
+
+impl PortSet {
+    fn of(port: u16) -> Self {
+        let mut set = PortSet { bits: Box::new([0; 1024]), count: 0 };
+        set.insert(port);
+        set
+    }
+
+    /// Adds `port`; whether it is new.
+    fn insert(&mut self, port: u16) -> bool {
+        let (word, bit) = (usize::from(port / 64), 1u64 << (port % 64));
+        let new = self.bits[word] & bit == 0;
+        self.bits[word] |= bit;
+        self.count += u32::from(new);
+        new
+    }
+
+    fn sweep(&self) -> PortSweep {
+        let mut ranges: Vec<String> = Vec::new();
+        let mut open: Option<(u16, u16)> = None;
+        let set_bits = self.bits.iter().enumerate().filter(|(_, word)| **word != 0).flat_map(|(index, word)| {
+            (0..64u16).filter(move |bit| word & (1 << bit) != 0).map(move |bit| index as u16 * 64 + bit)
+        });
+        for port in set_bits {
+            open = match open {
+                Some((first, last)) if last + 1 == port => Some((first, port)),
+                Some(range) => {
+                    ranges.push(range_text(range));
+                    Some((port, port))
+                }
+                None => Some((port, port)),
+            };
+        }
+        ranges.extend(open.map(range_text));
+        PortSweep { count: self.count, ranges: ranges.join(",") }
+    }
+}
+
+fn range_text((first, last): (u16, u16)) -> String {
+    if first == last { first.to_string() } else { format!("{first}-{last}") }
+}
+
+/// One source's dropped attempts at the ports of one destination within the attempt window.
+#[derive(Debug)]
+struct Scan {
+    first: SystemTime,
+    /// Ports recorded one by one (few: the ports beyond them are summarised).
+    recorded: Vec<u16>,
+    /// Which sides denied the summarised ports (egress, ingress): a port judged otherwise is
+    /// recorded on its own.
+    summary_sides: Option<(bool, bool)>,
 }
 
 /// How long a held flow waits for the drop that decides it: the kernel drops a packet within the
@@ -223,8 +334,10 @@ pub struct Correlator {
     ids: Ids,
     /// Stored records of the keys the datapath is still counting.
     active: HashMap<DatapathKey, Active>,
-    /// Records that count the attempts of a dropped conversation, by the conversation.
+    /// Records that count the attempts of a dropped conversation, by the conversation, and scan
+    /// summaries by their scan.
     attempts: HashMap<AttemptKey, Attempts>,
+    scans: HashMap<AttemptKey, Scan>,
     /// Recently seen conversations, to recognise replies.
     seen: HashMap<Conversation, SystemTime>,
     /// Held flow keys by the socket a drop would name: a leaving flow's source, an answer's
@@ -256,6 +369,7 @@ impl Correlator {
             ids: Ids::after(last_id),
             active: HashMap::new(),
             attempts: HashMap::new(),
+            scans: HashMap::new(),
             seen: HashMap::new(),
             held: HashMap::new(),
             hold,
@@ -383,7 +497,8 @@ impl Correlator {
         }
     }
 
-    /// The held flows whose hold ended by `now` (all of them at shutdown), handled as forwarded.
+    /// The held flows whose hold ended by `now` (all of them at shutdown), handled as forwarded,
+    /// and the scan summaries' ports not written since they changed.
     pub fn release(&mut self, now: Instant) -> Vec<Handled> {
         let mut due = Vec::new();
         self.held.retain(|_, list| {
@@ -397,7 +512,8 @@ impl Correlator {
             !list.is_empty()
         });
         due.sort_by_key(|(r, _)| r.time);
-        due.iter()
+        let mut handled: Vec<Handled> = due
+            .iter()
             .filter_map(|(r, waiting)| {
                 let how = match waiting {
                     Waiting::Leaving => Admit { backend: self.backend(r), ..Admit::default() },
@@ -405,7 +521,15 @@ impl Correlator {
                 };
                 self.admit(r, how)
             })
-            .collect()
+            .collect();
+        for totals in self.attempts.values_mut() {
+            if let Some(ports) = totals.sweep_due(now) {
+                let facts = totals.facts.clone();
+                let op = totals.count(Some(ports));
+                handled.push(Handled { op, facts, delta_packets: 0, delta_bytes: 0, evaluation: None });
+            }
+        }
+        handled
     }
 
     /// Where connection tracking says a flow that left for a ClusterIP went.
@@ -443,6 +567,7 @@ impl Correlator {
                     bytes: r.bytes,
                     last_seen: r.last_seen,
                     attempts: 1,
+                    ports: None,
                 },
             };
             return Some(counted(op, &active.facts));
@@ -457,24 +582,64 @@ impl Correlator {
             self.active.insert(key, active);
             return Some(handled);
         }
+        let scan = attempt.as_ref().filter(|a| a.sent_to.is_none()).map(AttemptKey::scan);
         let started = std::time::Instant::now();
-        let record = self.correlate(r, how)?;
+        let summarising = match &scan {
+            Some(scan) => self.summarises(scan, r),
+            None => Summarises::No,
+        };
+        let (sides, summary_totals) = match summarising {
+            Summarises::Counted(op) => {
+                let totals = self.attempts.get(scan.as_ref()?)?;
+                let active = Active { id: totals.id, last: r.last_seen, facts: totals.facts.clone(), attempts: scan };
+                let handled = counted(op, &active.facts);
+                self.active.insert(key, active);
+                return Some(handled);
+            }
+            Summarises::Starts(sides) => (Some(sides), true),
+            Summarises::No => (None, false),
+        };
+        let mut record = self.correlate(r, how)?;
         let evaluation = Some(started.elapsed());
-        let facts = Arc::new(FlowFacts::of(&record));
         let attempt = attempt.filter(|_| record.verdict == FlowVerdict::Dropped && !record.is_reply);
-        if let Some(conversation) = &attempt {
-            let totals = Attempts {
-                id: record.id,
-                first: record.time,
-                facts: facts.clone(),
-                attempts: 1,
-                packets: r.packets,
-                bytes: r.bytes,
-                last_seen: r.last_seen,
-            };
-            self.attempts.insert(conversation.clone(), totals);
+        let scan = scan.filter(|_| attempt.is_some());
+        let mut totals_key = attempt;
+        if let (true, Some(scan)) = (summary_totals, &scan) {
+            record.ports = Some(PortSet::of(r.dst_port).sweep());
+            record.policy.summary = format!(
+                "a scan: {} tried more than {SCAN_RECORDED_PORTS} ports of {} within {}, the ports beyond the first {SCAN_RECORDED_PORTS} summarised here, each judged as port {}: {}",
+                endpoint_name(&record.source),
+                endpoint_name(&record.destination),
+                humantime::format_duration(self.attempt_window),
+                record.destination.port,
+                record.policy.summary
+            );
+            record.destination.port = 0;
+            if let Some(state) = self.scans.get_mut(scan) {
+                state.summary_sides = sides;
+            }
+            totals_key = Some(scan.clone());
+        } else if let Some(scan) = &scan {
+            let window = self.attempt_window;
+            let state = self.scans.entry(scan.clone()).or_insert_with(|| Scan {
+                first: r.time,
+                recorded: Vec::new(),
+                summary_sides: None,
+            });
+            if r.time.duration_since(state.first).unwrap_or_default() >= window {
+                *state = Scan { first: r.time, recorded: Vec::new(), summary_sides: None };
+            }
+            if !state.recorded.contains(&r.dst_port) {
+                state.recorded.push(r.dst_port);
+            }
         }
-        self.active.insert(key, Active { id: record.id, last: r.last_seen, facts: facts.clone(), attempts: attempt });
+        let facts = Arc::new(FlowFacts::of(&record));
+        if let Some(conversation) = &totals_key {
+            let ports = record.ports.is_some().then(|| PortSet::of(r.dst_port));
+            self.attempts.insert(conversation.clone(), Attempts::of(&record, &facts, ports));
+        }
+        self.active
+            .insert(key, Active { id: record.id, last: r.last_seen, facts: facts.clone(), attempts: totals_key });
         if self.active.len().is_multiple_of(1024) {
             self.forget(r.last_seen);
         }
@@ -485,6 +650,43 @@ impl Correlator {
             delta_bytes: r.delta_bytes,
             evaluation,
         })
+    }
+
+    /// Whether a new drop's port belongs on its scan's summary: its source already tried
+    /// [`SCAN_RECORDED_PORTS`] other ports of its destination within the window, each recorded,
+    /// and this port is judged as the summary's are.
+    fn summarises(&mut self, scan: &AttemptKey, r: &DatapathRecord) -> Summarises {
+        let window = self.attempt_window;
+        let Some(state) = self.scans.get(scan) else { return Summarises::No };
+        if r.time.duration_since(state.first).unwrap_or_default() >= window
+            || state.recorded.len() < SCAN_RECORDED_PORTS as usize
+            || state.recorded.contains(&r.dst_port)
+        {
+            return Summarises::No;
+        }
+        let summary_sides = state.summary_sides;
+        let Some(sides) = self.denied_sides(r) else { return Summarises::No };
+        let joins = |totals: &&mut Attempts| r.time.duration_since(totals.first).unwrap_or_default() < window;
+        match (summary_sides, self.attempts.get_mut(scan).filter(joins)) {
+            (Some(judged), Some(totals)) if judged == sides => Summarises::Counted(totals.add(r, true)),
+            (Some(_), Some(_)) => Summarises::No,
+            _ => Summarises::Starts(sides),
+        }
+    }
+
+    /// Which sides' policies deny a drop's flow (egress, ingress), on the engine's fast path.
+    fn denied_sides(&self, r: &DatapathRecord) -> Option<(bool, bool)> {
+        let (source, source_pod) = self.inventory.identify(r.src_ip, r.src_port, r.time);
+        let (destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, r.time);
+        let snapshots: Vec<&PodSnapshot> =
+            [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
+        let flow = Flow {
+            from: (&source).into(),
+            to: (&destination).into(),
+            port: r.dst_port,
+            protocol: r.protocol.policy()?,
+        };
+        self.engines.with(&snapshots).denied_sides(&flow).ok()
     }
 
     /// The conversation a new drop retries, when attempts are counted on one record: a dropped
@@ -515,6 +717,8 @@ impl Correlator {
         let keep = |t: &SystemTime| now.duration_since(*t).map(|d| d < self.forget_after).unwrap_or(true);
         self.active.retain(|_, active| keep(&active.last));
         self.attempts.retain(|_, totals| keep(&totals.last_seen));
+        let window = self.attempt_window;
+        self.scans.retain(|_, scan| now.duration_since(scan.first).map(|d| d < window).unwrap_or(true));
         self.seen.retain(|_, last| keep(last));
         self.superseded.retain(|_, last| keep(last));
     }
@@ -591,6 +795,7 @@ impl Correlator {
             packets: r.packets,
             bytes: r.bytes,
             attempts: 1,
+            ports: None,
             policy,
             inventory_stale: stale,
             evidence,
@@ -676,6 +881,18 @@ impl Correlator {
         let evidence = Evidence { explanation, policies };
         (verdict, Some(evidence))
     }
+}
+
+/// Where a new drop's port goes: its own record, its scan's summary (counted on it), or a summary
+/// it starts, judged with these sides.
+enum Summarises {
+    No,
+    Counted(StoreOp),
+    Starts((bool, bool)),
+}
+
+fn endpoint_name(id: &Identity) -> String {
+    id.pod_key().unwrap_or_else(|| id.ip.to_string())
 }
 
 fn conversation(r: &DatapathRecord) -> Conversation {
@@ -875,6 +1092,62 @@ pub(crate) mod tests {
         assert!(rejudged.evaluation.is_some(), "after a policy change an attempt is judged anew");
         let StoreOp::Insert(rejudged) = rejudged.op else { panic!("a new record") };
         assert_eq!(rejudged.attempts, 1);
+    }
+
+    #[test]
+    fn a_scan_beyond_its_first_ports_is_one_summary_of_the_ports_judged_alike() {
+        let mut c = Correlator::new(inventory(), "lab".into(), 0, Duration::from_secs(300), HOLD);
+        // develop/debug may reach kube-system/coredns on port 53 only: develop's egress policies
+        // deny every other port.
+        let attempt = |sport: u16, dport: u16| {
+            let mut r = drop("10.244.0.10", "10.244.0.53", dport, "NETFILTER_DROP", ReasonClass::Policy);
+            r.src_port = sport;
+            r
+        };
+        for port in 1..=SCAN_RECORDED_PORTS as u16 {
+            let Some(StoreOp::Insert(r)) = c.handle(&attempt(40000 + port, port)).map(|h| h.op) else { panic!() };
+            assert_eq!((r.destination.port, r.ports), (port, None), "the first ports are records of their own");
+        }
+        let Some(StoreOp::Insert(summary)) = c.handle(&attempt(41017, 17)).map(|h| h.op) else {
+            panic!("the next port starts the scan's summary")
+        };
+        assert_eq!(summary.destination.port, 0);
+        assert_eq!(summary.ports, Some(PortSweep { count: 1, ranges: "17".into() }));
+        assert_eq!(summary.policy.attribution, Attribution::DeniedByNetworkPolicy);
+        assert!(
+            summary.policy.summary.starts_with("a scan: develop/debug tried more than 16 ports of kube-system/coredns"),
+            "{}",
+            summary.policy.summary
+        );
+        assert!(summary.evidence.is_some(), "the evidence of its first port");
+        for port in 18..=30 {
+            let handled = c.handle(&attempt(41000 + port, port)).expect("counted");
+            assert_eq!(handled.evaluation, None);
+            let StoreOp::Count { id, attempts, .. } = handled.op else { panic!("a new port") };
+            assert_eq!((id, attempts), (summary.id, u64::from(port - 16)));
+        }
+        // The ports are written at most every HOLD, and once more when they changed since.
+        let swept = |c: &mut Correlator, holds: u32| {
+            let released = c.release(Instant::now() + HOLD * holds);
+            let mut ports = released.into_iter().filter_map(|h| match h.op {
+                StoreOp::Count { id, ports: Some(ports), .. } if id == summary.id => Some(ports),
+                _ => None,
+            });
+            ports.next_back().expect("the summary's ports are written")
+        };
+        assert_eq!(swept(&mut c, 1), PortSweep { count: 14, ranges: "17-30".into() });
+        let Some(StoreOp::Insert(allowed)) = c.handle(&attempt(42000, 53)).map(|h| h.op) else {
+            panic!("a port NetworkPolicy admits is judged otherwise: a record of its own")
+        };
+        assert_eq!((allowed.destination.port, allowed.ports), (53, None));
+        let Some(StoreOp::Count { attempts: 15, .. }) = c.handle(&attempt(42001, 40)).map(|h| h.op) else {
+            panic!("the summary goes on")
+        };
+        let ports = swept(&mut c, 3);
+        assert_eq!(ports.ranges, "17-30,40");
+        assert!(ports.contains(25) && !ports.contains(31) && ports.ports().count() == 15);
+        let Some(StoreOp::Count { id, .. }) = c.handle(&attempt(42002, 5)).map(|h| h.op) else { panic!() };
+        assert_ne!(id, summary.id, "an attempt at a port recorded on its own counts on that port's record");
     }
 
     #[test]

@@ -253,6 +253,11 @@ pub struct FlowRecord {
     /// every other record.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub attempts: u64,
+    /// A port scan's summary: the destination ports one source tried at one destination beyond
+    /// those recorded one by one, all judged alike (`destination.port` is 0). Its attempts,
+    /// packets and bytes are theirs together; its evidence is that of the first port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortSweep>,
     pub policy: PolicyVerdict,
     /// The inventory could not be refreshed when this record was made.
     #[serde(default)]
@@ -260,6 +265,33 @@ pub struct FlowRecord {
     /// Kept for the evidence bundle, left out of listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<Evidence>,
+}
+
+/// The destination ports of a scan summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSweep {
+    pub count: u32,
+    /// Every port, as ascending ranges: `1-1024,8080`.
+    pub ranges: String,
+}
+
+impl PortSweep {
+    /// The ranges, as (first, last) pairs; a malformed range is left out.
+    pub fn ranges(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        self.ranges.split(',').filter_map(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            Some((first.trim().parse().ok()?, last.trim().parse().ok()?))
+        })
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges().any(|(first, last)| (first..=last).contains(&port))
+    }
+
+    /// Every port, ascending.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ranges().flat_map(|(first, last)| first..=last)
+    }
 }
 
 fn one() -> u64 {

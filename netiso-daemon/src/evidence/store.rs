@@ -6,7 +6,7 @@
 //! content, under its digest, and counted by the records that refer to it: the thousands of records
 //! of a flood share one.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,7 @@ use redb::{
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc};
 
-use super::record::{FlowRecord, FlowVerdict};
+use super::record::{FlowRecord, FlowVerdict, PortSweep};
 use crate::datapath::record::IpProtocol;
 
 /// A change to the store: a new record, or new counts for a stored one.
@@ -31,6 +31,8 @@ pub enum StoreOp {
         bytes: u64,
         last_seen: SystemTime,
         attempts: u64,
+        /// A scan summary's ports, when they changed.
+        ports: Option<PortSweep>,
     },
 }
 
@@ -244,7 +246,7 @@ impl Query {
             && pod(&self.to_pod, &r.destination)
             && self.from_label.as_ref().is_none_or(|l| label_matches(&r.source.labels, l))
             && self.to_label.as_ref().is_none_or(|l| label_matches(&r.destination.labels, l))
-            && self.port.is_none_or(|p| r.destination.port == p)
+            && self.port.is_none_or(|p| r.destination.port == p || r.ports.as_ref().is_some_and(|s| s.contains(p)))
             && self.protocol.is_none_or(|p| r.protocol == p)
             && self.reason.as_ref().is_none_or(|x| r.reason.as_ref().is_some_and(|y| y.eq_ignore_ascii_case(x)))
             && self.policy.as_ref().is_none_or(|p| r.policy_keys().contains(p))
@@ -540,7 +542,16 @@ impl Store {
             let mut evidence = EvidenceTables::open(&txn)?;
             let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
-            for op in ops {
+            // Counts are cumulative: of a record's counts in one batch only the last is written,
+            // with the latest ports any of them carried.
+            let mut last_count: HashMap<u64, (usize, Option<&PortSweep>)> = HashMap::new();
+            for (index, op) in ops.iter().enumerate() {
+                if let StoreOp::Count { id, ports, .. } = op {
+                    let latest = last_count.entry(*id).or_default();
+                    *latest = (index, ports.as_ref().or(latest.1));
+                }
+            }
+            for (index, op) in ops.iter().enumerate() {
                 match op {
                     StoreOp::Insert(r) => {
                         let encoded = Encoded::of(r)?;
@@ -557,7 +568,10 @@ impl Store {
                         }
                         indexes.add(r)?;
                     }
-                    StoreOp::Count { id, packets, bytes: b, last_seen, attempts } => {
+                    StoreOp::Count { id, packets, bytes: b, last_seen, attempts, .. } => {
+                        let Some((_, ports)) = last_count.get(id).filter(|(last, _)| *last == index) else {
+                            continue;
+                        };
                         let Some(existing) = records.get(*id)?.map(|v| v.value().to_vec()) else { continue };
                         let (key, json) = split_stored(&existing);
                         let mut r: FlowRecord = serde_json::from_slice(json)?;
@@ -565,6 +579,9 @@ impl Store {
                         r.bytes = *b;
                         r.last_seen = *last_seen;
                         r.attempts = *attempts;
+                        if let Some(ports) = ports {
+                            r.ports = Some((*ports).clone());
+                        }
                         let value = stored_value(key, &serde_json::to_vec(&r)?);
                         bytes = bytes.saturating_sub(existing.len() as u64) + value.len() as u64;
                         records.insert(*id, value.as_slice())?;

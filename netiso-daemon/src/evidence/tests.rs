@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::record::{Attribution, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicyVerdict};
+use super::record::{Attribution, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicyVerdict, PortSweep};
 use super::store::{Query, Retention, Store, StoreOp, Written};
 use crate::cluster::{EndpointKind, Identity};
 use crate::policy::PolicyRef;
@@ -68,6 +68,7 @@ pub(crate) fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity
         packets: 1,
         bytes: 60,
         attempts: 1,
+        ports: None,
         policy: PolicyVerdict {
             verdict: None,
             direction: None,
@@ -133,7 +134,14 @@ fn records_survive_a_reopen_and_are_found_by_every_index() {
                     pod("kube-system", "dns", "10.0.0.4", 53),
                     None,
                 ))),
-                StoreOp::Count { id: b, packets: 42, bytes: 4200, last_seen: SystemTime::now(), attempts: 7 },
+                StoreOp::Count {
+                    id: b,
+                    packets: 42,
+                    bytes: 4200,
+                    last_seen: SystemTime::now(),
+                    attempts: 7,
+                    ports: None,
+                },
             ])
             .unwrap();
     }
@@ -280,7 +288,14 @@ fn records_of_one_conversation_share_its_evidence_until_the_last_is_removed() {
         assert_eq!(store.get(r.id).unwrap().unwrap().evidence.as_ref(), Some(&evidence), "each record keeps it");
     }
     store
-        .write(&[StoreOp::Count { id: flood[5].id, packets: 3, bytes: 180, last_seen: flood[5].time, attempts: 1 }])
+        .write(&[StoreOp::Count {
+            id: flood[5].id,
+            packets: 3,
+            bytes: 180,
+            last_seen: flood[5].time,
+            attempts: 1,
+            ports: None,
+        }])
         .unwrap();
     let counted = store.get(flood[5].id).unwrap().unwrap();
     assert_eq!((counted.packets, counted.evidence.as_ref()), (3, Some(&evidence)), "a count update keeps it");
@@ -342,6 +357,31 @@ fn the_size_limit_holds_at_every_write() {
     assert_eq!(kept, ids.iter().rev().take(10).copied().collect::<Vec<_>>(), "the newest are kept");
     assert_eq!(store.stats().evictions, 40);
     assert_eq!(store.query(&Query { policy: Some("b/p".into()), limit: 100, ..Default::default() }).unwrap().len(), 10);
+}
+
+#[test]
+fn of_a_records_counts_in_one_batch_the_last_is_written_with_the_latest_ports() {
+    let dir = TempDir::new("counts");
+    let store = Store::open(&dir.0.join("e.redb"), Retention::default()).unwrap();
+    let scan =
+        record(now_id(100), FlowVerdict::Dropped, pod("a", "x", "10.0.0.1", 1), pod("b", "y", "10.0.0.2", 0), None);
+    let count = |attempts: u64, ports: Option<&str>| StoreOp::Count {
+        id: scan.id,
+        packets: attempts,
+        bytes: 60 * attempts,
+        last_seen: scan.time,
+        attempts,
+        ports: ports.map(|ranges| PortSweep { count: attempts as u32, ranges: ranges.into() }),
+    };
+    store.write(&[StoreOp::Insert(Box::new(scan.clone()))]).unwrap();
+    let counted = store.write(&[count(2, Some("17-18")), count(3, Some("17-19")), count(4, None)]).unwrap();
+    assert_eq!(counted.len(), 1, "announced once");
+    let stored = store.get(scan.id).unwrap().unwrap();
+    assert_eq!((stored.packets, stored.attempts), (4, 4));
+    assert_eq!(stored.ports.as_ref().map(|p| p.ranges.as_str()), Some("17-19"));
+    assert_eq!(counted[0], stored);
+    store.write(&[count(5, None)]).unwrap();
+    assert_eq!(store.get(scan.id).unwrap().unwrap().ports, stored.ports, "a count without ports keeps them");
 }
 
 #[test]
@@ -445,6 +485,7 @@ async fn the_writer_batches_and_announces_inserts_and_new_counts_of_drops() {
         bytes: 60 * attempts,
         last_seen: r.time,
         attempts,
+        ports: None,
     };
     writer.send(StoreOp::Insert(Box::new(dropped.clone()))).await;
     writer.send(count(&first, 5)).await;

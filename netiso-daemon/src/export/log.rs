@@ -74,7 +74,9 @@ impl BlockedFlowLog {
         if now.duration_since(budget.since) >= self.interval {
             (budget.since, budget.lines) = (now, 0);
         }
-        if budget.lines >= BLOCKED_LINES_PER_SOURCE {
+        // A scan's summary is the bounded account of what its source tried: always logged.
+        let scan = r.ports.as_ref();
+        if budget.lines >= BLOCKED_LINES_PER_SOURCE && scan.is_none() {
             budget.unlogged += 1;
             return false;
         }
@@ -87,6 +89,27 @@ impl BlockedFlowLog {
             self.sources.retain(|_, b| now.duration_since(b.since) < interval || b.unlogged > 0);
         }
         let policies: Vec<String> = r.policy.policies.iter().map(|p| p.to_string()).collect();
+        if let Some(ports) = scan {
+            tracing::warn!(
+                target: "netiso::blocked",
+                id = %r.id,
+                time = %humantime::format_rfc3339_nanos(r.time),
+                source = %end(&r.source),
+                source_ip = %r.source.ip,
+                destination = %end(&r.destination),
+                destination_ip = %r.destination.ip,
+                ports = %ports.ranges,
+                protocol = %r.protocol,
+                reason = r.reason.as_deref().unwrap_or(""),
+                attribution = ?r.policy.attribution,
+                direction = r.policy.direction.map(|d| d.as_str()).unwrap_or(""),
+                policies = %policies.join(","),
+                summary = %r.policy.summary,
+                unlogged_from_source,
+                "port scan blocked"
+            );
+            return true;
+        }
         tracing::warn!(
             target: "netiso::blocked",
             id = %r.id,
@@ -209,5 +232,17 @@ mod tests {
         assert!(log.record_at(&blocked("10.0.0.1", 2000), later), "the next interval logs again");
         assert_eq!(log.sources["10.0.0.1"].unlogged, 0, "its line carried the count of what was left unlogged");
         assert_eq!(log.sources["10.0.0.1"].lines, 1);
+    }
+
+    #[test]
+    fn a_scan_summary_is_logged_when_its_source_used_up_its_lines() {
+        let mut log = BlockedFlowLog::new(Duration::from_secs(60));
+        let start = Instant::now();
+        for port in 1..=BLOCKED_LINES_PER_SOURCE as u16 {
+            assert!(log.record_at(&blocked("10.0.0.1", port), start));
+        }
+        let mut summary = blocked("10.0.0.1", 0);
+        summary.ports = Some(crate::evidence::record::PortSweep { count: 100, ranges: "11-110".into() });
+        assert!(log.record_at(&summary, start));
     }
 }

@@ -401,7 +401,14 @@ mod tests {
             }],
         });
         let h = Handled {
-            op: StoreOp::Count { id: 1, packets: 3, bytes: 180, last_seen: SystemTime::now(), attempts: 1 },
+            op: StoreOp::Count {
+                id: 1,
+                packets: 3,
+                bytes: 180,
+                last_seen: SystemTime::now(),
+                attempts: 1,
+                ports: None,
+            },
             facts,
             delta_packets: 3,
             delta_bytes: 180,

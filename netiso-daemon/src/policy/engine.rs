@@ -244,6 +244,15 @@ impl PolicyEngine {
             && self.direction_allows(Direction::Ingress, to, from, port, protocol)
     }
 
+    /// Whether each side denies a flow (egress, ingress), on the fast path.
+    pub fn denied_sides(&self, flow: &Flow) -> Result<(bool, bool), EngineError> {
+        let (from, to) = (self.resolve(&flow.from)?, self.resolve(&flow.to)?);
+        Ok((
+            !self.direction_allows(Direction::Egress, from, to, flow.port, flow.protocol),
+            !self.direction_allows(Direction::Ingress, to, from, flow.port, flow.protocol),
+        ))
+    }
+
     pub fn verdict(&self, flow: &Flow) -> Result<Verdict, EngineError> {
         let (from, to) = (self.resolve(&flow.from)?, self.resolve(&flow.to)?);
         Ok(if self.allows(from, to, flow.port, flow.protocol) { Verdict::Allowed } else { Verdict::Denied })
