@@ -31,7 +31,8 @@ fn a_full_disk_makes_the_daemon_unready_until_space_returns_and_loses_no_record(
         Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&fs.0).status().unwrap().success()
     );
     let store = fs.0.join("evidence.redb");
-    let mut daemon = start_daemon(&node, &store, &["--drain-interval", "200ms"]);
+    // Every attempt a record of its own (not a scan's summary), so that records fill the disk.
+    let mut daemon = start_daemon(&node, &store, &["--drain-interval", "200ms", "--blocked-log-interval", "0s"]);
     let readyz = || curl(&node, &["http://127.0.0.1:9962/readyz"]);
     assert!(wait_until(Duration::from_secs(10), || readyz().0 == 200), "{:?}", readyz());
 

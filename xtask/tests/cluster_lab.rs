@@ -4,7 +4,7 @@
 //! Kubernetes does. CI runs these tests in their own stage (`scripts/ci --stage cluster-lab`).
 
 mod cluster_lab {
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::Command;
 
     use serde_json::Value;
@@ -13,11 +13,9 @@ mod cluster_lab {
     use xtask::nft::Enforcement;
     use xtask::probe::Outcome;
 
-    fn lab(prefix: &str, enforcement: Enforcement, kube_proxy: Mode) -> Lab {
-        let id = lab::unique_id(prefix);
-        let out = std::env::temp_dir().join(format!("netiso-cluster-lab-{id}"));
-        let helper = PathBuf::from(env!("CARGO_BIN_EXE_xtask"));
-        Lab::new(&id, &out, &helper).with_enforcement(enforcement).with_kube_proxy(kube_proxy)
+    fn lab(prefix: &str, enforcement: Enforcement, kube_proxy: Mode) -> (Lab, lab::Scratch) {
+        let (lab, scratch) = lab::for_test(prefix, Path::new(env!("CARGO_BIN_EXE_xtask")));
+        (lab.with_enforcement(enforcement).with_kube_proxy(kube_proxy), scratch)
     }
 
     fn result<'a>(results: &'a [ProbeResult], from: &str, to: &str, kind: ProbeKind) -> &'a ProbeResult {
@@ -44,7 +42,7 @@ mod cluster_lab {
             (Enforcement::TcpReset, Mode::Nftables, Outcome::Refused),
             (Enforcement::Drop, Mode::Iptables, Outcome::NoAnswer),
         ] {
-            let lab = lab("c", enforcement, kube_proxy);
+            let (lab, _scratch) = lab("c", enforcement, kube_proxy);
             let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
             let results = lab.traffic_of(lab::all_probes()).unwrap();
             let contrary: Vec<String> = results
@@ -99,7 +97,7 @@ mod cluster_lab {
     }
 
     fn records_service_node_and_world_traffic(kube_proxy: Mode) {
-        let lab = lab("r", Enforcement::TcpReset, kube_proxy);
+        let (lab, _scratch) = lab("r", Enforcement::TcpReset, kube_proxy);
         let _guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
         let netiso = xtask::build::netiso(false).expect("netiso builds");
         let mut daemon = lab.observe(&netiso, &[]).expect("netiso observes the node");
@@ -266,7 +264,7 @@ mod cluster_lab {
 
     #[test]
     fn observed_without_policies_the_baseline_breaks_no_service_dns_or_kubelet_flow() {
-        let lab = lab("w", Enforcement::Drop, Mode::Nftables);
+        let (lab, _scratch) = lab("w", Enforcement::Drop, Mode::Nftables);
         let _guard = lab.up_guarded(&[]).expect("lab comes up with no policy");
         let netiso = xtask::build::netiso(false).expect("netiso builds");
         let mut daemon = lab.observe(&netiso, &[]).expect("netiso observes the node");

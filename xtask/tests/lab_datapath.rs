@@ -1,12 +1,12 @@
 //! End to end on real packets: the lab with the course baseline, `netiso run` in its node
 //! namespace, the scenario's traffic, and what the kernel programs report.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use xtask::lab::{self, Lab, ProbeKind};
+use xtask::lab::{self, ProbeKind};
 
 /// Names of loaded BPF programs and maps, from bpftool.
 fn loaded_bpf_names() -> Vec<String> {
@@ -32,9 +32,7 @@ fn matches(r: &Value, event: &str, src: &str, dst: &str, dst_port: u16, protocol
 
 #[test]
 fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
-    let id = lab::unique_id("t");
-    let out = std::env::temp_dir().join(format!("netiso-lab-{id}"));
-    let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
+    let (lab, _scratch) = lab::for_test("t", Path::new(env!("CARGO_BIN_EXE_xtask")));
     let netiso = xtask::build::netiso(false).expect("netiso builds");
     let guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
     let mut observer = lab.observe(&netiso, &[]).expect("netiso starts");
@@ -165,11 +163,10 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .filter(|l| l.starts_with(&format!("ni-{id}-")))
+                .filter(|l| l.starts_with(&format!("ni-{}-", lab.id)))
                 .map(str::to_owned)
                 .collect()
         })
         .unwrap();
     assert!(leftover.is_empty(), "namespaces left: {leftover:?}");
-    let _ = std::fs::remove_dir_all(&out);
 }

@@ -3,10 +3,10 @@
 //! policies take beyond the course baseline: named ports, port ranges, ipBlock with except,
 //! namespace and pod selectors together, matchExpressions, egress by protocol, both families.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use xtask::lab::{self, End, Lab, Probe, ProbeKind, scenario};
+use xtask::lab::{self, End, Probe, ProbeKind, scenario};
 
 const POLICIES: &str = r#"
 # production/api: ingress only from ingress-nginx's controller, on the named port.
@@ -79,9 +79,7 @@ fn probes() -> Vec<Probe> {
 
 #[test]
 fn the_compiled_ruleset_decides_real_packets_as_the_engine_does() {
-    let id = lab::unique_id("e");
-    let out = std::env::temp_dir().join(format!("netiso-lab-{id}"));
-    let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
+    let (lab, _scratch) = lab::for_test("e", Path::new(env!("CARGO_BIN_EXE_xtask")));
     let _guard = lab.up_guarded(&policies()).expect("lab comes up");
     let results = lab.traffic_of(probes()).unwrap();
     let disagreements: Vec<String> = results

@@ -101,9 +101,8 @@ fn json_lines(text: &str) -> Vec<Value> {
 
 #[test]
 fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
-    let id = lab::unique_id("e");
-    let out = std::env::temp_dir().join(format!("netiso-export-{id}"));
-    let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
+    let (lab, scratch) = lab::for_test("e", Path::new(env!("CARGO_BIN_EXE_xtask")));
+    let out = scratch.0.clone();
     let netiso = xtask::build::netiso(false).expect("netiso builds");
     let guard = lab.up_guarded(&lab::baseline_policies().unwrap()).expect("lab comes up");
     let node = lab.node_ns();
@@ -337,5 +336,4 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     b.stop().unwrap();
     drop(prometheus);
     guard.down().unwrap();
-    let _ = std::fs::remove_dir_all(&out);
 }

@@ -23,9 +23,8 @@ fn drop_from(records: &[Value], source_port: u16) -> Option<&Value> {
 fn each_daemon_records_only_its_own_labs_drops() {
     let helper = PathBuf::from(env!("CARGO_BIN_EXE_xtask"));
     let netiso = xtask::build::netiso(false).expect("netiso builds");
-    let ids = [lab::unique_id("na"), lab::unique_id("nb")];
-    let labs: Vec<Lab> =
-        ids.iter().map(|id| Lab::new(id, &std::env::temp_dir().join(format!("netiso-lab-{id}")), &helper)).collect();
+    let (labs, _scratch): (Vec<Lab>, Vec<lab::Scratch>) =
+        ["na", "nb"].iter().map(|p| lab::for_test(p, &helper)).unzip();
     let baseline = lab::baseline_policies().unwrap();
     let _guards: Vec<_> = labs.iter().map(|l| l.up_guarded(&baseline).expect("lab comes up")).collect();
     let mut observers: Vec<_> =
@@ -78,8 +77,5 @@ fn each_daemon_records_only_its_own_labs_drops() {
         let mine = all.iter().find(|r| r.source.port == own[1]).expect("the no-socket drop is stored");
         assert_eq!(mine.destination.pod_key().as_deref(), Some("production/api"));
         assert!(all.iter().all(|r| !other.contains(&r.source.port)), "nothing of the other lab is stored");
-    }
-    for lab in &labs {
-        let _ = std::fs::remove_dir_all(&lab.out_dir);
     }
 }

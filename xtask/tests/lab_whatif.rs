@@ -2,7 +2,7 @@
 //! course's default deny (what breaks, and which policy breaks it), get advice, check that the
 //! advice keeps everything recorded working, then enforce it and watch netiso see exactly that.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -32,9 +32,8 @@ fn write_default_deny(dir: &Path) {
 
 #[test]
 fn whatif_predicts_the_default_deny_and_advice_keeps_recorded_traffic_working() {
-    let id = lab::unique_id("w");
-    let out = std::env::temp_dir().join(format!("netiso-whatif-{id}"));
-    let lab = Lab::new(&id, &out, &PathBuf::from(env!("CARGO_BIN_EXE_xtask")));
+    let (lab, scratch) = lab::for_test("w", Path::new(env!("CARGO_BIN_EXE_xtask")));
+    let out = scratch.0.clone();
     let netiso = xtask::build::netiso(false).expect("netiso builds");
     let guard = lab.up_guarded(&[]).expect("lab comes up with allow-all");
     let mut observer = lab.observe(&netiso, &[]).unwrap();
@@ -160,5 +159,4 @@ fn whatif_predicts_the_default_deny_and_advice_keeps_recorded_traffic_working() 
     }
     observer.stop().unwrap();
     guard.down().unwrap();
-    let _ = std::fs::remove_dir_all(&out);
 }

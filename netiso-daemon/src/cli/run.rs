@@ -86,7 +86,8 @@ pub struct RunArgs {
     pub connection_timeout: Duration,
     /// A dropped conversation's attempts from fresh source ports within this interval of its first
     /// are one record (counting them) and one log line; log at most 10 blocked flows per source
-    /// and interval (a scan's other ports are counted in its next line).
+    /// and interval (a scan's other ports are counted in its next line). 0s: every attempt is a
+    /// record and a line of its own.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub blocked_log_interval: Duration,
 }

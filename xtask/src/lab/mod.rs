@@ -756,6 +756,27 @@ pub fn legitimate_probes() -> Vec<Probe> {
 }
 
 /// A lab id unique across tests and concurrent runs, short enough for namespace names.
+/// A test's lab, with an id of its own and an output directory that goes when the test passes
+/// (and stays, named on standard error, when it fails: it holds the lab's logs).
+pub fn for_test(prefix: &str, helper: &Path) -> (Lab, Scratch) {
+    let id = unique_id(prefix);
+    let out = std::env::temp_dir().join(format!("netiso-lab-{id}"));
+    (Lab::new(&id, &out, helper), Scratch(out))
+}
+
+/// A directory removed on drop unless the thread is panicking.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("lab output kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 pub fn unique_id(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let sequence = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
