@@ -434,6 +434,10 @@ impl Datapath {
         let soon = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(soon);
         let mut soon_armed = false;
+        // A drain reads every key of both maps, a syscall or two each: new keys bring one early,
+        // but in a storm of new keys no more often than this.
+        let early_every = self.config.drain_interval / 4;
+        let mut drained_at = tokio::time::Instant::now();
         let mut reported_losses = [0u64; LOSS_COUNTERS as usize];
 
         loop {
@@ -472,7 +476,8 @@ impl Datapath {
                     guard.clear_ready();
                     // Coalesce a burst of new keys into one early drain.
                     if new_keys && !soon_armed {
-                        soon.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(50));
+                        let due = (tokio::time::Instant::now() + Duration::from_millis(50)).max(drained_at + early_every);
+                        soon.as_mut().reset(due);
                         soon_armed = true;
                     }
                 },
@@ -484,9 +489,11 @@ impl Datapath {
                 _ = &mut soon, if soon_armed => {
                     soon_armed = false;
                     self.drain(&mut drains, &records).await;
+                    drained_at = tokio::time::Instant::now();
                 },
                 _ = tick.tick() => {
                     self.drain(&mut drains, &records).await;
+                    drained_at = tokio::time::Instant::now();
                     self.read_losses(&losses, &mut reported_losses);
                     self.read_drop_totals(&drop_totals);
                 },

@@ -90,6 +90,10 @@ fn datapath_key(r: &DatapathRecord) -> DatapathKey {
 
 type Conversation = (IpProtocol, IpAddr, u16, IpAddr, u16);
 
+/// The correlator's maps are read for every record: foldhash (seeded at random per map, as
+/// SipHash is) is several times cheaper on their keys.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A stored record the datapath is still counting, by one of its kernel keys.
 #[derive(Debug)]
 struct Active {
@@ -333,20 +337,20 @@ pub struct Correlator {
     node: String,
     ids: Ids,
     /// Stored records of the keys the datapath is still counting.
-    active: HashMap<DatapathKey, Active>,
+    active: Map<DatapathKey, Active>,
     /// Records that count the attempts of a dropped conversation, by the conversation, and scan
     /// summaries by their scan.
-    attempts: HashMap<AttemptKey, Attempts>,
-    scans: HashMap<AttemptKey, Scan>,
+    attempts: Map<AttemptKey, Attempts>,
+    scans: Map<AttemptKey, Scan>,
     /// Recently seen conversations, to recognise replies.
-    seen: HashMap<Conversation, SystemTime>,
+    seen: Map<Conversation, SystemTime>,
     /// Held flow keys by the socket a drop would name: a leaving flow's source, an answer's
     /// destination (an ICMP error's: its address, port 0).
-    held: HashMap<Socket, Vec<Held>>,
+    held: Map<Socket, Vec<Held>>,
     hold: Duration,
     /// Keys whose packet left a pod and was then dropped: the drop is their record, and their
     /// later counts are the drop's.
-    superseded: HashMap<DatapathKey, SystemTime>,
+    superseded: Map<DatapathKey, SystemTime>,
     /// Entries unused for this long are forgotten (the datapath evicts idle keys sooner).
     forget_after: Duration,
     /// Where connections to ClusterIPs went, when their translated packet was not seen here.
@@ -367,13 +371,13 @@ impl Correlator {
             inventory,
             node,
             ids: Ids::after(last_id),
-            active: HashMap::new(),
-            attempts: HashMap::new(),
-            scans: HashMap::new(),
-            seen: HashMap::new(),
-            held: HashMap::new(),
+            active: Map::default(),
+            attempts: Map::default(),
+            scans: Map::default(),
+            seen: Map::default(),
+            held: Map::default(),
             hold,
-            superseded: HashMap::new(),
+            superseded: Map::default(),
             forget_after,
             translations: None,
             attempt_window: ATTEMPT_WINDOW,
