@@ -34,13 +34,14 @@ impl<K> Default for Ledger<K> {
 impl<K: Copy + Eq + Hash> Ledger<K> {
     /// Takes one read of the map (each key with its summed counters) at `now_ns`. Returns the keys
     /// that are new or saw packets since the previous read, and the keys idle for longer than
-    /// `idle_ns`, which the caller removes from the map (a later packet makes them new again).
+    /// `idle_ns` with their counters as read, which the caller removes from the map (a later
+    /// packet makes them new again) or [`keep`](Self::keep)s.
     pub fn read(
         &mut self,
         entries: impl IntoIterator<Item = (K, Counters)>,
         now_ns: u64,
         idle_ns: u64,
-    ) -> (Vec<Change<K>>, Vec<K>) {
+    ) -> (Vec<Change<K>>, Vec<(K, Counters)>) {
         let mut changes = Vec::new();
         let mut idle = Vec::new();
         for (key, counters) in entries {
@@ -57,12 +58,20 @@ impl<K: Copy + Eq + Hash> Ledger<K> {
             }
             if now_ns.saturating_sub(counters.last_seen_ns) > idle_ns {
                 self.known.remove(&key);
-                idle.push(key);
+                idle.push((key, counters));
             } else {
                 self.known.insert(key, (counters.packets, counters.bytes));
             }
         }
         (changes, idle)
+    }
+}
+
+impl<K: Copy + Eq + Hash> Ledger<K> {
+    /// An idle key that saw a packet after all, between its read and its removal: it stays, and
+    /// the next read counts what it gained since `read`.
+    pub fn keep(&mut self, key: K, read: &Counters) {
+        self.known.insert(key, (read.packets, read.bytes));
     }
 }
 
@@ -159,9 +168,21 @@ mod tests {
     fn an_idle_key_leaves_and_comes_back_new() {
         let mut ledger = Ledger::default();
         let (_, idle) = ledger.read([(1u32, counters(1, 60, 10, 10)), (2, counters(1, 60, 10, 900))], 1_000, 500);
-        assert_eq!(idle, vec![1], "only the key idle for longer than the timeout leaves");
+        assert_eq!(idle, vec![(1, counters(1, 60, 10, 10))], "only the key idle for longer than the timeout leaves");
         let (changes, _) = ledger.read([(1u32, counters(1, 60, 1_100, 1_100))], 1_200, 500);
         assert!(changes[0].new_key);
+    }
+
+    #[test]
+    fn an_idle_key_kept_after_a_late_packet_counts_from_its_read() {
+        let mut ledger = Ledger::default();
+        ledger.read([(1u32, counters(1, 60, 10, 10))], 20, 1_000);
+        let (_, idle) = ledger.read([(1u32, counters(1, 60, 10, 10))], 2_000, 500);
+        let (key, read) = idle[0];
+        // A packet arrived between the read and the removal: the key stays.
+        ledger.keep(key, &read);
+        let (changes, _) = ledger.read([(1u32, counters(2, 120, 10, 2_001))], 2_002, 500);
+        assert_eq!((changes[0].new_key, changes[0].delta_packets, changes[0].delta_bytes), (false, 1, 60));
     }
 
     #[test]

@@ -746,8 +746,15 @@ impl<K: aya::Pod + Eq + Hash> Drain<K> {
             self.map.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect();
         let limit = idle_limit(entries.len(), self.capacity, idle_ns, pressed_ns);
         let (changes, idle) = self.ledger.read(entries, now_ns, limit);
-        for key in idle {
-            let _ = self.map.remove(&key);
+        for (key, read) in idle {
+            // The map was read key by key, long before this: a packet that reached the key since
+            // would go with it. Read again right before removing (a window of one syscall).
+            match self.map.get(&key, 0) {
+                Ok(per_cpu) if sum(per_cpu.iter()).packets != read.packets => self.ledger.keep(key, &read),
+                _ => {
+                    let _ = self.map.remove(&key);
+                }
+            }
         }
         changes
     }
