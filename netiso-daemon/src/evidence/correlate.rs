@@ -418,7 +418,7 @@ impl Correlator {
             }
             waiting = match (r.event, r.direction) {
                 (EventKind::Drop, _) => {
-                    self.decide_held(&source, r.last_seen);
+                    self.decide_held(&source, Some(SocketAddr::new(r.dst_ip, r.dst_port)), r.last_seen);
                     None
                 }
                 (EventKind::Flow, Some(PacketDirection::FromPod)) if r.new_key => Some((Waiting::Leaving, source)),
@@ -432,7 +432,7 @@ impl Correlator {
         // destination's address.
         if r.event == EventKind::Drop {
             for icmp in [IpProtocol::Icmp, IpProtocol::Icmpv6] {
-                self.decide_held(&(icmp, r.src_ip, 0), r.last_seen);
+                self.decide_held(&(icmp, r.src_ip, 0), None, r.last_seen);
             }
         } else if r.new_key && r.direction == Some(PacketDirection::ToPod) && is_icmp_error(r) {
             waiting = Some((Waiting::Answer { rejected: false }, (r.protocol, r.dst_ip, 0)));
@@ -467,12 +467,18 @@ impl Correlator {
     }
 
     /// The address a packet was sent to, when it arrives or is dropped at another (kube-proxy's
-    /// DNAT of a ClusterIP): the flow held as it left `socket` for that address is this packet,
-    /// and is recorded here, at its destination, or as the drop.
+    /// DNAT of a ClusterIP, a NodePort, an external IP): the flow held as it left `socket` for
+    /// that address is this packet, and is recorded here, at its destination, or as the drop. A
+    /// held flow to a pod's address is not (kube-proxy translates no pod address): the kernel
+    /// hands the same source port out again for other destinations, at once for a scan from
+    /// closed sockets.
     fn translated(&mut self, socket: &Socket, r: &DatapathRecord) -> Option<SocketAddr> {
+        let inventory = &self.inventory;
         let list = self.held.get_mut(socket)?;
         let index = list.iter().position(|h| {
-            h.waiting == Waiting::Leaving && (h.record.dst_ip, h.record.dst_port) != (r.dst_ip, r.dst_port)
+            h.waiting == Waiting::Leaving
+                && (h.record.dst_ip, h.record.dst_port) != (r.dst_ip, r.dst_port)
+                && inventory.identify(h.record.dst_ip, h.record.dst_port, h.record.time).0.kind != EndpointKind::Pod
         })?;
         let held = list.remove(index);
         if list.is_empty() {
@@ -484,13 +490,18 @@ impl Correlator {
 
     /// The kernel dropped a packet sent from `socket`: a flow held as it left is that drop, and an
     /// answer held on its way to `socket` was sent by the reject that dropped it.
-    fn decide_held(&mut self, socket: &Socket, at: SystemTime) {
+    /// A flow held as it left for another address than the drop's `destination` is another
+    /// packet from a reused source port (a translated one was taken by [`Self::translated`]).
+    fn decide_held(&mut self, socket: &Socket, destination: Option<SocketAddr>, at: SystemTime) {
         let Some(list) = self.held.get_mut(socket) else { return };
         list.retain_mut(|held| match &mut held.waiting {
-            Waiting::Leaving => {
+            Waiting::Leaving
+                if destination.is_none_or(|d| d == SocketAddr::new(held.record.dst_ip, held.record.dst_port)) =>
+            {
                 self.superseded.insert(held.key.clone(), at);
                 false
             }
+            Waiting::Leaving => true,
             Waiting::Answer { rejected } => {
                 *rejected = true;
                 true
@@ -1317,6 +1328,16 @@ pub(crate) mod tests {
         assert_eq!(rec.destination.service.as_deref(), Some("production/api"));
         assert_eq!(rec.policy.attribution, Attribution::DeniedByNetworkPolicy);
         assert!(c.release(Instant::now() + HOLD).is_empty());
+
+        // The same source port, handed out again for another pod's address: no translation.
+        let mut to_pod = raw(EventKind::Flow, "10.244.0.10", 40002, "10.244.0.30", 9000, "TCP");
+        to_pod.direction = Some(PacketDirection::FromPod);
+        assert_eq!(c.handle(&to_pod), None);
+        let mut other = drop("10.244.0.10", "10.244.0.30", 8080, "NETFILTER_DROP", ReasonClass::Policy);
+        other.src_port = 40002;
+        let Some(StoreOp::Insert(rec)) = c.handle(&other).map(|h| h.op) else { panic!("the drop is stored") };
+        assert_eq!((rec.destination.port, rec.destination.service), (8080, None), "not sent to port 9000");
+        assert!(c.held.values().flatten().any(|h| h.record.dst_port == 9000), "still held: another packet");
     }
 
     /// Connection tracking as a table: the kernel's is read in the conntrack and cluster lab tests.
