@@ -247,10 +247,10 @@ pub struct FlowRecord {
     pub is_reply: bool,
     pub packets: u64,
     pub bytes: u64,
-    /// The attempts this record stands for. A dropped conversation retried from fresh source
-    /// ports (a flood of connection attempts) is one record that counts them, as Calico's flow
-    /// logs aggregate denied flows by default; its source port is the first attempt's. One for
-    /// every other record.
+    /// The attempts this record stands for, by source port. A dropped conversation retried from
+    /// fresh source ports (a flood of connection attempts) is one record that counts them, as
+    /// Calico's flow logs aggregate denied flows by default; its source port is the first
+    /// attempt's. One for every other record.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub attempts: u64,
     /// A port scan's summary: the destination ports one source tried at one destination beyond
