@@ -2,9 +2,11 @@
 //! Records are keyed by id (nanoseconds of their first packet, so by time) and indexed by
 //! namespace, pod, verdict and policy; retention by age and by size; writes are batched.
 //!
-//! A record's evidence (the explanation and the policies in force) is stored once per distinct
-//! content, under its digest, and counted by the records that refer to it: the thousands of records
-//! of a flood share one.
+//! What the records of one conversation have in common is stored once, under the digest of its
+//! encoding, and counted by the records that refer to it: their evidence (the explanation and the
+//! policies in force), and the conversation itself (both ends, the verdict and its reasons). A
+//! record keeps only its own id, times, source port and counts: the thousands of records of a
+//! flood share one conversation and one evidence.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc};
 
@@ -42,60 +45,191 @@ const BY_POD: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new(
 const BY_VERDICT: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_verdict");
 const BY_POLICY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_policy");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Evidence by the digest of its encoding, and how many records refer to each.
+/// Shared contents by the digest of their encoding, and how many records refer to each.
 const EVIDENCE: TableDefinition<u128, &[u8]> = TableDefinition::new("evidence");
 const EVIDENCE_REFS: TableDefinition<u128, u64> = TableDefinition::new("evidence_refs");
+const CONVERSATIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("conversations");
+const CONVERSATION_REFS: TableDefinition<u128, u64> = TableDefinition::new("conversation_refs");
 
-/// The first byte of a stored record whose evidence is in [`EVIDENCE`]: the 16-byte digest
-/// follows, then the record's JSON. A record stored as plain JSON (`{`) holds its own evidence, or
-/// none.
+/// The first byte of a stored record whose conversation is in [`CONVERSATIONS`]: the
+/// conversation's 16-byte digest follows, then [`EVIDENCE_REF`] and the evidence's digest if the
+/// record has evidence, then the record's [`Own`] fields.
+const CONVERSATION_REF: u8 = b'C';
+
+/// The first byte of a record stored whole whose evidence is in [`EVIDENCE`] (as stores written
+/// before conversations were shared hold them): the 16-byte digest follows, then the record's
+/// JSON. A record stored as plain JSON (`{`) holds its own evidence, or none.
 const EVIDENCE_REF: u8 = b'E';
 
-/// A record as stored: its JSON without the evidence, and the digest of that evidence.
+/// A record's own fields beside its conversation, as a JSON array of about 80 bytes: id, first
+/// and last packet (nanoseconds since the epoch), source port, packets, bytes, attempts and a
+/// scan summary's ports.
+#[derive(Serialize, Deserialize)]
+struct Own(u64, u64, u64, u16, u64, u64, u64, Option<PortSweep>);
+
+impl Own {
+    fn of(r: &FlowRecord) -> Self {
+        Own(r.id, nanos(r.time), nanos(r.last_seen), r.source.port, r.packets, r.bytes, r.attempts, r.ports.clone())
+    }
+
+    /// The record of these fields in `conversation`.
+    fn into_record(self, mut conversation: FlowRecord) -> FlowRecord {
+        let Own(id, time, last_seen, source_port, packets, bytes, attempts, ports) = self;
+        conversation.id = id;
+        conversation.time = UNIX_EPOCH + Duration::from_nanos(time);
+        conversation.last_seen = UNIX_EPOCH + Duration::from_nanos(last_seen);
+        conversation.source.port = source_port;
+        conversation.packets = packets;
+        conversation.bytes = bytes;
+        conversation.attempts = attempts;
+        conversation.ports = ports;
+        conversation
+    }
+}
+
+/// The record without its own fields and its evidence: what the records of its conversation share.
+fn conversation_of(r: &FlowRecord) -> FlowRecord {
+    let conversation = FlowRecord { evidence: None, ports: None, ..r.clone() };
+    Own(0, 0, 0, 0, 0, 0, 1, None).into_record(conversation)
+}
+
+fn digest(content: &[u8]) -> u128 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, content);
+    u128::from_be_bytes(digest.as_ref()[..16].try_into().expect("a SHA-256 digest has 32 bytes"))
+}
+
+/// A record as stored: its value, and the shared contents it refers to.
 struct Encoded {
-    json: Vec<u8>,
+    value: Vec<u8>,
+    conversation: (u128, Vec<u8>),
     evidence: Option<(u128, Vec<u8>)>,
 }
 
 impl Encoded {
     fn of(r: &FlowRecord) -> Result<Self, StoreError> {
-        let Some(evidence) = &r.evidence else {
-            return Ok(Encoded { json: serde_json::to_vec(r)?, evidence: None });
+        let conversation = serde_json::to_vec(&conversation_of(r))?;
+        let conversation = (digest(&conversation), conversation);
+        let evidence = match &r.evidence {
+            Some(evidence) => {
+                let evidence = serde_json::to_vec(evidence)?;
+                Some((digest(&evidence), evidence))
+            }
+            None => None,
         };
-        let evidence = serde_json::to_vec(evidence)?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, &evidence);
-        let key = u128::from_be_bytes(digest.as_ref()[..16].try_into().expect("a SHA-256 digest has 32 bytes"));
-        let json = serde_json::to_vec(&FlowRecord { evidence: None, ..r.clone() })?;
-        Ok(Encoded { json, evidence: Some((key, evidence)) })
-    }
-
-    fn value(&self) -> Vec<u8> {
-        stored_value(self.evidence.as_ref().map(|(key, _)| *key), &self.json)
+        let value = split_value(conversation.0, evidence.as_ref().map(|(key, _)| *key), &Own::of(r))?;
+        Ok(Encoded { value, conversation, evidence })
     }
 }
 
-/// The stored value of a record's JSON: the digest of its evidence (if any) before the JSON.
-fn stored_value(evidence: Option<u128>, json: &[u8]) -> Vec<u8> {
-    match evidence {
-        None => json.to_vec(),
-        Some(key) => [&[EVIDENCE_REF][..], &key.to_be_bytes(), json].concat(),
+/// The stored value of a record of a shared conversation.
+fn split_value(conversation: u128, evidence: Option<u128>, own: &Own) -> Result<Vec<u8>, StoreError> {
+    let mut value = Vec::with_capacity(128);
+    value.push(CONVERSATION_REF);
+    value.extend_from_slice(&conversation.to_be_bytes());
+    if let Some(evidence) = evidence {
+        value.push(EVIDENCE_REF);
+        value.extend_from_slice(&evidence.to_be_bytes());
     }
+    serde_json::to_writer(&mut value, own)?;
+    Ok(value)
 }
 
-/// A stored value's evidence digest, if it refers to one, and its record's JSON.
-fn split_stored(value: &[u8]) -> (Option<u128>, &[u8]) {
-    match value.split_first() {
-        Some((&EVIDENCE_REF, rest)) if rest.len() >= 16 => {
-            let (key, json) = rest.split_at(16);
-            (Some(u128::from_be_bytes(key.try_into().expect("16 bytes"))), json)
+/// The parts of a stored value.
+enum Stored<'a> {
+    Split {
+        conversation: u128,
+        evidence: Option<u128>,
+        own: &'a [u8],
+    },
+    /// A record stored whole, after the digest of its evidence if that is shared.
+    Whole {
+        evidence: Option<u128>,
+        json: &'a [u8],
+    },
+}
+
+fn key_at(bytes: &[u8]) -> Option<u128> {
+    Some(u128::from_be_bytes(bytes.get(..16)?.try_into().ok()?))
+}
+
+impl<'a> Stored<'a> {
+    fn parse(value: &'a [u8]) -> Self {
+        match value.split_first() {
+            Some((&CONVERSATION_REF, rest)) if rest.len() >= 16 => {
+                let (conversation, rest) = rest.split_at(16);
+                let conversation = key_at(conversation).expect("16 bytes");
+                match rest.split_first() {
+                    Some((&EVIDENCE_REF, rest)) if rest.len() >= 16 => {
+                        Stored::Split { conversation, evidence: key_at(rest), own: &rest[16..] }
+                    }
+                    _ => Stored::Split { conversation, evidence: None, own: rest },
+                }
+            }
+            Some((&EVIDENCE_REF, rest)) if rest.len() >= 16 => {
+                Stored::Whole { evidence: key_at(rest), json: &rest[16..] }
+            }
+            _ => Stored::Whole { evidence: None, json: value },
         }
-        _ => (None, value),
+    }
+
+    fn conversation(&self) -> Option<u128> {
+        match self {
+            Stored::Split { conversation, .. } => Some(*conversation),
+            Stored::Whole { .. } => None,
+        }
+    }
+
+    fn evidence(&self) -> Option<u128> {
+        match self {
+            Stored::Split { evidence, .. } | Stored::Whole { evidence, .. } => *evidence,
+        }
+    }
+
+    /// The same record with new own fields.
+    fn with(&self, r: &FlowRecord) -> Result<Vec<u8>, StoreError> {
+        match self {
+            Stored::Split { conversation, evidence, .. } => split_value(*conversation, *evidence, &Own::of(r)),
+            Stored::Whole { evidence: None, .. } => Ok(serde_json::to_vec(r)?),
+            Stored::Whole { evidence: Some(key), .. } => {
+                Ok([&[EVIDENCE_REF][..], &key.to_be_bytes(), &serde_json::to_vec(r)?].concat())
+            }
+        }
     }
 }
 
-/// The record in a stored value, without the evidence it refers to.
-fn decode(value: &[u8]) -> Result<FlowRecord, StoreError> {
-    Ok(serde_json::from_slice(split_stored(value).1)?)
+/// Reads stored records without their evidence, each conversation parsed once.
+#[derive(Default)]
+struct Records {
+    conversations: HashMap<u128, FlowRecord>,
+}
+
+impl Records {
+    /// Conversations kept parsed; a query that meets more starts again.
+    const PARSED: usize = 1024;
+
+    fn read(
+        &mut self,
+        value: &[u8],
+        conversations: &impl ReadableTable<u128, &'static [u8]>,
+    ) -> Result<FlowRecord, StoreError> {
+        let (key, own) = match Stored::parse(value) {
+            Stored::Whole { json, .. } => return Ok(serde_json::from_slice(json)?),
+            Stored::Split { conversation, own, .. } => (conversation, own),
+        };
+        let own: Own = serde_json::from_slice(own)?;
+        if let Some(conversation) = self.conversations.get(&key) {
+            return Ok(own.into_record(conversation.clone()));
+        }
+        let content = conversations
+            .get(key)?
+            .ok_or_else(|| StoreError::Db(format!("a record's conversation {key:032x} is missing")))?;
+        let conversation: FlowRecord = serde_json::from_slice(content.value())?;
+        if self.conversations.len() >= Self::PARSED {
+            self.conversations.clear();
+        }
+        self.conversations.insert(key, conversation.clone());
+        Ok(own.into_record(conversation))
+    }
 }
 
 const META_BYTES: &str = "bytes";
@@ -302,15 +436,16 @@ impl<'t> Indexes<'t> {
 }
 
 /// Removes the oldest records while `over(oldest id, payload bytes)` holds, with their index
-/// entries and their share of evidence, keeping `bytes` in step; returns how many went.
+/// entries and their shares, keeping `bytes` in step; returns how many went.
 fn evict_oldest(
     records: &mut redb::Table<'_, u64, &'static [u8]>,
-    evidence: &mut EvidenceTables<'_>,
+    shares: &mut Shares<'_>,
     indexes: &mut Indexes<'_>,
     bytes: &mut u64,
     over: impl Fn(u64, u64) -> bool,
 ) -> Result<u64, StoreError> {
     let mut count = 0u64;
+    let mut read = Records::default();
     loop {
         let Some(id) = records.first()?.map(|(k, _)| k.value()) else { break };
         if !over(id, *bytes) {
@@ -319,30 +454,32 @@ fn evict_oldest(
         let Some(encoded) = records.remove(id)?.map(|v| v.value().to_vec()) else { break };
         *bytes = bytes.saturating_sub(encoded.len() as u64);
         count += 1;
-        let (key, json) = split_stored(&encoded);
-        if let Some(key) = key {
-            *bytes = bytes.saturating_sub(evidence.release(key)?);
-        }
-        if let Ok(r) = serde_json::from_slice::<FlowRecord>(json) {
+        // Read before its conversation can go with it.
+        if let Ok(r) = read.read(&encoded, &shares.conversations.content) {
             indexes.remove(&r)?;
         }
+        *bytes = bytes.saturating_sub(shares.release(&encoded)?);
     }
     Ok(count)
 }
 
-/// The shared evidence of a write transaction, counted by the records that refer to it.
-struct EvidenceTables<'t> {
+/// Contents shared by records in a write transaction, counted by the records that refer to them.
+struct Shared<'t> {
     content: redb::Table<'t, u128, &'static [u8]>,
     refs: redb::Table<'t, u128, u64>,
 }
 
-impl<'t> EvidenceTables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
-        Ok(EvidenceTables { content: txn.open_table(EVIDENCE)?, refs: txn.open_table(EVIDENCE_REFS)? })
+impl<'t> Shared<'t> {
+    fn open(
+        txn: &'t redb::WriteTransaction,
+        content: TableDefinition<u128, &'static [u8]>,
+        refs: TableDefinition<u128, u64>,
+    ) -> Result<Self, StoreError> {
+        Ok(Shared { content: txn.open_table(content)?, refs: txn.open_table(refs)? })
     }
 
-    /// One more record refers to the evidence `content` under `key`: the bytes this adds to the
-    /// store (its content, the first time).
+    /// One more record refers to `content` under `key`: the bytes this adds to the store (its
+    /// content, the first time).
     fn hold(&mut self, key: u128, content: &[u8]) -> Result<u64, StoreError> {
         let refs = self.refs.get(key)?.map(|v| v.value()).unwrap_or(0);
         self.refs.insert(key, refs + 1)?;
@@ -363,6 +500,44 @@ impl<'t> EvidenceTables<'t> {
         }
         self.refs.remove(key)?;
         Ok(self.content.remove(key)?.map(|v| v.value().len() as u64).unwrap_or(0))
+    }
+}
+
+/// The conversations and the evidence of a write transaction.
+struct Shares<'t> {
+    conversations: Shared<'t>,
+    evidence: Shared<'t>,
+}
+
+impl<'t> Shares<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Shares {
+            conversations: Shared::open(txn, CONVERSATIONS, CONVERSATION_REFS)?,
+            evidence: Shared::open(txn, EVIDENCE, EVIDENCE_REFS)?,
+        })
+    }
+
+    /// A new record refers to what `encoded` shares: the bytes this adds.
+    fn hold(&mut self, encoded: &Encoded) -> Result<u64, StoreError> {
+        let (key, content) = &encoded.conversation;
+        let mut added = self.conversations.hold(*key, content)?;
+        if let Some((key, content)) = &encoded.evidence {
+            added += self.evidence.hold(*key, content)?;
+        }
+        Ok(added)
+    }
+
+    /// The record stored as `value` is gone: the bytes this frees.
+    fn release(&mut self, value: &[u8]) -> Result<u64, StoreError> {
+        let stored = Stored::parse(value);
+        let mut freed = 0;
+        if let Some(key) = stored.conversation() {
+            freed += self.conversations.release(key)?;
+        }
+        if let Some(key) = stored.evidence() {
+            freed += self.evidence.release(key)?;
+        }
+        Ok(freed)
     }
 }
 
@@ -424,6 +599,8 @@ impl Store {
             txn.open_table(META)?;
             txn.open_table(EVIDENCE)?;
             txn.open_table(EVIDENCE_REFS)?;
+            txn.open_table(CONVERSATIONS)?;
+            txn.open_table(CONVERSATION_REFS)?;
             Indexes::open(&txn)?;
         }
         txn.commit()?;
@@ -539,9 +716,10 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
-            let mut evidence = EvidenceTables::open(&txn)?;
+            let mut shares = Shares::open(&txn)?;
             let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
+            let mut read = Records::default();
             // Counts are cumulative: of a record's counts in one batch only the last is written,
             // with the latest ports any of them carried.
             let mut last_count: HashMap<u64, (usize, Option<&PortSweep>)> = HashMap::new();
@@ -555,17 +733,11 @@ impl Store {
                 match op {
                     StoreOp::Insert(r) => {
                         let encoded = Encoded::of(r)?;
-                        let value = encoded.value();
-                        if let Some(old) = records.insert(r.id, value.as_slice())?.map(|v| v.value().to_vec()) {
+                        if let Some(old) = records.insert(r.id, encoded.value.as_slice())?.map(|v| v.value().to_vec()) {
                             bytes = bytes.saturating_sub(old.len() as u64);
-                            if let (Some(key), _) = split_stored(&old) {
-                                bytes = bytes.saturating_sub(evidence.release(key)?);
-                            }
+                            bytes = bytes.saturating_sub(shares.release(&old)?);
                         }
-                        bytes += value.len() as u64;
-                        if let Some((key, content)) = &encoded.evidence {
-                            bytes += evidence.hold(*key, content)?;
-                        }
+                        bytes += encoded.value.len() as u64 + shares.hold(&encoded)?;
                         indexes.add(r)?;
                     }
                     StoreOp::Count { id, packets, bytes: b, last_seen, attempts, .. } => {
@@ -573,8 +745,7 @@ impl Store {
                             continue;
                         };
                         let Some(existing) = records.get(*id)?.map(|v| v.value().to_vec()) else { continue };
-                        let (key, json) = split_stored(&existing);
-                        let mut r: FlowRecord = serde_json::from_slice(json)?;
+                        let mut r = read.read(&existing, &shares.conversations.content)?;
                         r.packets = *packets;
                         r.bytes = *b;
                         r.last_seen = *last_seen;
@@ -582,7 +753,7 @@ impl Store {
                         if let Some(ports) = ports {
                             r.ports = Some((*ports).clone());
                         }
-                        let value = stored_value(key, &serde_json::to_vec(&r)?);
+                        let value = Stored::parse(&existing).with(&r)?;
                         bytes = bytes.saturating_sub(existing.len() as u64) + value.len() as u64;
                         records.insert(*id, value.as_slice())?;
                         if r.verdict == FlowVerdict::Dropped {
@@ -594,7 +765,7 @@ impl Store {
             }
             let max_bytes = self.retention.max_bytes;
             let evicted =
-                evict_oldest(&mut records, &mut evidence, &mut indexes, &mut bytes, |_, bytes| bytes > max_bytes)?;
+                evict_oldest(&mut records, &mut shares, &mut indexes, &mut bytes, |_, bytes| bytes > max_bytes)?;
             if evicted > 0 {
                 let evictions = meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0) + evicted;
                 meta.insert(META_EVICTIONS, evictions)?;
@@ -618,11 +789,11 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut meta = txn.open_table(META)?;
-            let mut evidence = EvidenceTables::open(&txn)?;
+            let mut shares = Shares::open(&txn)?;
             let mut indexes = Indexes::open(&txn)?;
             let mut bytes = meta.get(META_BYTES)?.map(|v| v.value()).unwrap_or(0);
             let max_bytes = self.retention.max_bytes;
-            let count = evict_oldest(&mut records, &mut evidence, &mut indexes, &mut bytes, |id, bytes| {
+            let count = evict_oldest(&mut records, &mut shares, &mut indexes, &mut bytes, |id, bytes| {
                 id < cutoff || bytes > max_bytes
             })?;
             let evictions = meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0) + count;
@@ -639,9 +810,8 @@ impl Store {
             let txn = db.begin_read()?;
             let table = txn.open_table(RECORDS)?;
             let Some(value) = table.get(id)? else { return Ok(None) };
-            let (key, json) = split_stored(value.value());
-            let mut r: FlowRecord = serde_json::from_slice(json)?;
-            if let Some(key) = key {
+            let mut r = Records::default().read(value.value(), &txn.open_table(CONVERSATIONS)?)?;
+            if let Some(key) = Stored::parse(value.value()).evidence() {
                 let evidence = txn.open_table(EVIDENCE)?;
                 r.evidence = match evidence.get(key)? {
                     Some(v) => Some(serde_json::from_slice(v.value())?),
@@ -666,6 +836,8 @@ impl Store {
     fn query_in(db: &Database, q: &Query) -> Result<Page, StoreError> {
         let txn = db.begin_read()?;
         let records = txn.open_table(RECORDS)?;
+        let conversations = txn.open_table(CONVERSATIONS)?;
+        let mut read = Records::default();
         let index: Option<(MultimapTableDefinition<&str, u64>, String)> =
             if let Some(p) = q.from_pod.as_ref().or(q.to_pod.as_ref()) {
                 Some((BY_POD, p.clone()))
@@ -685,7 +857,7 @@ impl Store {
         let mut consider = |id: u64, encoded: &[u8]| -> Result<bool, StoreError> {
             scanned += 1;
             oldest_read = Some(id);
-            let r = decode(encoded)?;
+            let r = read.read(encoded, &conversations)?;
             if q.matches(&r) {
                 out.push(r);
             }

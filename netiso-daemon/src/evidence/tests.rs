@@ -86,6 +86,14 @@ pub(crate) fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity
     }
 }
 
+/// The payload bytes these records take in a store of their own.
+fn stored_bytes(records: &[FlowRecord]) -> u64 {
+    let dir = TempDir::new("measure");
+    let store = Store::open(&dir.0.join("e.redb"), Retention::default()).unwrap();
+    store.write(&records.iter().map(|r| StoreOp::Insert(Box::new(r.clone()))).collect::<Vec<_>>()).unwrap();
+    store.stats().bytes
+}
+
 fn now_id(offset_secs: u64) -> u64 {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
     now - offset_secs * 1_000_000_000
@@ -241,17 +249,12 @@ fn retention_removes_by_age_and_by_size_and_counts_evictions() {
     );
     drop(store);
 
-    let one = serde_json::to_vec(&record(
-        1,
-        FlowVerdict::Forwarded,
-        pod("a", "x", "10.0.0.1", 1),
-        pod("b", "y", "10.0.0.2", 2),
-        None,
-    ))
-    .unwrap()
-    .len() as u64;
+    let forwarded =
+        |id| record(id, FlowVerdict::Forwarded, pod("a", "x", "10.0.0.1", 1), pod("b", "y", "10.0.0.2", 2), None);
+    let newest: Vec<FlowRecord> = recent.iter().rev().map(|&id| forwarded(id)).collect();
+    let two_and_a_half = (stored_bytes(&newest[..2]) + stored_bytes(&newest[..3])) / 2;
     let store =
-        Store::open(&path, Retention { max_age: Duration::from_secs(3600), max_bytes: one * 2 + one / 2 }).unwrap();
+        Store::open(&path, Retention { max_age: Duration::from_secs(3600), max_bytes: two_and_a_half }).unwrap();
     assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 3);
     let left: Vec<u64> = store.query(&Query::default()).unwrap().iter().map(|r| r.id).collect();
     assert_eq!(left, vec![recent[4], recent[3]], "the newest are kept");
@@ -259,7 +262,7 @@ fn retention_removes_by_age_and_by_size_and_counts_evictions() {
 }
 
 #[test]
-fn records_of_one_conversation_share_its_evidence_until_the_last_is_removed() {
+fn records_of_one_conversation_share_it_and_its_evidence_until_the_last_is_removed() {
     let dir = TempDir::new("shared-evidence");
     let path = dir.0.join("evidence.redb");
     let keep_all = Retention { max_age: Duration::from_secs(3600), max_bytes: 1 << 30 };
@@ -284,6 +287,8 @@ fn records_of_one_conversation_share_its_evidence_until_the_last_is_removed() {
         "{stored} bytes for 1000 records of {record_bytes} bytes and one evidence of {evidence_bytes}"
     );
     assert!(evidence_bytes > 1000, "the evidence is what sharing saves: {evidence_bytes} bytes");
+    let repeated = (stored - stored_bytes(&flood[..1])) / 999;
+    assert!(repeated <= 300, "a repeated conversation's record takes {repeated} bytes, its listing {record_bytes}");
     for r in [&flood[0], &flood[999]] {
         assert_eq!(store.get(r.id).unwrap().unwrap().evidence.as_ref(), Some(&evidence), "each record keeps it");
     }
@@ -303,7 +308,7 @@ fn records_of_one_conversation_share_its_evidence_until_the_last_is_removed() {
     assert_eq!(listed.len(), 1000);
     drop(store);
 
-    let one_left = Retention { max_age: Duration::from_secs(3600), max_bytes: evidence_bytes + record_bytes + 64 };
+    let one_left = Retention { max_age: Duration::from_secs(3600), max_bytes: stored_bytes(&flood[999..]) };
     let store = Store::open(&path, one_left).unwrap();
     assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 999);
     assert_eq!(store.get(flood[999].id).unwrap().unwrap().evidence, Some(evidence), "the last one still has it");
@@ -337,6 +342,38 @@ fn a_record_stored_with_its_own_evidence_is_still_read_whole() {
 }
 
 #[test]
+fn a_record_stored_whole_beside_its_shared_evidence_is_still_read_and_counted() {
+    let dir = TempDir::new("whole-record");
+    let path = dir.0.join("evidence.redb");
+    let r = super::correlate::tests::denied_record(8080);
+    let evidence = serde_json::to_vec(&r.evidence).unwrap();
+    let key = 7u128;
+    // As stores written before conversations were shared hold a record: its whole JSON but the
+    // evidence, which is shared under its digest.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut records = txn.open_table(redb::TableDefinition::<u64, &[u8]>::new("records")).unwrap();
+            let json = serde_json::to_vec(&r.clone().listed()).unwrap();
+            records.insert(r.id, [&b"E"[..], &key.to_be_bytes(), &json].concat().as_slice()).unwrap();
+            let mut shared = txn.open_table(redb::TableDefinition::<u128, &[u8]>::new("evidence")).unwrap();
+            shared.insert(key, evidence.as_slice()).unwrap();
+            let mut refs = txn.open_table(redb::TableDefinition::<u128, u64>::new("evidence_refs")).unwrap();
+            refs.insert(key, 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path, Retention::default()).unwrap();
+    assert_eq!(store.get(r.id).unwrap(), Some(r.clone()));
+    let count = StoreOp::Count { id: r.id, packets: 9, bytes: 540, last_seen: r.time, attempts: 3, ports: None };
+    let counted = store.write(&[count]).unwrap();
+    let expected = FlowRecord { packets: 9, bytes: 540, attempts: 3, ..r.clone() };
+    assert_eq!(counted, vec![expected.clone().listed()]);
+    assert_eq!(store.get(r.id).unwrap(), Some(expected), "counted, with its evidence");
+}
+
+#[test]
 fn the_size_limit_holds_at_every_write() {
     let dir = TempDir::new("size-at-write");
     let path = dir.0.join("evidence.redb");
@@ -345,8 +382,8 @@ fn the_size_limit_holds_at_every_write() {
     };
     let first = now_id(100);
     let ids: Vec<u64> = (0..50).map(|i| first + i).collect();
-    let one = serde_json::to_vec(&make(first)).unwrap().len() as u64;
-    let limit = one * 10;
+    let newest: Vec<FlowRecord> = ids.iter().rev().map(|&id| make(id)).collect();
+    let limit = (stored_bytes(&newest[..10]) + stored_bytes(&newest[..11])) / 2;
     let store = Store::open(&path, Retention { max_age: Duration::from_secs(3600), max_bytes: limit }).unwrap();
     for batch in ids.chunks(7) {
         store.write(&batch.iter().map(|&id| StoreOp::Insert(Box::new(make(id)))).collect::<Vec<_>>()).unwrap();
