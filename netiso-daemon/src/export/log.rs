@@ -89,27 +89,7 @@ impl BlockedFlowLog {
             self.sources.retain(|_, b| now.duration_since(b.since) < interval || b.unlogged > 0);
         }
         let policies: Vec<String> = r.policy.policies.iter().map(|p| p.to_string()).collect();
-        if let Some(ports) = scan {
-            tracing::warn!(
-                target: "netiso::blocked",
-                id = %r.id,
-                time = %humantime::format_rfc3339_nanos(r.time),
-                source = %end(&r.source),
-                source_ip = %r.source.ip,
-                destination = %end(&r.destination),
-                destination_ip = %r.destination.ip,
-                ports = %ports.ranges,
-                protocol = %r.protocol,
-                reason = r.reason.as_deref().unwrap_or(""),
-                attribution = ?r.policy.attribution,
-                direction = r.policy.direction.map(|d| d.as_str()).unwrap_or(""),
-                policies = %policies.join(","),
-                summary = %r.policy.summary,
-                unlogged_from_source,
-                "port scan blocked"
-            );
-            return true;
-        }
+        // A scan's summary names its ports instead of one destination port.
         tracing::warn!(
             target: "netiso::blocked",
             id = %r.id,
@@ -119,7 +99,8 @@ impl BlockedFlowLog {
             source_workload = r.source.workload.as_deref().unwrap_or(""),
             destination = %end(&r.destination),
             destination_ip = %r.destination.ip,
-            destination_port = r.destination.port,
+            destination_port = scan.is_none().then_some(r.destination.port),
+            ports = scan.map(|ports| ports.ranges.as_str()),
             protocol = %r.protocol,
             reason = r.reason.as_deref().unwrap_or(""),
             reason_inferred = r.reason_inferred,
@@ -131,7 +112,8 @@ impl BlockedFlowLog {
             inventory_stale = r.inventory_stale,
             suppressed_repeats = suppressed,
             unlogged_from_source,
-            "flow blocked"
+            "{}",
+            if scan.is_some() { "port scan blocked" } else { "flow blocked" }
         );
         true
     }
