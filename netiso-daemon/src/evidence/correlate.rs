@@ -587,7 +587,8 @@ impl Correlator {
             };
             return Some(counted(op, &active.facts));
         }
-        let attempt = self.attempt_key(r, &how);
+        let ends = self.attempt_ends(r, &how);
+        let attempt = ends.as_ref().map(|ends| self.attempt_key(r, &how, ends));
         let window = self.attempt_window;
         let joins = |totals: &&mut Attempts| r.time.duration_since(totals.first).unwrap_or_default() < window;
         if let Some(totals) = attempt.as_ref().and_then(|a| self.attempts.get_mut(a)).filter(joins) {
@@ -599,14 +600,13 @@ impl Correlator {
         }
         let scan = attempt.as_ref().filter(|a| a.sent_to.is_none()).map(AttemptKey::scan);
         let started = std::time::Instant::now();
-        let summarising = match &scan {
-            Some(scan) => self.summarises(scan, r),
-            None => Summarises::No,
+        let summarising = match (&scan, &ends) {
+            (Some(scan), Some(ends)) => self.summarises(scan, r, ends),
+            _ => Summarises::No,
         };
         let (sides, summary_totals) = match summarising {
-            Summarises::Counted(op) => {
-                let totals = self.attempts.get(scan.as_ref()?)?;
-                let active = Active { id: totals.id, last: r.last_seen, facts: totals.facts.clone(), attempts: scan };
+            Summarises::Counted { op, id, facts } => {
+                let active = Active { id, last: r.last_seen, facts, attempts: scan };
                 let handled = counted(op, &active.facts);
                 self.active.insert(key, active);
                 return Some(handled);
@@ -635,7 +635,6 @@ impl Correlator {
             }
             totals_key = Some(scan.clone());
         } else if let Some(scan) = &scan {
-            let window = self.attempt_window;
             let state = self.scans.entry(scan.clone()).or_insert_with(|| Scan {
                 first: r.time,
                 recorded: Vec::new(),
@@ -670,7 +669,7 @@ impl Correlator {
     /// Whether a new drop's port belongs on its scan's summary: its source already tried
     /// [`SCAN_RECORDED_PORTS`] other ports of its destination within the window, each recorded,
     /// and this port is judged as the summary's are.
-    fn summarises(&mut self, scan: &AttemptKey, r: &DatapathRecord) -> Summarises {
+    fn summarises(&mut self, scan: &AttemptKey, r: &DatapathRecord, ends: &Ends) -> Summarises {
         let window = self.attempt_window;
         let Some(state) = self.scans.get(scan) else { return Summarises::No };
         if r.time.duration_since(state.first).unwrap_or_default() >= window
@@ -680,34 +679,33 @@ impl Correlator {
             return Summarises::No;
         }
         let summary_sides = state.summary_sides;
-        let Some(sides) = self.denied_sides(r) else { return Summarises::No };
+        let Some(sides) = self.denied_sides(r, ends) else { return Summarises::No };
         let joins = |totals: &&mut Attempts| r.time.duration_since(totals.first).unwrap_or_default() < window;
         match (summary_sides, self.attempts.get_mut(scan).filter(joins)) {
-            (Some(judged), Some(totals)) if judged == sides => Summarises::Counted(totals.add(r, true)),
+            (Some(judged), Some(totals)) if judged == sides => {
+                Summarises::Counted { op: totals.add(r, true), id: totals.id, facts: totals.facts.clone() }
+            }
             (Some(_), Some(_)) => Summarises::No,
             _ => Summarises::Starts(sides),
         }
     }
 
     /// Which sides' policies deny a drop's flow (egress, ingress), on the engine's fast path.
-    fn denied_sides(&self, r: &DatapathRecord) -> Option<(bool, bool)> {
-        let (source, source_pod) = self.inventory.identify(r.src_ip, r.src_port, r.time);
-        let (destination, destination_pod) = self.inventory.identify(r.dst_ip, r.dst_port, r.time);
+    fn denied_sides(&self, r: &DatapathRecord, ends: &Ends) -> Option<(bool, bool)> {
         let snapshots: Vec<&PodSnapshot> =
-            [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
+            [ends.source.1.as_deref(), ends.destination.1.as_deref()].into_iter().flatten().collect();
         let flow = Flow {
-            from: (&source).into(),
-            to: (&destination).into(),
+            from: (&ends.source.0).into(),
+            to: (&ends.destination.0).into(),
             port: r.dst_port,
             protocol: r.protocol.policy()?,
         };
         self.engines.with(&snapshots).denied_sides(&flow).ok()
     }
 
-    /// The conversation a new drop retries, when attempts are counted on one record: a dropped
-    /// packet to a port, not a reply nor a reject's answer. NetworkPolicy never looks at the source
-    /// port, so every attempt of the conversation has the same verdict and evidence.
-    fn attempt_key(&self, r: &DatapathRecord, how: &Admit) -> Option<AttemptKey> {
+    /// Both ends of a new drop that is an attempt at a conversation, whose attempts are counted
+    /// on one record: a dropped packet to a port, not a reply nor a reject's answer.
+    fn attempt_ends(&self, r: &DatapathRecord, how: &Admit) -> Option<Ends> {
         if r.event != EventKind::Drop
             || r.protocol.policy().is_none()
             || how.forged
@@ -715,17 +713,26 @@ impl Correlator {
         {
             return None;
         }
-        let uid = |ip, port| self.inventory.identify(ip, port, r.time).1.map(|pod| pod.uid.clone());
-        Some(AttemptKey {
+        Some(Ends {
+            source: self.inventory.identify(r.src_ip, r.src_port, r.time),
+            destination: self.inventory.identify(r.dst_ip, r.dst_port, r.time),
+        })
+    }
+
+    /// The conversation a new drop retries. NetworkPolicy never looks at the source port, so
+    /// every attempt of the conversation has the same verdict and evidence.
+    fn attempt_key(&self, r: &DatapathRecord, how: &Admit, ends: &Ends) -> AttemptKey {
+        let uid = |(_, pod): &(Identity, Option<Arc<PodSnapshot>>)| pod.as_ref().map(|pod| pod.uid.clone());
+        AttemptKey {
             protocol: r.protocol,
             source: r.src_ip,
             destination: SocketAddr::new(r.dst_ip, r.dst_port),
-            pods: (uid(r.src_ip, r.src_port), uid(r.dst_ip, r.dst_port)),
+            pods: (uid(&ends.source), uid(&ends.destination)),
             sent_to: how.sent_to,
             reason: r.reason.clone(),
             location: r.location.clone(),
             generation: self.inventory.generation(),
-        })
+        }
     }
 
     fn forget(&mut self, now: SystemTime) {
@@ -902,8 +909,14 @@ impl Correlator {
 /// it starts, judged with these sides.
 enum Summarises {
     No,
-    Counted(StoreOp),
+    Counted { op: StoreOp, id: u64, facts: Arc<FlowFacts> },
     Starts((bool, bool)),
+}
+
+/// Both ends of a flow as the inventory knows them at its time, with their pods' snapshots.
+struct Ends {
+    source: (Identity, Option<Arc<PodSnapshot>>),
+    destination: (Identity, Option<Arc<PodSnapshot>>),
 }
 
 fn endpoint_name(id: &Identity) -> String {
