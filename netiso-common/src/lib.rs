@@ -77,14 +77,20 @@ pub struct Counters {
 pub const EVENT_DROP: u8 = 1;
 pub const EVENT_FLOW: u8 = 2;
 
-/// The key was inserted into its map: the first packet of this key since user space last
-/// evicted it.
+/// A key was inserted into its map, the first since user space last drained the maps (which reads
+/// every key): it brings the next drain forward. Later new keys are not announced until user space
+/// clears [`NEW_KEYS_PENDING`], so a storm of new keys costs the ring buffer a record per drain, not
+/// one per key.
 pub const EVENT_FLAG_NEW_KEY: u8 = 1;
+
+/// Index of the one slot of the `NEW_KEYS` array: non-zero while a new key has been announced and
+/// the maps not drained since.
+pub const NEW_KEYS_PENDING: u32 = 0;
 /// The map was full: the key is not in the map, and this record is the only trace of the packet.
 pub const EVENT_FLAG_MAP_FULL: u8 = 2;
 
-/// A ring-buffer record. Sent only when a key is first seen or cannot be stored, so a flood of
-/// identical packets costs user space one record.
+/// A ring-buffer record. Sent only when new keys wait for a drain or a key cannot be stored, so a
+/// flood of identical packets costs user space one record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {

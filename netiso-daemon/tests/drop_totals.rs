@@ -9,22 +9,12 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Cleanup, connect, curl, kernel_gives_drop_reasons, node_and_pod, start_daemon, tag, udp_flows_from_pod};
+use support::{
+    Cleanup, connect, kernel_gives_drop_reasons, metric, nft, node_and_pod, start_daemon, tag, udp_flows_from_pod,
+};
 
 const PORT: u16 = 9471;
 const PACKETS: u16 = 3000;
-
-fn nft(netns: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("ip").args(["netns", "exec", netns, "nft"]).args(args).output().unwrap();
-    assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the metric line that starts with `series`, 0 while it does not exist.
-fn metric(node: &str, series: &str) -> u64 {
-    let (_, text) = curl(node, &["http://127.0.0.1:9962/metrics"]);
-    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok()).map_or(0, |v| v as u64)
-}
 
 #[test]
 fn every_dropped_packet_is_counted_when_the_drop_map_is_full() {

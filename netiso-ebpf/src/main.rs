@@ -3,6 +3,9 @@
 //! after them.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The atomic add of the shared drop map's counters (see `programs`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 // The parser is plain Rust over a `HeaderSource`: its unit tests run on the host, over byte slices.
 #[cfg(any(target_arch = "bpf", test))]

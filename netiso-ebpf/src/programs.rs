@@ -4,19 +4,24 @@
 //! and 5.10 refuse a called function that takes a pointer argument ("reg type unsupported for
 //! arg#0"), and add each call frame's stack rounded up to 32 bytes against the 512-byte limit.
 
+// `Atomic*::fetch_add` needs compare-and-swap, which BPF lacks; the intrinsic with its result
+// unused is the XADD instruction.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, classifier, map},
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use netiso_common::{
     Counters, DIRECTION_FROM_POD, DIRECTION_TO_POD, DROP_TOTAL_NO_REASON, DROP_TOTAL_SLOTS, DropKey, DropTotal,
     EVENT_DROP, EVENT_FLAG_MAP_FULL, EVENT_FLAG_NEW_KEY, EVENT_FLOW, Event, FlowKey, KernelOffsets, LOSS_COUNTERS,
-    LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL, LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS, REASON_NONE,
+    LOSS_DROP_MAP_FULL, LOSS_FLOW_MAP_FULL, LOSS_RINGBUF_FULL, LOSS_UNPARSED, MAX_DROP_REASONS, NEW_KEYS_PENDING,
+    REASON_NONE,
 };
 
 use crate::headers::{ETH_P_IP, ETH_P_IPV6, HeaderSource, Parsed, parse_ip};
@@ -42,9 +47,11 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 #[unsafe(no_mangle)]
 static COARSE_CLOCK: Global<u8> = Global::new(1);
 
-/// Sizes are defaults; user space sets them at load time.
+/// Sizes are defaults; user space sets them at load time. Drops are few per key and a scan brings
+/// a key per port: their map is shared by the CPUs (its memory does not grow with their number),
+/// while forwarded flows, a packet path, count per CPU without atomics.
 #[map]
-static DROPS: PerCpuHashMap<DropKey, Counters> = PerCpuHashMap::with_max_entries(16384, 0);
+static DROPS: HashMap<DropKey, Counters> = HashMap::with_max_entries(32768, 0);
 #[map]
 static FLOWS: PerCpuHashMap<FlowKey, Counters> = PerCpuHashMap::with_max_entries(65536, 0);
 #[map]
@@ -54,6 +61,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 static DROP_REASON_FILTER: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
+/// Whether a new key was announced since user space last drained the maps; cleared by it.
+#[map]
+static NEW_KEYS: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static DROP_TOTALS: PerCpuArray<DropTotal> = PerCpuArray::with_max_entries(DROP_TOTAL_SLOTS, 0);
 
@@ -126,35 +136,91 @@ struct Sample {
     tcp_flags: u8,
 }
 
-#[inline(always)]
-fn add(counters: *mut Counters, sample: Sample) {
-    // SAFETY: `counters` points at this CPU's slot of a per-CPU hash entry, which only this CPU
-    // writes (see `count_loss`).
-    let c = unsafe { &mut *counters };
-    if c.packets == 0 {
-        c.first_seen_ns = precise_now();
+/// A map of counters by key, as [`record`] uses it.
+trait CounterMap<K> {
+    fn counters(&self, key: &K) -> Option<*mut Counters>;
+    fn insert(&self, key: &K, first: &Counters) -> Result<(), i32>;
+    /// Adds a packet to counters found in this map.
+    fn add(counters: *mut Counters, sample: Sample);
+}
+
+impl<K> CounterMap<K> for PerCpuHashMap<K, Counters> {
+    #[inline(always)]
+    fn counters(&self, key: &K) -> Option<*mut Counters> {
+        self.get_ptr_mut(key)
     }
-    c.packets += 1;
-    c.bytes += sample.len as u64;
-    c.last_seen_ns = sample.now;
-    c.ifindex = sample.ifindex;
-    c.tcp_flags |= sample.tcp_flags;
+
+    #[inline(always)]
+    fn insert(&self, key: &K, first: &Counters) -> Result<(), i32> {
+        PerCpuHashMap::insert(self, key, first, BPF_NOEXIST as u64)
+    }
+
+    #[inline(always)]
+    fn add(counters: *mut Counters, sample: Sample) {
+        // SAFETY: `counters` points at this CPU's slot of a per-CPU hash entry, which only this
+        // CPU writes (see `count_loss`).
+        let c = unsafe { &mut *counters };
+        if c.packets == 0 {
+            c.first_seen_ns = precise_now();
+        }
+        c.packets += 1;
+        c.bytes += sample.len as u64;
+        c.last_seen_ns = sample.now;
+        c.ifindex = sample.ifindex;
+        c.tcp_flags |= sample.tcp_flags;
+    }
+}
+
+impl<K> CounterMap<K> for HashMap<K, Counters> {
+    #[inline(always)]
+    fn counters(&self, key: &K) -> Option<*mut Counters> {
+        self.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn insert(&self, key: &K, first: &Counters) -> Result<(), i32> {
+        HashMap::insert(self, key, first, BPF_NOEXIST as u64)
+    }
+
+    #[inline(always)]
+    fn add(counters: *mut Counters, sample: Sample) {
+        // SAFETY: `counters` points at an entry of a hash map, valid for this program run, that
+        // other CPUs may update at the same time: the counts are added atomically (an XADD, which
+        // every supported kernel has); the last-seen time, interface and flags are plain stores,
+        // the last writer's, and a flag a racing CPU set may be missed.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*counters).bytes, sample.len as u64);
+            (*counters).last_seen_ns = sample.now;
+            (*counters).ifindex = sample.ifindex;
+            (*counters).tcp_flags |= sample.tcp_flags;
+        }
+    }
+}
+
+/// Whether a new key is the first since user space last drained the maps, to be announced. CPUs
+/// racing here may both announce one: user space drains once for both.
+#[inline(always)]
+fn first_new_key() -> bool {
+    let Some(pending) = NEW_KEYS.get_ptr_mut(NEW_KEYS_PENDING) else { return true };
+    // SAFETY: a valid slot of an array map; a racing write stores the same value.
+    unsafe {
+        if *pending != 0 {
+            return false;
+        }
+        *pending = 1;
+    }
+    true
 }
 
 /// Counts one packet under `key`: in place when the key exists (the fast path, which builds no
-/// event), otherwise by inserting it and announcing it once on the ring buffer. When the map is
-/// full the ring-buffer record is the only trace of the packet, and the loss is counted either
-/// way.
+/// event), otherwise by inserting it, announcing on the ring buffer the first new key since the
+/// last drain. When the map is full the ring-buffer record is the only trace of the packet, and
+/// the loss is counted either way.
 #[inline(always)]
-fn record<K>(
-    map: &PerCpuHashMap<K, Counters>,
-    key: &K,
-    sample: Sample,
-    map_full_loss: u32,
-    event: impl FnOnce(u8) -> Event,
-) {
-    if let Some(counters) = map.get_ptr_mut(key) {
-        add(counters, sample);
+fn record<K, M: CounterMap<K>>(map: &M, key: &K, sample: Sample, map_full_loss: u32, event: impl FnOnce(u8) -> Event) {
+    if let Some(counters) = map.counters(key) {
+        M::add(counters, sample);
         return;
     }
     let first = Counters {
@@ -166,12 +232,13 @@ fn record<K>(
         tcp_flags: sample.tcp_flags,
         _pad: [0; 3],
     };
-    let flags = match map.insert(key, &first, BPF_NOEXIST as u64) {
-        Ok(()) => EVENT_FLAG_NEW_KEY,
+    let flags = match map.insert(key, &first) {
+        Ok(()) if first_new_key() => EVENT_FLAG_NEW_KEY,
+        Ok(()) => return,
         // Another CPU inserted the key between our lookup and insert.
         Err(e) if e == -EEXIST => {
-            if let Some(counters) = map.get_ptr_mut(key) {
-                add(counters, sample);
+            if let Some(counters) = map.counters(key) {
+                M::add(counters, sample);
             }
             return;
         }

@@ -40,6 +40,8 @@ pub struct Figures {
     pub lost_events: u64,
     /// The same by cause: the ring buffer full, the drop map full, the flow map full.
     pub lost_by_cause: [u64; 3],
+    /// Ring-buffer records: new keys announced, and packets the maps had no room for.
+    pub ring_events: u64,
     /// `netiso_kernel_drops_total{reason="NETFILTER_DROP"}` over the storm.
     pub netiso_dropped: u64,
     /// The packets the lab's policy chains dropped over the storm (nftables' counters).
@@ -125,6 +127,7 @@ pub fn run(lab: &Lab, netiso: &Path, options: &Options, netiso_args: &[&str]) ->
         lost_events: delta("netiso_datapath_lost_events_total", "") as u64,
         lost_by_cause: LOSS_CAUSES
             .map(|cause| delta("netiso_datapath_lost_events_total", &format!("\"{cause}\"")) as u64),
+        ring_events: delta("netiso_datapath_ring_events_total", "") as u64,
         netiso_dropped: delta("netiso_kernel_drops_total", "reason=\"NETFILTER_DROP\"") as u64,
         nft_dropped: nft_dropped(lab)? - nft_before,
         cpu_cores: cpu / window,
@@ -306,6 +309,7 @@ impl Figures {
         for (cause, lost) in LOSS_CAUSES.iter().zip(self.lost_by_cause) {
             println!("    {cause:<30} {lost:>12}");
         }
+        println!("  ring-buffer records              {:>12}", self.ring_events);
         println!(
             "  dropped packets: netiso {:>8}   nftables {:>8}   (target equal)",
             self.netiso_dropped, self.nft_dropped

@@ -26,8 +26,9 @@ pub struct RunArgs {
     /// other, routine), `default` (all but routine frees) or `all`; comma-separated.
     #[arg(long, default_value = "default")]
     pub drop_reasons: String,
-    /// Entries of the kernel's drop map.
-    #[arg(long, default_value_t = 16_384)]
+    /// Entries of the kernel's drop map, shared by the CPUs (about 160 bytes each): a scan needs
+    /// one per port it tries within two drain intervals.
+    #[arg(long, default_value_t = 32_768)]
     pub drop_map_entries: u32,
     /// Entries of the kernel's flow map.
     #[arg(long, default_value_t = 65_536)]

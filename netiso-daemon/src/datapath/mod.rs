@@ -18,13 +18,14 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttach, TcAttachType, TcError};
 use aya::programs::{BtfTracePoint, LinkOrder, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use netiso_common::{
     Counters, DROP_TOTAL_NO_REASON, DROP_TOTAL_SLOTS, DropKey, DropTotal, EVENT_DROP, EVENT_FLAG_MAP_FULL,
-    EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets, LOSS_COUNTERS, MAX_DROP_REASONS, REASON_NONE,
+    EVENT_FLAG_NEW_KEY, Event, FlowKey, FlowTuple, KernelOffsets, LOSS_COUNTERS, MAX_DROP_REASONS, NEW_KEYS_PENDING,
+    REASON_NONE,
 };
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
@@ -101,7 +102,7 @@ impl Default for DatapathConfig {
         DatapathConfig {
             interface_patterns: Vec::new(),
             drop_reasons: "default".into(),
-            drop_map_entries: 16_384,
+            drop_map_entries: 32_768,
             flow_map_entries: 65_536,
             drain_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
@@ -393,10 +394,12 @@ impl Datapath {
         // AsyncFd that owns the ring buffer is dropped.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| DatapathError::RingBuffer(std::io::Error::other(e.to_string())))?;
-        let drops: PerCpuHashMap<MapData, DropKey, Counters> =
-            PerCpuHashMap::try_from(self.ebpf.take_map("DROPS").expect("map in object")).map_err(map_err("DROPS"))?;
+        let drops: AyaHashMap<MapData, DropKey, Counters> =
+            AyaHashMap::try_from(self.ebpf.take_map("DROPS").expect("map in object")).map_err(map_err("DROPS"))?;
         let flows: PerCpuHashMap<MapData, FlowKey, Counters> =
             PerCpuHashMap::try_from(self.ebpf.take_map("FLOWS").expect("map in object")).map_err(map_err("FLOWS"))?;
+        let new_keys: Array<MapData, u32> =
+            Array::try_from(self.ebpf.take_map("NEW_KEYS").expect("map in object")).map_err(map_err("NEW_KEYS"))?;
         let losses: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(self.ebpf.take_map("LOSSES").expect("map in object")).map_err(map_err("LOSSES"))?;
         let drop_totals: PerCpuArray<MapData, DropTotal> =
@@ -428,6 +431,7 @@ impl Datapath {
         let mut drains = Drains {
             drops: Drain::new(drops, self.config.drop_map_entries),
             flows: Drain::new(flows, self.config.flow_map_entries),
+            new_keys,
         };
         let mut tick = tokio::time::interval(self.config.drain_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -579,6 +583,10 @@ impl Datapath {
     }
 
     async fn drain(&mut self, drains: &mut Drains, records: &mpsc::Sender<DatapathRecord>) {
+        // Cleared before the maps are read: a key inserted from here on is read now or announced.
+        if let Err(e) = drains.new_keys.set(NEW_KEYS_PENDING, &0, 0) {
+            tracing::debug!(error = %e, "new keys not re-armed; the next drain is at its interval");
+        }
         let now = monotonic_ns();
         let idle = self.config.idle_timeout.as_nanos() as u64;
         let pressed = 2 * self.config.drain_interval.as_nanos() as u64;
@@ -726,15 +734,51 @@ pub fn tuple_record(event: EventKind, tuple: &FlowTuple, c: &Counters) -> Datapa
     }
 }
 
+/// A kernel map of counters by key: counted per CPU (flows) or shared by the CPUs (drops).
+trait CounterMap<K> {
+    /// Every key with its counters (summed over CPUs).
+    fn entries(&self) -> Vec<(K, Counters)>;
+    fn read(&self, key: &K) -> Option<Counters>;
+    fn remove(&mut self, key: &K);
+}
+
+impl<K: aya::Pod> CounterMap<K> for PerCpuHashMap<MapData, K, Counters> {
+    fn entries(&self) -> Vec<(K, Counters)> {
+        self.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect()
+    }
+
+    fn read(&self, key: &K) -> Option<Counters> {
+        self.get(key, 0).ok().map(|per_cpu| sum(per_cpu.iter()))
+    }
+
+    fn remove(&mut self, key: &K) {
+        let _ = PerCpuHashMap::remove(self, key);
+    }
+}
+
+impl<K: aya::Pod> CounterMap<K> for AyaHashMap<MapData, K, Counters> {
+    fn entries(&self) -> Vec<(K, Counters)> {
+        self.iter().filter_map(Result::ok).collect()
+    }
+
+    fn read(&self, key: &K) -> Option<Counters> {
+        self.get(key, 0).ok()
+    }
+
+    fn remove(&mut self, key: &K) {
+        let _ = AyaHashMap::remove(self, key);
+    }
+}
+
 /// One kernel map and what user space already knows of its keys.
-struct Drain<K: aya::Pod> {
-    map: PerCpuHashMap<MapData, K, Counters>,
+struct Drain<K, M> {
+    map: M,
     capacity: u32,
     ledger: Ledger<K>,
 }
 
-impl<K: aya::Pod + Eq + Hash> Drain<K> {
-    fn new(map: PerCpuHashMap<MapData, K, Counters>, capacity: u32) -> Self {
+impl<K: aya::Pod + Eq + Hash, M: CounterMap<K>> Drain<K, M> {
+    fn new(map: M, capacity: u32) -> Self {
         Drain { map, capacity, ledger: Ledger::default() }
     }
 
@@ -742,18 +786,15 @@ impl<K: aya::Pod + Eq + Hash> Drain<K> {
     /// longer than `idle_ns` leave the map, or longer than `pressed_ns` while it is more than half
     /// full ([`idle_limit`]).
     fn drain(&mut self, now_ns: u64, idle_ns: u64, pressed_ns: u64) -> Vec<Change<K>> {
-        let entries: Vec<(K, Counters)> =
-            self.map.iter().filter_map(Result::ok).map(|(key, per_cpu)| (key, sum(per_cpu.iter()))).collect();
+        let entries = self.map.entries();
         let limit = idle_limit(entries.len(), self.capacity, idle_ns, pressed_ns);
         let (changes, idle) = self.ledger.read(entries, now_ns, limit);
         for (key, read) in idle {
             // The map was read key by key, long before this: a packet that reached the key since
             // would go with it. Read again right before removing (a window of one syscall).
-            match self.map.get(&key, 0) {
-                Ok(per_cpu) if sum(per_cpu.iter()).packets != read.packets => self.ledger.keep(key, &read),
-                _ => {
-                    let _ = self.map.remove(&key);
-                }
+            match self.map.read(&key) {
+                Some(now) if now.packets != read.packets => self.ledger.keep(key, &read),
+                _ => self.map.remove(&key),
             }
         }
         changes
@@ -761,8 +802,10 @@ impl<K: aya::Pod + Eq + Hash> Drain<K> {
 }
 
 struct Drains {
-    drops: Drain<DropKey>,
-    flows: Drain<FlowKey>,
+    drops: Drain<DropKey, AyaHashMap<MapData, DropKey, Counters>>,
+    flows: Drain<FlowKey, PerCpuHashMap<MapData, FlowKey, Counters>>,
+    /// [`NEW_KEYS_PENDING`]: set by the programs when they announce a new key.
+    new_keys: Array<MapData, u32>,
 }
 
 fn monotonic_ns() -> u64 {

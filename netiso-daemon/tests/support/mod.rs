@@ -60,6 +60,20 @@ pub fn connect(node: &str, pod: &str) {
     ip(&["-n", pod, "link", "set", "eth0", "up"]);
 }
 
+/// nft inside network namespace `netns`: its output.
+pub fn nft(netns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", netns, "nft"]).args(args).output().unwrap();
+    assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of the metric line of daemon metrics in `netns` that starts with `series`; 0 while it
+/// does not exist.
+pub fn metric(netns: &str, series: &str) -> u64 {
+    let (_, text) = curl(netns, &["http://127.0.0.1:9962/metrics"]);
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok()).map_or(0, |v| v as u64)
+}
+
 /// curl inside network namespace `netns`: (HTTP status, body).
 pub fn curl(netns: &str, args: &[&str]) -> (u16, String) {
     let out = Command::new("ip")
