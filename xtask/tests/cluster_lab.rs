@@ -223,8 +223,9 @@ mod cluster_lab {
         let metrics = String::from_utf8_lossy(&out.stdout);
         let counted = metrics.lines().any(|l| {
             l.starts_with("netiso_policy_drops_total{")
-                && l.contains(r#"policy_namespace="develop""#)
-                && l.contains(r#"policy="default-deny-all""#)
+                && l.contains(r#"namespace="develop""#)
+                && l.contains(r#"direction="egress""#)
+                && l.contains("default-deny-all")
         });
         assert!(counted, "the rejected SYN is not among the policy drops:\n{metrics}");
         daemon.stop().expect("netiso stops cleanly");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use xtask::lab::{self, Lab, ProbeKind};
 use xtask::netns;
 
@@ -137,13 +137,18 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    // The blocked flow shows in the policy-drop metric, with the policy's name.
+    // The blocked flow shows in the policy-drop metric: production's ingress, the policies
+    // isolating its pods, and the rule that came nearest.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let metric = r#"sum(netiso_policy_drops_total{policy_namespace="production",policy="default-deny-all"})"#;
+    let metric = r#"netiso_policy_drops_total{namespace="production",direction="ingress",nearest_policy="allow-from-ingress-nginx"}"#;
     loop {
         let v = prom_query(&node, metric);
         let value = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
         if value > 0.0 {
+            assert_eq!(
+                v["data"]["result"][0]["metric"]["isolated_by"], "allow-from-ingress-nginx,default-deny-all",
+                "{v}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the policy drop never reached Prometheus: {v}");
@@ -230,10 +235,29 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
         assert_eq!(f["destination"]["port"], 8080);
         assert_eq!(f["reason"], "NETFILTER_DROP");
         assert_eq!(f["policy"]["attribution"], "denied_by_network_policy");
+        let ingress = &f["policy"]["ingress"];
+        assert_eq!((&ingress["pod"], &ingress["verdict"]), (&json!("production/api"), &json!("denied")), "{f}");
+        let isolated_by: Vec<&str> =
+            ingress["isolated_by"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+        assert!(isolated_by.contains(&"default-deny-all") && isolated_by.contains(&"allow-from-ingress-nginx"), "{f}");
+        assert_eq!(ingress["nearest"]["policy"]["name"], "allow-from-ingress-nginx", "{f}");
         for key in ["namespace", "pod", "workload", "ip", "port"] {
             assert!(f["source"].get(key).is_some() && f["destination"].get(key).is_some(), "{key} missing");
         }
     }
+    // The line names the denying side, the policies isolating its pod and the nearest rule.
+    let (ok, lines, stderr) = cli(
+        &lab,
+        &netiso,
+        &["observe", "--server", "http://127.0.0.1:9963", "--verdict", "dropped", "--to-pod", "production/api"],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        lines.contains(
+            "ingress of production/api (isolated by production/allow-from-ingress-nginx,production/default-deny-all; nearest production/allow-from-ingress-nginx rule "
+        ),
+        "{lines}"
+    );
     let (ok, table, _) = cli(
         &lab,
         &netiso,

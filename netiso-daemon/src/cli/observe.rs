@@ -139,6 +139,13 @@ fn end_at(id: &Identity, port: &str) -> String {
     }
 }
 
+/// Who decided: the sides' words, or for records written before the sides were kept, the
+/// policies they name.
+fn blame(r: &FlowRecord) -> Option<String> {
+    let names = policies(r);
+    r.policy.blame().or_else(|| (!names.is_empty()).then(|| format!("by {names}")))
+}
+
 fn policies(r: &FlowRecord) -> String {
     r.policy.policies.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(",")
 }
@@ -164,9 +171,8 @@ fn compact(r: &FlowRecord) -> String {
         }
     }
     line.push_str(&format!(" ({})", r.policy.attribution.as_str()));
-    let p = policies(r);
-    if !p.is_empty() {
-        line.push_str(&format!(" by {p}"));
+    if let Some(blame) = blame(r) {
+        line.push_str(&format!(" {blame}"));
     }
     if r.attempts > 1 {
         line.push_str(&format!(" x{} attempts", r.attempts));
@@ -350,7 +356,35 @@ mod tests {
             "policy": {"verdict": "denied", "direction": "both", "attribution": "denied_by_network_policy", "policies": [], "summary": ""},
         }))
         .unwrap();
-        assert!(compact(&record).contains(" NETFILTER_DROP (denied_by_network_policy)"), "{}", compact(&record));
+        assert!(compact(&record).contains(" NETFILTER_DROP (denied_by_network_policy) id=1"), "{}", compact(&record));
+        // A record written before the sides were kept names its policies.
+        record.policy.policies = serde_json::from_value(json!([{"namespace": "production", "name": "deny"}])).unwrap();
+        assert!(
+            compact(&record).contains(" (denied_by_network_policy) by production/deny id=1"),
+            "{}",
+            compact(&record)
+        );
+        record.policy.ingress = Some(
+            serde_json::from_value(json!({"pod": "production/api", "verdict": "denied",
+                "isolated_by": [{"namespace": "production", "name": "deny"}, {"namespace": "production", "name": "allow-web"}],
+                "nearest": {"policy": {"namespace": "production", "name": "allow-web"}, "rule": 0, "summary": ""}}))
+            .unwrap(),
+        );
+        record.policy.egress = Some(
+            serde_json::from_value(json!({"pod": "develop/debug", "verdict": "allowed", "isolated_by": []})).unwrap(),
+        );
+        assert!(
+            compact(&record).contains(
+                " (denied_by_network_policy) denied by ingress of production/api (isolated by production/allow-web,production/deny; nearest production/allow-web rule 0) id=1"
+            ),
+            "{}",
+            compact(&record)
+        );
+        // A drop NetworkPolicy does not explain names no policy.
+        record.policy.attribution = crate::evidence::record::Attribution::DroppedByKernelForNonPolicyReason;
+        record.policy.policies.clear();
+        assert!(compact(&record).ends_with(" (dropped_by_kernel_for_non_policy_reason) id=1"), "{}", compact(&record));
+        record.policy.attribution = crate::evidence::record::Attribution::DeniedByNetworkPolicy;
         record.reason_inferred = true;
         assert!(
             compact(&record).contains(" NETFILTER_DROP (inferred) (denied_by_network_policy)"),

@@ -2,9 +2,29 @@
 //! did (dropped or forwarded, and whether the drop was netfilter's, where NetworkPolicy is
 //! enforced).
 
-use super::record::{Attribution, PolicySides, PolicyVerdict};
-use crate::policy::explain::DirectionReport;
+use super::record::{Attribution, NearestRule, PolicySides, PolicyVerdict, SideVerdict};
+use crate::policy::explain::{DirectionReport, MissKind};
 use crate::policy::{Explanation, PolicyRef, Verdict};
+
+/// What one direction's report says of the pod at that end; none when that end is not a pod.
+fn side(d: &DirectionReport) -> Option<SideVerdict> {
+    let nearness = |kind: MissKind| match kind {
+        MissKind::PortOnly | MissKind::PeerOnly => 0,
+        MissKind::PeerAndPort => 1,
+        MissKind::NoRules => 2,
+    };
+    let nearest = (d.verdict == Verdict::Denied)
+        .then(|| d.nearest_misses.iter().min_by_key(|miss| nearness(miss.kind)))
+        .flatten()
+        .map(|miss| NearestRule { policy: miss.policy.clone(), rule: miss.rule, summary: miss.summary.clone() });
+    Some(SideVerdict {
+        pod: d.subject.clone()?,
+        verdict: d.verdict,
+        isolated_by: d.isolating_policies.clone(),
+        allowed_by: if d.isolated { d.allowed_by.clone() } else { vec![] },
+        nearest,
+    })
+}
 
 fn denied_side(x: &Explanation) -> (Option<PolicySides>, Vec<PolicyRef>) {
     let denied: Vec<&DirectionReport> =
@@ -32,8 +52,11 @@ pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVer
                 verdict: Some(Verdict::Denied),
                 direction,
                 attribution,
-                policies,
+                // Only a drop NetworkPolicy explains names policies as its cause.
+                policies: if attribution == Attribution::DeniedByNetworkPolicy { policies } else { vec![] },
                 summary: reasons.join("; "),
+                egress: side(&x.egress),
+                ingress: side(&x.ingress),
             }
         }
         Verdict::Allowed => {
@@ -56,7 +79,16 @@ pub fn attribute(x: &Explanation, dropped: bool, policy_drop: bool) -> PolicyVer
                 }
                 _ => isolated.iter().map(|d| summary_of(d)).collect::<Vec<_>>().join("; "),
             };
-            PolicyVerdict { verdict: Some(Verdict::Allowed), direction, attribution, policies, summary }
+            PolicyVerdict {
+                verdict: Some(Verdict::Allowed),
+                direction,
+                attribution,
+                // Allowing policies did not drop a dropped flow.
+                policies: if dropped { vec![] } else { policies },
+                summary,
+                egress: side(&x.egress),
+                ingress: side(&x.ingress),
+            }
         }
     }
 }
@@ -99,11 +131,46 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_drop_names_its_denying_side_and_nearest_rule_and_no_other_drop_names_policies() {
+        let allow_8080 = "kind: NetworkPolicy\nmetadata: {name: allow-8080, namespace: a}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: [{from: [{podSelector: {}}], ports: [{port: 8080}]}]}\n";
+        let x = explanation(&format!("{DENY_WEB}---\n{allow_8080}"));
+        let denied = attribute(&x, true, true);
+        let ingress = denied.ingress.as_ref().expect("web is a pod");
+        assert_eq!((ingress.pod.as_str(), ingress.verdict), ("a/web", Verdict::Denied));
+        assert_eq!(ingress.isolated_by_names(), "allow-8080,deny");
+        let nearest = ingress.nearest.as_ref().expect("a rule came near");
+        assert_eq!((nearest.policy.name.as_str(), nearest.rule), ("allow-8080", Some(0)), "it lacks only the port");
+        let egress = denied.egress.as_ref().expect("client is a pod");
+        assert_eq!(
+            (egress.verdict, egress.isolated_by.len()),
+            (Verdict::Allowed, 0),
+            "client's egress is not isolated"
+        );
+        assert_eq!(denied.denying_sides().count(), 1);
+        assert_eq!(
+            denied.blame().as_deref(),
+            Some("denied by ingress of a/web (isolated by a/allow-8080,a/deny; nearest a/allow-8080 rule 0)")
+        );
+        // The kernel dropped it for another reason (OTHERHOST, no socket): policies are not its cause.
+        let other = attribute(&x, true, false);
+        assert_eq!(other.attribution, Attribution::DroppedByKernelForNonPolicyReason);
+        assert!(other.policies.is_empty(), "{:?}", other.policies);
+        assert_eq!(other.blame(), None);
+        assert_eq!(other.ingress, denied.ingress, "what the policies would do is still recorded");
+        // A default deny alone: no rule came near.
+        let x = explanation(DENY_WEB);
+        let only_deny = attribute(&x, true, true);
+        assert_eq!(only_deny.ingress.as_ref().unwrap().nearest.as_ref().map(|n| n.rule), Some(None));
+    }
+
+    #[test]
     fn an_allowed_flow_names_the_allowing_policy_and_a_netfilter_drop_of_it_is_another_rule() {
         let x = explanation(ALLOW_WEB);
         let allowed = attribute(&x, false, false);
         assert_eq!(allowed.attribution, Attribution::AllowedByNetworkPolicy);
         assert_eq!(allowed.policies[0].name, "allow");
+        assert_eq!(allowed.blame().as_deref(), Some("allowed on ingress of a/web by a/allow rule 0"));
+        assert!(attribute(&x, true, true).policies.is_empty(), "allowing policies did not drop it");
         assert_eq!(
             attribute(&x, true, true).attribution,
             Attribution::DroppedByFirewallRuleNetworkPolicyDoesNotExplain

@@ -21,7 +21,7 @@ use crate::datapath::{DatapathRecord, Direction as PacketDirection, EventKind};
 use crate::inventory::Inventory;
 use crate::inventory::timeline::PodSnapshot;
 use crate::policy::suggest::explain_with_suggestion;
-use crate::policy::{Flow, PolicyRef};
+use crate::policy::{Direction, Flow, PolicyRef};
 
 /// The labels a flow record contributes to metrics, kept for its later count updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,7 +33,20 @@ pub struct FlowFacts {
     pub destination_namespace: String,
     pub attribution: Attribution,
     pub policy_direction: Option<PolicySides>,
-    pub policies: Vec<PolicyRef>,
+    /// A drop NetworkPolicy denied: each denying side.
+    pub denied_by: Vec<DeniedSide>,
+}
+
+/// A side whose policies denied a dropped flow, as metrics label it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeniedSide {
+    pub direction: Direction,
+    /// The namespace of the pod the policies isolate.
+    pub namespace: String,
+    /// Their names, sorted.
+    pub isolated_by: String,
+    /// The policy and rule that came nearest to admitting the flow.
+    pub nearest: Option<(String, Option<usize>)>,
 }
 
 impl FlowFacts {
@@ -46,7 +59,21 @@ impl FlowFacts {
             destination_namespace: r.destination.namespace.clone().unwrap_or_default(),
             attribution: r.policy.attribution,
             policy_direction: r.policy.direction,
-            policies: r.policy.policies.clone(),
+            denied_by: if r.verdict == FlowVerdict::Dropped
+                && r.policy.attribution == Attribution::DeniedByNetworkPolicy
+            {
+                r.policy
+                    .denying_sides()
+                    .map(|(direction, side)| DeniedSide {
+                        direction,
+                        namespace: side.pod.split_once('/').map_or(&side.pod[..], |(ns, _)| ns).to_owned(),
+                        isolated_by: side.isolated_by_names(),
+                        nearest: side.nearest.as_ref().map(|n| (n.policy.name.clone(), n.rule)),
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
         }
     }
 }
@@ -790,7 +817,7 @@ impl Correlator {
                 source.pod_key().unwrap_or_else(|| source.ip.to_string())
             );
             let attribution = Attribution::FirewallReply;
-            (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None)
+            (PolicyVerdict::unjudged(attribution, summary), None)
         } else {
             self.evaluate(r, &source, &destination, source_pod, destination_pod, is_reply)
         };
@@ -842,10 +869,7 @@ impl Correlator {
                     "rejected before translation: Service {service} has no endpoints (no pod matches its selector); NetworkPolicy played no part"
                 );
                 let attribution = Attribution::ServiceWithoutEndpoints;
-                return (
-                    PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary },
-                    None,
-                );
+                return (PolicyVerdict::unjudged(attribution, summary), None);
             }
         }
         let Some(protocol) = r.protocol.policy() else {
@@ -855,7 +879,7 @@ impl Correlator {
                 Attribution::NotApplicable
             };
             let summary = format!("NetworkPolicy does not govern {}", r.protocol);
-            return (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None);
+            return (PolicyVerdict::unjudged(attribution, summary), None);
         };
         if is_reply {
             let (attribution, summary) = match (dropped, policy_drop) {
@@ -870,7 +894,7 @@ impl Correlator {
                     "reply within a connection NetworkPolicy admitted, dropped by a firewall rule".to_owned(),
                 ),
             };
-            return (PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary }, None);
+            return (PolicyVerdict::unjudged(attribution, summary), None);
         }
         let snapshots: Vec<&PodSnapshot> =
             [source_pod.as_deref(), destination_pod.as_deref()].into_iter().flatten().collect();
@@ -886,10 +910,7 @@ impl Correlator {
                 } else {
                     Attribution::NotApplicable
                 };
-                return (
-                    PolicyVerdict { verdict: None, direction: None, attribution, policies: vec![], summary },
-                    None,
-                );
+                return (PolicyVerdict::unjudged(attribution, summary), None);
             }
         };
         let verdict = attribute(&explanation, dropped, policy_drop);

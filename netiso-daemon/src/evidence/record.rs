@@ -10,7 +10,7 @@ use crate::cluster::Identity;
 use crate::datapath::reasons::ReasonClass;
 use crate::datapath::record::IpProtocol;
 use crate::datapath::{Direction as PacketDirection, EventKind};
-use crate::policy::explain::Suggestion;
+use crate::policy::explain::{RuleRef, Suggestion};
 use crate::policy::{Direction, Explanation, Labels, PolicyRef, Verdict};
 
 pub mod rfc3339 {
@@ -151,9 +151,127 @@ pub struct PolicyVerdict {
     /// Which side decided (denied), or where the allowing policies sit (allowed).
     pub direction: Option<PolicySides>,
     pub attribution: Attribution,
-    /// Denied: the isolating policies of the denying side(s). Allowed: the allowing policies.
+    /// Denied by NetworkPolicy: the isolating policies of the denying side(s). Forwarded and
+    /// allowed: the allowing policies. None for a drop NetworkPolicy does not explain (the sides
+    /// still say what the policies would do).
     pub policies: Vec<PolicyRef>,
     pub summary: String,
+    /// What the source pod's egress policies say (absent when the source is not a pod, or the
+    /// flow was not evaluated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<SideVerdict>,
+    /// What the destination pod's ingress policies say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<SideVerdict>,
+}
+
+impl PolicyVerdict {
+    /// A flow NetworkPolicy was not asked about: a reply, another protocol, a reject's answer.
+    pub fn unjudged(attribution: Attribution, summary: String) -> Self {
+        PolicyVerdict {
+            verdict: None,
+            direction: None,
+            attribution,
+            policies: vec![],
+            summary,
+            egress: None,
+            ingress: None,
+        }
+    }
+
+    /// Who decided, in words: for a drop NetworkPolicy denied, each denying side with the policies
+    /// isolating its pod and the rule that came nearest; for an allowed flow, the rules that admit
+    /// it on each side. None where no policy decided, or the sides were not recorded.
+    pub fn blame(&self) -> Option<String> {
+        match self.attribution {
+            Attribution::DeniedByNetworkPolicy => {
+                let denied: Vec<String> = self
+                    .denying_sides()
+                    .map(|(direction, side)| {
+                        let mut isolated_by: Vec<String> = side.isolated_by.iter().map(|p| p.to_string()).collect();
+                        isolated_by.sort_unstable();
+                        let nearest = side.nearest.as_ref().map(|n| format!("; nearest {n}")).unwrap_or_default();
+                        format!(
+                            "{} of {} (isolated by {}{nearest})",
+                            direction.as_str(),
+                            side.pod,
+                            isolated_by.join(",")
+                        )
+                    })
+                    .collect();
+                (!denied.is_empty()).then(|| format!("denied by {}", denied.join(" and ")))
+            }
+            Attribution::AllowedByNetworkPolicy => {
+                let allowed: Vec<String> = [(Direction::Egress, &self.egress), (Direction::Ingress, &self.ingress)]
+                    .into_iter()
+                    .filter_map(|(direction, side)| Some((direction, side.as_ref()?)))
+                    .filter(|(_, side)| !side.allowed_by.is_empty())
+                    .map(|(direction, side)| {
+                        let rules: Vec<String> =
+                            side.allowed_by.iter().map(|rule| format!("{} rule {}", rule.policy, rule.rule)).collect();
+                        format!("{} of {} by {}", direction.as_str(), side.pod, rules.join(","))
+                    })
+                    .collect();
+                (!allowed.is_empty()).then(|| format!("allowed on {}", allowed.join(" and ")))
+            }
+            _ => None,
+        }
+    }
+
+    /// The sides whose policies deny the flow, egress first.
+    pub fn denying_sides(&self) -> impl Iterator<Item = (Direction, &SideVerdict)> {
+        [(Direction::Egress, &self.egress), (Direction::Ingress, &self.ingress)]
+            .into_iter()
+            .filter_map(|(direction, side)| Some((direction, side.as_ref()?)))
+            .filter(|(_, side)| side.verdict == Verdict::Denied)
+    }
+}
+
+/// What the policies of the pod at one end say about a flow, in their direction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SideVerdict {
+    /// `namespace/pod` whose policies these are.
+    pub pod: String,
+    pub verdict: Verdict,
+    /// The policies that select the pod for this direction. With none the pod is not isolated in
+    /// it, and the side allows every flow.
+    pub isolated_by: Vec<PolicyRef>,
+    /// Allowed: the rules that admit the flow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_by: Vec<RuleRef>,
+    /// Denied: the rule that came nearest to admitting it (none when the policies have no rule
+    /// for this direction: a default deny), and what it lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nearest: Option<NearestRule>,
+}
+
+impl SideVerdict {
+    /// The isolating policies' names, sorted: they are all in the pod's namespace.
+    pub fn isolated_by_names(&self) -> String {
+        let mut names: Vec<&str> = self.isolated_by.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        names.join(",")
+    }
+}
+
+/// A rule that came nearest to admitting a denied flow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NearestRule {
+    pub policy: PolicyRef,
+    /// Its index among the policy's rules for the direction; none for a policy with no rule for
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    pub summary: String,
+}
+
+impl std::fmt::Display for NearestRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.rule {
+            Some(rule) => write!(f, "{} rule {rule}", self.policy),
+            None => write!(f, "{} (no rules: default deny)", self.policy),
+        }
+    }
 }
 
 /// The flow record's schema. Raised when a field changes meaning or goes away (adding a field does

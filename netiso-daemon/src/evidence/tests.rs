@@ -80,6 +80,8 @@ pub(crate) fn record(id: u64, verdict: FlowVerdict, from: Identity, to: Identity
                 })
                 .unwrap_or_default(),
             summary: String::new(),
+            egress: None,
+            ingress: None,
         },
         inventory_stale: false,
         evidence: None,

@@ -108,6 +108,7 @@ impl BlockedFlowLog {
             attribution = ?r.policy.attribution,
             direction = r.policy.direction.map(|d| d.as_str()).unwrap_or(""),
             policies = %policies.join(","),
+            blame = r.policy.blame().as_deref(),
             summary = %r.policy.summary,
             inventory_stale = r.inventory_stale,
             suppressed_repeats = suppressed,

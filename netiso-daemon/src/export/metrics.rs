@@ -37,9 +37,15 @@ struct NamespaceDropLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
-    policy_namespace: String,
-    policy: String,
+    /// The namespace of the pods the policies isolate.
+    namespace: String,
     direction: String,
+    /// The policies isolating the pod in that direction, sorted.
+    isolated_by: String,
+    /// The policy and rule that came nearest to admitting the flow ("" where none has a rule for
+    /// the direction: a default deny).
+    nearest_policy: String,
+    nearest_rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -166,7 +172,7 @@ impl Metrics {
         );
         registry.register(
             "policy_drops",
-            "Dropped packets denied by NetworkPolicy, by each isolating policy of the denying side",
+            "Dropped packets NetworkPolicy denied, by denying side: the pods' namespace, the direction, the policies isolating them and the rule that came nearest",
             m.policy_drops.clone(),
         );
         registry.register("forwarded_flows", "Forwarded flows by namespace pair", m.forwarded_flows.clone());
@@ -256,16 +262,20 @@ impl Metrics {
                         direction: direction.clone().unwrap_or_else(|| "none".into()),
                     })
                     .inc_by(packets);
-                if f.attribution == Attribution::DeniedByNetworkPolicy {
-                    for p in &f.policies {
-                        self.policy_drops
-                            .get_or_create(&PolicyLabels {
-                                policy_namespace: p.namespace.clone(),
-                                policy: p.name.clone(),
-                                direction: direction.clone().unwrap_or_default(),
-                            })
-                            .inc_by(packets);
-                    }
+                for side in &f.denied_by {
+                    let (nearest_policy, nearest_rule) = match &side.nearest {
+                        Some((policy, rule)) => (policy.clone(), rule.map(|r| r.to_string()).unwrap_or_default()),
+                        None => (String::new(), String::new()),
+                    };
+                    self.policy_drops
+                        .get_or_create(&PolicyLabels {
+                            namespace: side.namespace.clone(),
+                            direction: side.direction.as_str().to_owned(),
+                            isolated_by: side.isolated_by.clone(),
+                            nearest_policy,
+                            nearest_rule,
+                        })
+                        .inc_by(packets);
                 }
             }
             FlowVerdict::Forwarded => {
@@ -382,9 +392,9 @@ mod tests {
 
     #[test]
     fn flows_and_drops_are_counted_by_namespace_and_policy() {
-        use crate::evidence::correlate::{FlowFacts, Handled};
+        use crate::evidence::correlate::{DeniedSide, FlowFacts, Handled};
         use crate::evidence::store::StoreOp;
-        use crate::policy::PolicyRef;
+        use crate::policy::Direction;
         let m = Metrics::new();
         let facts = std::sync::Arc::new(FlowFacts {
             verdict: FlowVerdict::Dropped,
@@ -394,10 +404,11 @@ mod tests {
             destination_namespace: "production".into(),
             attribution: Attribution::DeniedByNetworkPolicy,
             policy_direction: Some(crate::evidence::record::PolicySides::Ingress),
-            policies: vec![PolicyRef {
+            denied_by: vec![DeniedSide {
+                direction: Direction::Ingress,
                 namespace: "production".into(),
-                name: "default-deny-all".into(),
-                resource_version: None,
+                isolated_by: "allow-from-ingress-nginx,default-deny-all".into(),
+                nearest: Some(("allow-from-ingress-nginx".into(), Some(0))),
             }],
         });
         let h = Handled {
@@ -416,7 +427,12 @@ mod tests {
         };
         m.observe(&h);
         let text = m.encode();
-        assert!(text.contains(r#"netiso_policy_drops_total{policy_namespace="production",policy="default-deny-all",direction="ingress"} 3"#), "{text}");
+        assert!(text.contains(r#"netiso_policy_drops_total{namespace="production",direction="ingress",isolated_by="allow-from-ingress-nginx,default-deny-all",nearest_policy="allow-from-ingress-nginx",nearest_rule="0"} 3"#), "{text}");
+        assert_eq!(
+            text.matches("netiso_policy_drops_total{").count(),
+            1,
+            "each drop counted once per denying side: {text}"
+        );
         assert!(text.contains(r#"netiso_namespace_drops_total{source_namespace="develop",destination_namespace="production",direction="ingress"} 3"#), "{text}");
         assert!(text.contains(r#"netiso_drops_total{reason_class="policy",reason="NETFILTER_DROP"} 3"#), "{text}");
         assert!(!text.contains("10.244."), "no addresses in labels");
