@@ -1,10 +1,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = netiso::cli::Cli::parse();
+    let cli = netiso::cli::parse();
     match netiso::cli::main(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netiso::cluster::EndpointKind;
+use netiso::evidence::filter::FlowFilter;
 use netiso::evidence::record::FlowVerdict;
 use netiso::evidence::store::{Query, Store};
 use netiso::inventory::{Inventory, Kind, kubernetes};
@@ -136,8 +137,11 @@ async fn capture_continues_while_the_api_is_unreachable_and_records_say_so() {
     let store = Store::open(&store_path, Default::default()).unwrap();
     let dropped = store
         .query(&Query {
-            verdict: Some(FlowVerdict::Dropped),
-            from_pod: Some("shop/client".into()),
+            filter: FlowFilter {
+                verdict: Some(FlowVerdict::Dropped),
+                from_pod: Some("shop/client".parse().unwrap()),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap();

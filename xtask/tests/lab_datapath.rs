@@ -110,14 +110,15 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
 
     // The evidence store holds the same story with identities and attribution.
     let store = netiso::evidence::store::Store::open(&lab.store_path(), Default::default()).unwrap();
-    let query = |q: netiso::evidence::store::Query| store.query(&q).unwrap();
+    let query = |filter: FlowFilter| store.query(&Query { filter, ..Default::default() }).unwrap();
+    use netiso::evidence::filter::FlowFilter;
     use netiso::evidence::record::{Attribution, FlowVerdict};
     use netiso::evidence::store::Query;
-    let dropped = query(Query {
+    let dropped = query(FlowFilter {
         verdict: Some(FlowVerdict::Dropped),
-        from_pod: Some("develop/debug".into()),
-        to_pod: Some("production/api".into()),
-        port: Some(8080),
+        from_pod: Some("develop/debug".parse().unwrap()),
+        to_pod: Some("production/api".parse().unwrap()),
+        to_port: Some(8080),
         protocol: Some(netiso::datapath::record::IpProtocol::Tcp),
         ..Default::default()
     });
@@ -136,11 +137,11 @@ fn the_lab_drops_and_flows_reach_netiso_from_the_kernel() {
     }
     assert_eq!(record.source.labels.as_ref().unwrap()["app"], "debug");
     let forwarded = |from: &str, to: &str, port: u16| {
-        query(Query {
+        query(FlowFilter {
             verdict: Some(FlowVerdict::Forwarded),
-            from_pod: Some(from.into()),
-            to_pod: Some(to.into()),
-            port: Some(port),
+            from_pod: Some(from.parse().unwrap()),
+            to_pod: Some(to.parse().unwrap()),
+            to_port: Some(port),
             ..Default::default()
         })
     };

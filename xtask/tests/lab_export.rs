@@ -275,6 +275,104 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     );
     assert!(ok && table.starts_with("TIME") && table.contains("kube-system/coredns:53"), "{table}");
 
+    // Hubble's flags: verdict in capitals, --pod and --ip on either end, a negated filter, a node
+    // pattern, and --since without --last: every flow of the window, as the API lists them.
+    let mut args = vec!["observe"];
+    args.extend(servers);
+    args.extend([
+        "--verdict",
+        "DROPPED",
+        "--pod",
+        "production/",
+        "--ip",
+        "10.244.0.0/16",
+        "--not",
+        "--namespace",
+        "kube-system",
+        "--label",
+        "app=api",
+        "--port",
+        "8080",
+        "--node-name",
+        "lab-*",
+        "--since",
+        "1h",
+        "-o",
+        "json",
+    ]);
+    let listed = |server: &str| {
+        let (status, body) = netns::get(
+            &node,
+            server.parse().unwrap(),
+            "/v1/flows?verdict=dropped&pod=production/&ip=10.244.0.0/16&not.namespace=kube-system&label=app%3Dapi&port=8080&node=lab-*&since=1h&limit=10000",
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["flows"].as_array().unwrap().len()
+    };
+    // Records may still arrive meanwhile: the listing holds at least those before and at most
+    // those after.
+    let before = listed("127.0.0.1:9963") + listed("127.0.0.1:9964");
+    let (ok, stdout, stderr) = cli(&lab, &netiso, &args);
+    assert!(ok, "{stderr}");
+    let window = json_lines(&stdout);
+    let after = listed("127.0.0.1:9963") + listed("127.0.0.1:9964");
+    assert!(!window.is_empty(), "the blocked flow matches");
+    assert!((before..=after).contains(&window.len()), "the whole window: {before}..={after} {stdout}");
+    for f in &window {
+        assert_eq!(f["verdict"], "dropped", "{f}");
+        assert!(f["source"]["namespace"] == "production" || f["destination"]["namespace"] == "production", "{f}");
+        assert!(f["source"]["namespace"] != "kube-system" && f["destination"]["namespace"] != "kube-system", "{f}");
+    }
+    // --type drop, ports and labels by end, --first with a dict and the node's name.
+    let (ok, dict, stderr) = cli(
+        &lab,
+        &netiso,
+        &[
+            "observe",
+            "--server",
+            "http://127.0.0.1:9963",
+            "--type",
+            "drop",
+            "--from-label",
+            "app=debug",
+            "--to-port",
+            "8080",
+            "--first",
+            "1",
+            "--time-format",
+            "RFC3339",
+            "-o",
+            "dict",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let first = {
+        let (_, body) = netns::get(
+            &node,
+            api,
+            "/v1/flows?verdict=dropped&from-label=app%3Ddebug&to-port=8080&order=oldest&limit=1",
+        )
+        .unwrap();
+        serde_json::from_str::<Value>(&body).unwrap()["flows"][0]["id"].as_str().unwrap().to_owned()
+    };
+    assert!(dict.lines().any(|l| l == format!("         ID: {first}")), "the oldest: {first}\n{dict}");
+    assert!(
+        dict.lines().any(|l| l == "       NODE: lab-a") && dict.lines().any(|l| l == "       TYPE: drop"),
+        "{dict}"
+    );
+    assert!(dict.lines().any(|l| l.starts_with("  TIMESTAMP: 20") && l.ends_with('Z')), "{dict}");
+    assert!(!dict.contains("------------"), "one flow: {dict}");
+    let compact = |extra: &[&str]| {
+        let mut args = vec!["observe", "--server", "http://127.0.0.1:9963", "--type", "drop", "--last", "1"];
+        args.extend(extra);
+        let (ok, line, stderr) = cli(&lab, &netiso, &args);
+        assert!(ok, "{stderr}");
+        line
+    };
+    assert!(compact(&["--print-node-name"]).contains(" [lab-a] "), "the node on request");
+    assert!(!compact(&[]).contains("[lab-a]"), "one server: no node unless asked");
+
     // evidence: the bundle for the blocked flow.
     let blocked = flows.iter().find(|f| f["node"] == "lab-a").unwrap();
     let (ok, bundle, stderr) =

@@ -8,7 +8,7 @@ mod whatif;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,7 +28,7 @@ pub enum Command {
     /// Decide a flow against NetworkPolicy manifests and explain the verdict.
     Explain(explain::ExplainArgs),
     /// Show recorded flows, like `hubble observe`: what was blocked, where, and by which policy.
-    Observe(observe::ObserveArgs),
+    Observe(Box<observe::ObserveArgs>),
     /// The evidence bundle of one flow record.
     Evidence(observe::EvidenceArgs),
     /// Replay recorded traffic against proposed NetworkPolicies: what would become denied.
@@ -40,11 +40,35 @@ pub enum Command {
 
 pub use crate::export::log::LogFormat;
 
+/// The command line, with what clap's derive cannot see: which filters `observe --not` negates
+/// (it depends on the order of the arguments).
+pub fn parse() -> Cli {
+    parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Observe(args), Some(("observe", observed))) = (&mut cli.command, matches.subcommand()) {
+        args.negated = observe::negated(observed).map_err(|e| {
+            let mut command = Cli::command();
+            command.build();
+            let observe = command.find_subcommand_mut("observe").expect("observe is a subcommand");
+            observe.error(clap::error::ErrorKind::ArgumentConflict, e)
+        })?;
+    }
+    Ok(cli)
+}
+
 pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Explain(args) => explain::explain(args),
-        Command::Observe(args) => observe::observe(args),
+        Command::Observe(args) => observe::observe(*args),
         Command::Evidence(args) => observe::evidence(args),
         Command::Whatif(args) => whatif::whatif(args),
         Command::Advise(args) => whatif::advise(args),

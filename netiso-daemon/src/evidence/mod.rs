@@ -3,6 +3,7 @@
 pub mod attribution;
 pub mod correlate;
 pub mod engines;
+pub mod filter;
 pub mod record;
 pub mod store;
 

@@ -453,10 +453,11 @@ pub const MAX_LIMIT: usize = 10_000;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowList {
     pub flows: Vec<FlowRecord>,
-    /// Older records match too: a client that needs them all asks again with `before=<next>`.
+    /// More records match: a client that needs them all asks again with `before=<next>` (or
+    /// `after=<next>` when it asked for the oldest first).
     #[serde(default)]
     pub more: bool,
-    /// When `more`: the id to pass as `before` for the next page.
+    /// When `more`: the id to pass as `before` (or `after`) for the next page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
 }

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc};
 
+use super::filter::FlowFilter;
 use super::record::{FlowRecord, FlowVerdict, PortSweep};
-use crate::datapath::record::IpProtocol;
 
 /// A change to the store: a new record, or new counts for a stored one.
 #[derive(Clone, Debug, PartialEq)]
@@ -316,74 +316,42 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// While writes fail, at most one log line per this interval.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// What to look for. Every filter is optional; results come newest first.
+/// What to look for: records matching `filter` and not `exclude`, in a window, newest first (or
+/// oldest first).
 #[derive(Clone, Debug, Default)]
 pub struct Query {
-    pub verdict: Option<FlowVerdict>,
-    /// Either end.
-    pub namespace: Option<String>,
-    pub from_namespace: Option<String>,
-    pub to_namespace: Option<String>,
-    /// `namespace/pod`.
-    pub from_pod: Option<String>,
-    pub to_pod: Option<String>,
-    /// `key=value` or `key`.
-    pub from_label: Option<String>,
-    pub to_label: Option<String>,
-    pub port: Option<u16>,
-    pub protocol: Option<IpProtocol>,
-    pub reason: Option<String>,
-    /// `namespace/name`.
-    pub policy: Option<String>,
+    pub filter: FlowFilter,
+    /// Records matching every criterion of this are left out (Hubble's `--not`).
+    pub exclude: Option<FlowFilter>,
     pub since: Option<SystemTime>,
     pub until: Option<SystemTime>,
-    /// Only records with a larger id (for following).
+    /// Only records with a larger id (following, or the next page of an oldest-first listing).
     pub after_id: Option<u64>,
     /// Only records with a smaller id (the next page of a listing).
     pub before_id: Option<u64>,
     pub limit: usize,
+    /// The oldest matching records instead of the newest (Hubble's `--first`).
+    pub oldest_first: bool,
 }
 
-/// A query's answer: the newest matching records, and whether older ones match too (beyond the
-/// limit, or beyond what one query reads).
+/// A query's answer: the newest (or oldest) matching records, and whether others match too
+/// (beyond the limit, or beyond what one query reads).
 #[derive(Debug, Default)]
 pub struct Page {
     pub records: Vec<FlowRecord>,
     pub more: bool,
-    /// When `more`: the id the next page starts below (the oldest record returned, or the oldest
-    /// one read when the scan stopped short of the limit).
-    pub next_before: Option<u64>,
+    /// When `more`: the id the next page starts beyond (the last record returned, or the last one
+    /// read when the scan stopped short of the limit).
+    pub next: Option<u64>,
 }
 
 /// The most records one query may read before it stops, whatever it found: bounded work.
 pub const MAX_SCANNED: usize = 200_000;
 
-fn label_matches(labels: &Option<crate::policy::Labels>, want: &str) -> bool {
-    let Some(labels) = labels else { return false };
-    match want.split_once('=') {
-        Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
-        None => labels.contains_key(want),
-    }
-}
-
 impl Query {
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        let ns = |want: &Option<String>, have: &Option<String>| want.as_ref().is_none_or(|w| have.as_ref() == Some(w));
-        let pod = |want: &Option<String>, id: &crate::cluster::Identity| {
-            want.as_ref().is_none_or(|w| id.pod_key().as_ref() == Some(w))
-        };
-        self.verdict.is_none_or(|v| v == r.verdict)
-            && self.namespace.as_ref().is_none_or(|n| r.namespaces().contains(&n.as_str()))
-            && ns(&self.from_namespace, &r.source.namespace)
-            && ns(&self.to_namespace, &r.destination.namespace)
-            && pod(&self.from_pod, &r.source)
-            && pod(&self.to_pod, &r.destination)
-            && self.from_label.as_ref().is_none_or(|l| label_matches(&r.source.labels, l))
-            && self.to_label.as_ref().is_none_or(|l| label_matches(&r.destination.labels, l))
-            && self.port.is_none_or(|p| r.destination.port == p || r.ports.as_ref().is_some_and(|s| s.contains(p)))
-            && self.protocol.is_none_or(|p| r.protocol == p)
-            && self.reason.as_ref().is_none_or(|x| r.reason.as_ref().is_some_and(|y| y.eq_ignore_ascii_case(x)))
-            && self.policy.as_ref().is_none_or(|p| r.policy_keys().contains(p))
+        self.filter.matches(r)
+            && self.exclude.as_ref().is_none_or(|x| x.is_empty() || !x.matches(r))
             && self.since.is_none_or(|s| r.last_seen >= s)
             && self.until.is_none_or(|u| r.time <= u)
             && self.after_id.is_none_or(|a| r.id > a)
@@ -838,45 +806,32 @@ impl Store {
         let records = txn.open_table(RECORDS)?;
         let conversations = txn.open_table(CONVERSATIONS)?;
         let mut read = Records::default();
-        let index: Option<(MultimapTableDefinition<&str, u64>, String)> =
-            if let Some(p) = q.from_pod.as_ref().or(q.to_pod.as_ref()) {
-                Some((BY_POD, p.clone()))
-            } else if let Some(p) = &q.policy {
-                Some((BY_POLICY, p.clone()))
-            } else if let Some(ns) = q.namespace.as_ref().or(q.from_namespace.as_ref()).or(q.to_namespace.as_ref()) {
-                Some((BY_NAMESPACE, ns.clone()))
-            } else {
-                q.verdict.map(|v| (BY_VERDICT, v.as_str().to_owned()))
-            };
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
-        let high = q.before_id.unwrap_or(u64::MAX);
+        // A record's id is its first packet's time; one seen since `since` began at most a day
+        // before it (the longest a conversation's record is kept open).
+        let low = q
+            .after_id
+            .map(|a| a + 1)
+            .unwrap_or(0)
+            .max(q.since.map(|s| nanos(s).saturating_sub(86_400_000_000_000)).unwrap_or(0));
+        let high = q.before_id.unwrap_or(u64::MAX).min(q.until.map(|u| nanos(u).saturating_add(1)).unwrap_or(u64::MAX));
         let mut out = Vec::new();
         let mut scanned = 0;
-        let mut oldest_read = None;
+        let mut last_read = None;
         // One match beyond the limit tells that there are more.
         let mut consider = |id: u64, encoded: &[u8]| -> Result<bool, StoreError> {
             scanned += 1;
-            oldest_read = Some(id);
+            last_read = Some(id);
             let r = read.read(encoded, &conversations)?;
             if q.matches(&r) {
                 out.push(r);
             }
             Ok(out.len() <= limit)
         };
-        let low = q
-            .after_id
-            .map(|a| a + 1)
-            .unwrap_or(0)
-            .max(q.since.map(|s| nanos(s).saturating_sub(86_400_000_000_000)).unwrap_or(0));
-        match index {
-            Some((table, key)) => {
-                let index = txn.open_multimap_table(table)?;
-                let ids = index.get(key.as_str())?.rev().filter(|id| id.as_ref().map_or(true, |id| id.value() < high));
+        match Self::indexed_ids(&txn, q, low..high)? {
+            Some(ids) => {
                 for id in ids.take(MAX_SCANNED) {
-                    let id = id?.value();
-                    if id < low {
-                        break;
-                    }
+                    let id = id?;
                     if let Some(v) = records.get(id)?
                         && !consider(id, v.value())?
                     {
@@ -885,7 +840,10 @@ impl Store {
                 }
             }
             None => {
-                for entry in records.range(low..high)?.rev().take(MAX_SCANNED) {
+                let range = records.range(low..high)?;
+                let entries: Box<dyn Iterator<Item = _>> =
+                    if q.oldest_first { Box::new(range) } else { Box::new(range.rev()) };
+                for entry in entries.take(MAX_SCANNED) {
                     let (id, v) = entry?;
                     if !consider(id.value(), v.value())? {
                         break;
@@ -895,14 +853,64 @@ impl Store {
         }
         let more = out.len() > limit || scanned >= MAX_SCANNED;
         out.truncate(limit);
-        let next_before = match (more, out.len() == limit) {
+        let next = match (more, out.len() == limit) {
             (false, _) => None,
             (true, true) => out.last().map(|r| r.id),
-            (true, false) => oldest_read,
+            (true, false) => last_read,
         };
-        Ok(Page { records: out, more, next_before })
+        Ok(Page { records: out, more, next })
+    }
+
+    /// The ids in `window` of the most selective index the query allows, in the query's order;
+    /// none when no index narrows it.
+    fn indexed_ids<'t>(
+        txn: &'t redb::ReadTransaction,
+        q: &Query,
+        window: std::ops::Range<u64>,
+    ) -> Result<Option<Ids<'t>>, StoreError> {
+        let f = &q.filter;
+        let order = |ids: Box<dyn DoubleEndedIterator<Item = Result<u64, StoreError>> + 't>| {
+            if q.oldest_first { ids } else { Box::new(ids.rev()) as Box<dyn Iterator<Item = _>> }
+        };
+        let pod_prefix = [&f.pod, &f.from_pod, &f.to_pod].into_iter().flatten().find_map(|p| p.key_prefix());
+        if let Some(prefix) = pod_prefix {
+            // Every pod whose key starts with the prefix (one pod, or a Deployment's pods).
+            let index = txn.open_multimap_table(BY_POD)?;
+            let mut ids = Vec::new();
+            for entry in index.range(prefix.as_str()..)? {
+                let (key, values) = entry?;
+                if !key.value().starts_with(&prefix) {
+                    break;
+                }
+                for id in values {
+                    let id = id?.value();
+                    if window.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+            ids.sort_unstable();
+            return Ok(Some(order(Box::new(ids.into_iter().map(Ok)))));
+        }
+        let exact = if let Some(p) = &f.policy {
+            Some((BY_POLICY, p.clone()))
+        } else if let Some(ns) = f.namespace.as_ref().or(f.from_namespace.as_ref()).or(f.to_namespace.as_ref()) {
+            Some((BY_NAMESPACE, ns.clone()))
+        } else {
+            f.verdict.map(|v| (BY_VERDICT, v.as_str().to_owned()))
+        };
+        let Some((table, key)) = exact else { return Ok(None) };
+        let index = txn.open_multimap_table(table)?;
+        let ids = index.get(key.as_str())?.filter_map(move |id| match id {
+            Ok(id) => window.contains(&id.value()).then(|| Ok(id.value())),
+            Err(e) => Some(Err(StoreError::from(e))),
+        });
+        Ok(Some(order(Box::new(ids))))
     }
 }
+
+/// Record ids read from an index.
+type Ids<'t> = Box<dyn Iterator<Item = Result<u64, StoreError>> + 't>;
 
 /// A record as the writer wrote it.
 #[derive(Clone, Debug)]

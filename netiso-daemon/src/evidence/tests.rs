@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::filter::FlowFilter;
 use super::record::{Attribution, FLOW_SCHEMA, FlowRecord, FlowVerdict, PolicyVerdict, PortSweep};
 use super::store::{Query, Retention, Store, StoreOp, Written};
 use crate::cluster::{EndpointKind, Identity};
@@ -25,6 +26,10 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+fn filtered(filter: FlowFilter) -> Query {
+    Query { filter, ..Default::default() }
 }
 
 fn pod(ns: &str, name: &str, ip: &str, port: u16) -> Identity {
@@ -160,20 +165,26 @@ fn records_survive_a_reopen_and_are_found_by_every_index() {
     assert_eq!(store.stats().records, 3);
     let ids = |q: Query| store.query(&q).unwrap().iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(Query::default()), vec![c, b, a], "newest first");
-    assert_eq!(ids(Query { verdict: Some(FlowVerdict::Dropped), ..Default::default() }), vec![a]);
-    assert_eq!(ids(Query { namespace: Some("production".into()), ..Default::default() }), vec![b, a]);
-    assert_eq!(ids(Query { from_pod: Some("develop/debug".into()), ..Default::default() }), vec![c, a]);
+    assert_eq!(ids(filtered(FlowFilter { verdict: Some(FlowVerdict::Dropped), ..Default::default() })), vec![a]);
+    assert_eq!(ids(filtered(FlowFilter { namespace: Some("production".into()), ..Default::default() })), vec![b, a]);
     assert_eq!(
-        ids(Query {
-            to_pod: Some("production/api".into()),
+        ids(filtered(FlowFilter { from_pod: Some("develop/debug".parse().unwrap()), ..Default::default() })),
+        vec![c, a]
+    );
+    assert_eq!(
+        ids(filtered(FlowFilter {
+            to_pod: Some("production/api".parse().unwrap()),
             verdict: Some(FlowVerdict::Forwarded),
             ..Default::default()
-        }),
+        })),
         vec![b]
     );
-    assert_eq!(ids(Query { policy: Some("production/deny".into()), ..Default::default() }), vec![a]);
-    assert_eq!(ids(Query { from_label: Some("app=controller".into()), ..Default::default() }), vec![b]);
-    assert_eq!(ids(Query { port: Some(53), ..Default::default() }), vec![c]);
+    assert_eq!(ids(filtered(FlowFilter { policy: Some("production/deny".into()), ..Default::default() })), vec![a]);
+    assert_eq!(
+        ids(filtered(FlowFilter { from_label: Some("app=controller".parse().unwrap()), ..Default::default() })),
+        vec![b]
+    );
+    assert_eq!(ids(filtered(FlowFilter { to_port: Some(53), ..Default::default() })), vec![c]);
     assert_eq!(ids(Query { limit: 1, ..Default::default() }), vec![c]);
     assert_eq!(ids(Query { after_id: Some(b), ..Default::default() }), vec![c]);
     let counted = store.get(b).unwrap().unwrap();
@@ -195,28 +206,55 @@ fn a_listing_pages_through_every_record_without_repeating_one() {
         })
         .collect();
     store.write(&ops).unwrap();
-    // Through the time range and through an index (the verdict's).
-    for (verdict, expected) in
-        [(None, ids.len()), (Some(FlowVerdict::Dropped), ids.iter().filter(|i| *i % 2 == 0).count())]
-    {
-        let mut read = Vec::new();
-        let mut before = None;
-        loop {
-            let page =
-                store.query_page(&Query { verdict, limit: 10, before_id: before, ..Default::default() }).unwrap();
-            assert!(page.records.len() <= 10);
-            read.extend(page.records.iter().map(|r| r.id));
-            match (page.more, page.next_before) {
-                (true, Some(next)) => before = Some(next),
-                (false, None) => break,
-                other => panic!("more and next disagree: {other:?}"),
+    // Through the time range and through an index (the verdict's, a pod prefix's), newest or
+    // oldest first.
+    let dropped = ids.iter().filter(|i| *i % 2 == 0).count();
+    let api = || Some("production/ap".parse().unwrap());
+    for (filter, expected) in [
+        (FlowFilter::default(), ids.len()),
+        (FlowFilter { verdict: Some(FlowVerdict::Dropped), ..Default::default() }, dropped),
+        (FlowFilter { to_pod: api(), verdict: Some(FlowVerdict::Dropped), ..Default::default() }, dropped),
+    ] {
+        for oldest_first in [false, true] {
+            let mut read = Vec::new();
+            let mut next = None;
+            loop {
+                let (before_id, after_id) = if oldest_first { (None, next) } else { (next, None) };
+                let query = Query {
+                    limit: 10,
+                    before_id,
+                    after_id,
+                    oldest_first,
+                    filter: filter.clone(),
+                    ..Default::default()
+                };
+                let page = store.query_page(&query).unwrap();
+                assert!(page.records.len() <= 10);
+                read.extend(page.records.iter().map(|r| r.id));
+                match (page.more, page.next) {
+                    (true, Some(id)) => next = Some(id),
+                    (false, None) => break,
+                    other => panic!("more and next disagree: {other:?}"),
+                }
+            }
+            let mut unique = read.clone();
+            unique.dedup();
+            assert_eq!((read.len(), unique.len()), (expected, expected), "{filter:?}: {read:?}");
+            if oldest_first {
+                assert!(read.windows(2).all(|w| w[0] < w[1]), "oldest first across pages");
+            } else {
+                assert!(read.windows(2).all(|w| w[0] > w[1]), "newest first across pages");
             }
         }
-        let mut unique = read.clone();
-        unique.dedup();
-        assert_eq!((read.len(), unique.len()), (expected, expected), "{verdict:?}: {read:?}");
-        assert!(read.windows(2).all(|w| w[0] > w[1]), "newest first across pages");
     }
+    let until = std::time::UNIX_EPOCH + Duration::from_nanos(ids[4]);
+    let first_five = store.query(&Query { until: Some(until), oldest_first: true, ..Default::default() }).unwrap();
+    assert_eq!(first_five.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..5]);
+    let excluded = Query {
+        exclude: Some(FlowFilter { verdict: Some(FlowVerdict::Dropped), ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(store.query(&excluded).unwrap().len(), ids.len() - dropped);
 }
 
 #[test]
@@ -246,7 +284,7 @@ fn retention_removes_by_age_and_by_size_and_counts_evictions() {
     assert_eq!(store.enforce_retention(SystemTime::now()).unwrap(), 1);
     assert!(store.get(old).unwrap().is_none());
     assert!(
-        store.query(&Query { policy: Some("b/p".into()), ..Default::default() }).unwrap().is_empty(),
+        store.query(&filtered(FlowFilter { policy: Some("b/p".into()), ..Default::default() })).unwrap().is_empty(),
         "index entries go too"
     );
     drop(store);
@@ -395,7 +433,13 @@ fn the_size_limit_holds_at_every_write() {
     let kept: Vec<u64> = store.query(&Query::default()).unwrap().iter().map(|r| r.id).collect();
     assert_eq!(kept, ids.iter().rev().take(10).copied().collect::<Vec<_>>(), "the newest are kept");
     assert_eq!(store.stats().evictions, 40);
-    assert_eq!(store.query(&Query { policy: Some("b/p".into()), limit: 100, ..Default::default() }).unwrap().len(), 10);
+    assert_eq!(
+        store
+            .query(&Query { limit: 100, ..filtered(FlowFilter { policy: Some("b/p".into()), ..Default::default() }) })
+            .unwrap()
+            .len(),
+        10
+    );
 }
 
 #[test]

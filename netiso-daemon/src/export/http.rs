@@ -19,9 +19,8 @@ use tokio::sync::broadcast;
 
 use super::metrics::Metrics;
 use crate::datapath::DatapathStats;
-use crate::evidence::record::{
-    EvidenceBundle, FlowList, FlowRecord, FlowVerdict, MAX_LIMIT, StreamNotice, ndjson_line,
-};
+use crate::evidence::filter::{FlowFilter, parse_ip, parse_verdict};
+use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, MAX_LIMIT, StreamNotice, ndjson_line};
 use crate::evidence::store::{Query, Store, Written};
 use crate::inventory::{Freshness, Inventory, InventoryView};
 
@@ -67,49 +66,77 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
     SystemTime::now().checked_sub(ago).ok_or_else(|| format!("`{text}` ago is before 1970"))
 }
 
-/// The query a request's parameters describe, or the response naming the bad parameter.
+/// Sets the criterion a filter parameter names; false for a parameter that is no filter. Errors
+/// name the parameter as the request gave it (`not.port`).
+fn set_criterion(f: &mut FlowFilter, criterion: &str, name: &str, value: &str) -> Result<bool, BadParameter> {
+    let text = || Some(value.to_owned()).filter(|v| !v.is_empty());
+    fn parsed<T: std::str::FromStr<Err = String>>(name: &str, value: &str) -> Result<Option<T>, BadParameter> {
+        value.parse().map(Some).map_err(|e| bad(name, e))
+    }
+    let ip = || parse_ip(value).map(Some).map_err(|e| bad(name, e));
+    let port = || value.parse().map(Some).map_err(|_| bad(name, format!("`{value}` is not a port number")));
+    match criterion {
+        "verdict" => f.verdict = Some(parse_verdict(value).map_err(|e| bad(name, e))?),
+        "namespace" => f.namespace = text(),
+        "from-namespace" => f.from_namespace = text(),
+        "to-namespace" => f.to_namespace = text(),
+        "pod" => f.pod = parsed(name, value)?,
+        "from-pod" => f.from_pod = parsed(name, value)?,
+        "to-pod" => f.to_pod = parsed(name, value)?,
+        "label" => f.label = parsed(name, value)?,
+        "from-label" => f.from_label = parsed(name, value)?,
+        "to-label" => f.to_label = parsed(name, value)?,
+        "ip" => f.ip = ip()?,
+        "from-ip" => f.from_ip = ip()?,
+        "to-ip" => f.to_ip = ip()?,
+        "port" => f.port = port()?,
+        "from-port" => f.from_port = port()?,
+        "to-port" => f.to_port = port()?,
+        "protocol" => f.protocol = Some(value.parse().map_err(|e: String| bad(name, e))?),
+        "reason" => f.reason = text(),
+        "policy" => {
+            if !value.contains('/') {
+                return Err(bad(name, format!("`{value}`: use namespace/name")));
+            }
+            f.policy = text();
+        }
+        "node" => f.node = parsed(name, value)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// The query a request's parameters describe, or the response naming the bad parameter. A filter
+/// parameter prefixed `not.` (`not.namespace=kube-system`) excludes what it matches; all such
+/// parameters together name what is left out.
 pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), BadParameter> {
     let mut q = Query { limit: DEFAULT_LIMIT, ..Default::default() };
+    let mut exclude = FlowFilter::default();
     let mut follow = false;
+    let id = |name: &str, value: &str| {
+        value.parse::<u64>().map_err(|_| bad(name, format!("`{value}`: use a record id (from `next`)")))
+    };
     for (name, value) in params {
-        let text = || Some(value.clone()).filter(|v| !v.is_empty());
+        if let Some(negated) = name.strip_prefix("not.") {
+            if !set_criterion(&mut exclude, negated, name, value)? {
+                return Err(bad(name, "unknown filter"));
+            }
+            continue;
+        }
+        if set_criterion(&mut q.filter, name, name, value)? {
+            continue;
+        }
         match name.as_str() {
-            "verdict" => {
-                q.verdict = Some(match value.as_str() {
-                    "dropped" => FlowVerdict::Dropped,
-                    "forwarded" => FlowVerdict::Forwarded,
-                    other => return Err(bad(name, format!("`{other}`: use dropped or forwarded"))),
-                })
-            }
-            "namespace" => q.namespace = text(),
-            "from-namespace" => q.from_namespace = text(),
-            "to-namespace" => q.to_namespace = text(),
-            "from-pod" | "to-pod" => {
-                if !value.contains('/') {
-                    return Err(bad(name, format!("`{value}`: use namespace/pod")));
-                }
-                if name == "from-pod" {
-                    q.from_pod = text();
-                } else {
-                    q.to_pod = text();
-                }
-            }
-            "from-label" => q.from_label = text(),
-            "to-label" => q.to_label = text(),
-            "port" => q.port = Some(value.parse().map_err(|_| bad(name, format!("`{value}` is not a port number")))?),
-            "protocol" => q.protocol = Some(value.parse().map_err(|e: String| bad(name, e))?),
-            "reason" => q.reason = text(),
-            "policy" => {
-                if !value.contains('/') {
-                    return Err(bad(name, format!("`{value}`: use namespace/name")));
-                }
-                q.policy = text();
-            }
             "since" => q.since = Some(parse_time(value).map_err(|e| bad(name, e))?),
             "until" => q.until = Some(parse_time(value).map_err(|e| bad(name, e))?),
-            "before" => {
-                q.before_id =
-                    Some(value.parse().map_err(|_| bad(name, format!("`{value}`: use a record id (from `next`)")))?)
+            "before" => q.before_id = Some(id(name, value)?),
+            "after" => q.after_id = Some(id(name, value)?),
+            "order" => {
+                q.oldest_first = match value.as_str() {
+                    "newest" => false,
+                    "oldest" => true,
+                    other => return Err(bad(name, format!("`{other}`: use newest or oldest"))),
+                }
             }
             "limit" => {
                 q.limit = value
@@ -128,6 +155,7 @@ pub fn parse_query(params: &HashMap<String, String>) -> Result<(Query, bool), Ba
             other => return Err(bad(other, "unknown parameter")),
         }
     }
+    q.exclude = (!exclude.is_empty()).then_some(exclude);
     Ok((q, follow))
 }
 
@@ -153,13 +181,15 @@ async fn flows(State(shared): State<Arc<Shared>>, UrlQuery(params): UrlQuery<Has
     if !follow {
         // `more`: older records match too; `next` is where the following page starts.
         let flows = history.into_iter().map(FlowRecord::listed).collect();
-        let next = page.next_before.map(|id| id.to_string());
+        let next = page.next.map(|id| id.to_string());
         return axum::Json(FlowList { flows, more: page.more, next }).into_response();
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(256);
     tokio::spawn(async move {
         let mut last = 0u64;
-        for r in history.into_iter().rev() {
+        let oldest_first: Box<dyn Iterator<Item = FlowRecord> + Send> =
+            if query.oldest_first { Box::new(history.into_iter()) } else { Box::new(history.into_iter().rev()) };
+        for r in oldest_first {
             last = last.max(r.id);
             if tx.send(Ok(Bytes::from(ndjson_line(&r.listed())))).await.is_err() {
                 return;
@@ -426,6 +456,7 @@ async fn connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::evidence::record::FlowVerdict;
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -436,7 +467,12 @@ mod tests {
         for (pairs, parameter) in [
             (vec![("port", "eighty")], "port"),
             (vec![("verdict", "blocked")], "verdict"),
-            (vec![("from-pod", "nopod")], "from-pod"),
+            (vec![("from-pod", "/api")], "from-pod"),
+            (vec![("ip", "10.0.0.0/33")], "ip"),
+            (vec![("label", "=x")], "label"),
+            (vec![("not.port", "eighty")], "not.port"),
+            (vec![("not.limit", "5")], "not.limit"),
+            (vec![("order", "sideways")], "order"),
             (vec![("limit", "0")], "limit"),
             (vec![("limit", "20000")], "limit"),
             (vec![("since", "yesterday-ish")], "since"),
@@ -453,17 +489,22 @@ mod tests {
     #[test]
     fn good_parameters_become_a_query() {
         let (q, follow) = parse_query(&params(&[
-            ("verdict", "dropped"),
+            ("verdict", "DROPPED"),
             ("to-pod", "prod/api"),
             ("port", "8080"),
             ("since", "5m"),
             ("follow", "true"),
+            ("not.namespace", "kube-system"),
+            ("not.to-port", "53"),
+            ("order", "oldest"),
         ]))
         .unwrap();
-        assert!(follow);
-        assert_eq!(q.verdict, Some(FlowVerdict::Dropped));
-        assert_eq!(q.to_pod.as_deref(), Some("prod/api"));
-        assert_eq!(q.port, Some(8080));
+        assert!(follow && q.oldest_first);
+        assert_eq!(q.filter.verdict, Some(FlowVerdict::Dropped));
+        assert_eq!(q.filter.to_pod, Some("prod/api".parse().unwrap()));
+        assert_eq!(q.filter.port, Some(8080));
+        let exclude = q.exclude.unwrap();
+        assert_eq!((exclude.namespace.as_deref(), exclude.to_port), (Some("kube-system"), Some(53)));
         let since = q.since.unwrap();
         let ago = SystemTime::now().duration_since(since).unwrap();
         assert!(ago >= std::time::Duration::from_secs(299) && ago <= std::time::Duration::from_secs(301));
