@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -88,44 +90,78 @@ pub fn run(series: &[String], timeout: Duration) -> anyhow::Result<Vec<Outcome>>
             .collect();
         println!("vm: booting Linux {series} ({})", kernel.release);
         let start = Instant::now();
-        let mut vm = Command::new("timeout")
-            .args(["--kill-after=10", &timeout.as_secs().to_string(), "vng", "--disable-kvm", "--rw", "--run"])
-            .arg(&kernel.image)
-            .args(["--memory", "2G", "--cpus", "2", "--"])
-            .arg(&script)
-            // vng saves the terminal's settings and fails without a standard input.
-            .stdin(Stdio::null())
-            // Through pipes: given a file as its output, the guest opens that path itself (it sees
-            // the host's files) and truncates what was written before.
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running vng (install it with `scripts/setup --vm`)")?;
-        let copies = [
-            copy_lines(vm.stdout.take().expect("piped"), std::io::stdout),
-            copy_lines(vm.stderr.take().expect("piped"), std::io::stderr),
-        ];
-        let status = vm.wait().context("waiting for vng")?;
-        for copy in copies {
-            let _ = copy.join();
+        let mut boot = boot(&kernel, &script, timeout)?;
+        // A guest that ends before running anything did not boot (qemu or vng failed to start,
+        // seen once in some dozens of boots): that says nothing of netiso, so it boots again once.
+        if !boot.started && !boot.status.success() {
+            println!("vm: Linux {series} ended before running the suite ({}); booting it again", boot.status);
+            boot = self::boot(&kernel, &script, timeout)?;
         }
         let elapsed = start.elapsed();
-        if status.code() == Some(124) {
+        if boot.status.code() == Some(124) {
             println!("vm: Linux {series} did not finish within {} s", timeout.as_secs());
+        } else if !boot.status.success() {
+            println!("vm: Linux {series} ended with {}", boot.status);
         }
-        outcomes.push(Outcome { series: series.clone(), release: kernel.release, passed: status.success(), elapsed });
+        outcomes.push(Outcome {
+            series: series.clone(),
+            release: kernel.release,
+            passed: boot.status.success(),
+            elapsed,
+        });
     }
     Ok(outcomes)
 }
 
-/// Copies `from` to an output of this process, line by line as the guest writes them.
+/// How one boot of a guest ended.
+struct Boot {
+    status: std::process::ExitStatus,
+    /// The guest ran the suite's first step.
+    started: bool,
+}
+
+/// Runs `script` in a guest of `kernel`, within `timeout`, its output copied to this process's.
+fn boot(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::Result<Boot> {
+    let mut vm = Command::new("timeout")
+        .args(["--kill-after=10", &timeout.as_secs().to_string(), "vng", "--disable-kvm", "--rw", "--run"])
+        .arg(&kernel.image)
+        .args(["--memory", "2G", "--cpus", "2", "--"])
+        .arg(script)
+        // vng saves the terminal's settings and fails without a standard input.
+        .stdin(Stdio::null())
+        // Through pipes: given a file as its output, the guest opens that path itself (it sees
+        // the host's files) and truncates what was written before.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running vng (install it with `scripts/setup --vm`)")?;
+    let started = Arc::new(AtomicBool::new(false));
+    let copies = [
+        copy_lines(vm.stdout.take().expect("piped"), std::io::stdout, Some(started.clone())),
+        copy_lines(vm.stderr.take().expect("piped"), std::io::stderr, None),
+    ];
+    let status = vm.wait().context("waiting for vng")?;
+    for copy in copies {
+        let _ = copy.join();
+    }
+    Ok(Boot { status, started: started.load(Ordering::Relaxed) })
+}
+
+/// Copies `from` to an output of this process, line by line as the guest writes them; sets
+/// `started` at the suite's first step.
 fn copy_lines<W: std::io::Write + 'static>(
     from: impl std::io::Read + Send + 'static,
     to: fn() -> W,
+    started: Option<Arc<AtomicBool>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            if let Some(started) = &started
+                && line.starts_with("vm: running ")
+            {
+                started.store(true, Ordering::Relaxed);
+            }
             let _ = writeln!(to(), "{line}");
         }
     })
@@ -139,6 +175,13 @@ fn quote(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_that_never_boots_is_told_from_a_failed_suite() {
+        let kernel = Kernel { release: "0.0".into(), image: PathBuf::from("/nonexistent/vmlinuz") };
+        let boot = boot(&kernel, "echo 'vm: running nothing'", Duration::from_secs(60)).unwrap();
+        assert!(!boot.status.success() && !boot.started, "{}", boot.status);
+    }
 
     #[test]
     fn releases_belong_to_their_series_only() {
