@@ -66,7 +66,7 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
             "develop/debug",
             "--to-pod",
             "production/api",
-            "--port",
+            "--to-port",
             "8080",
             "--protocol",
             "TCP",
@@ -80,37 +80,8 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
         serde_json::from_str(listing.lines().next().context("the blocked flow was not recorded")?)?;
     let id = blocked["id"].as_str().context("record without id")?;
     println!("\n== the evidence for the blocked flow develop/debug -> production/api:8080: netiso evidence {id}");
-    let bundle: serde_json::Value = serde_json::from_str(&run_cli(lab, netiso, &["evidence", id])?)?;
-    println!(
-        "   kernel: {} at {}",
-        bundle["kernel"]["reason"].as_str().unwrap_or("?"),
-        bundle["kernel"]["location"].as_str().unwrap_or("?")
-    );
-    println!("   attribution: {}", bundle["record"]["policy"]["attribution"].as_str().unwrap_or("?"));
-    for side in ["egress", "ingress"] {
-        let report = &bundle["evaluation"][side];
-        println!("   {side}: {}", report["summary"].as_str().unwrap_or("?"));
-        for miss in report["nearest_misses"].as_array().into_iter().flatten() {
-            println!("     nearest miss: {}", miss["summary"].as_str().unwrap_or("?"));
-        }
-    }
-    let in_force: Vec<String> = bundle["policies_in_force"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            format!(
-                "{}/{} (resourceVersion {})",
-                p["metadata"]["namespace"].as_str().unwrap_or("?"),
-                p["metadata"]["name"].as_str().unwrap_or("?"),
-                p["metadata"]["resourceVersion"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
-    println!("   policies in force: {}", in_force.join(", "));
-    println!("   suggested minimal allow policy:");
-    for line in bundle["suggested_policy"]["yaml"].as_str().unwrap_or("").lines() {
-        println!("     {line}");
+    for line in run_cli(lab, netiso, &["evidence", id])?.lines() {
+        println!("   {line}");
     }
 
     let metrics = run_cli(lab, std::path::Path::new("curl"), &["-s", "127.0.0.1:9962/metrics"])?;
@@ -120,6 +91,10 @@ fn story(lab: &Lab, netiso: &std::path::Path) -> anyhow::Result<()> {
     {
         println!("   {line}");
     }
+    println!("\n== who talks to whom around production: netiso graph -n production");
+    print!("{}", run_cli(lab, netiso, &["graph", "-n", "production", "--since", "1h"])?);
+    println!("\n== what is blocked right now: netiso top");
+    print!("{}", run_cli(lab, netiso, &["top", "--since", "1h", "--limit", "5"])?);
     observer.stop()?;
     println!("\nThe demo removes its lab now. To keep one running and query it yourself:");
     println!("  cargo xtask lab up && cargo xtask lab traffic");

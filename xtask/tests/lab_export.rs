@@ -245,7 +245,8 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
             assert!(f["source"].get(key).is_some() && f["destination"].get(key).is_some(), "{key} missing");
         }
     }
-    // The line names the denying side, the policies isolating its pod and the nearest rule.
+    // A line says who denied it in words; the table names the denying side, the policies
+    // isolating its pod and the nearest rule, beside the node and the id that leads to evidence.
     let (ok, lines, stderr) = cli(
         &lab,
         &netiso,
@@ -253,10 +254,45 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     );
     assert!(ok, "{stderr}");
     assert!(
-        lines.contains(
-            "ingress of production/api (isolated by production/allow-from-ingress-nginx,production/default-deny-all; nearest production/allow-from-ingress-nginx rule "
-        ),
+        lines
+            .lines()
+            .any(|l| l.contains(" -> production/api:8080 TCP DROPPED policy denies ")
+                && l.contains(" (NETFILTER_DROP) ")),
         "{lines}"
+    );
+    let (ok, denied, stderr) = cli(
+        &lab,
+        &netiso,
+        &[
+            "observe",
+            "--server",
+            "http://127.0.0.1:9963",
+            "--verdict",
+            "dropped",
+            "--to-pod",
+            "production/api",
+            "-o",
+            "table",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let header = denied.lines().next().unwrap();
+    assert!(
+        header.starts_with("TIME")
+            && header.contains(" NODE ")
+            && header.contains(" ID ")
+            && header.ends_with("POLICY"),
+        "{denied}"
+    );
+    let blocked_row = denied
+        .lines()
+        .find(|l| l.contains("develop/debug:") && l.contains("production/api:8080"))
+        .unwrap_or_else(|| panic!("no row for the blocked flow: {denied}"));
+    assert!(
+        blocked_row.contains(
+            "ingress of production/api (isolated by production/allow-from-ingress-nginx,production/default-deny-all; nearest production/allow-from-ingress-nginx rule "
+        ) && blocked_row.contains("  lab-a  "),
+        "{denied}"
     );
     let (ok, table, _) = cli(
         &lab,
@@ -274,6 +310,7 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
         ],
     );
     assert!(ok && table.starts_with("TIME") && table.contains("kube-system/coredns:53"), "{table}");
+    assert!(table.lines().skip(1).all(|row| row.contains(" FORWARDED ")), "{table}");
 
     // Hubble's flags: verdict in capitals, --pod and --ip on either end, a negated filter, a node
     // pattern, and --since without --last: every flow of the window, as the API lists them.
@@ -375,8 +412,23 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
 
     // evidence: the bundle for the blocked flow.
     let blocked = flows.iter().find(|f| f["node"] == "lab-a").unwrap();
-    let (ok, bundle, stderr) =
-        cli(&lab, &netiso, &["evidence", blocked["id"].as_str().unwrap(), "--server", "http://127.0.0.1:9963"]);
+    let id = blocked["id"].as_str().unwrap();
+    let (ok, text, stderr) = cli(&lab, &netiso, &["evidence", id, "--server", "http://127.0.0.1:9963"]);
+    assert!(ok, "{stderr}");
+    for expected in [
+        "kernel: NETFILTER_DROP (a netfilter rule dropped it), class policy",
+        "  freed at nft_do_chain",
+        "verdict: policy denies ",
+        "  denied by ",
+        "  source develop/debug:",
+        "policies in force:",
+        "  production/default-deny-all (resourceVersion ",
+        "evaluation:",
+        "suggested minimal policy",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from the evidence:\n{text}");
+    }
+    let (ok, bundle, stderr) = cli(&lab, &netiso, &["evidence", id, "--server", "http://127.0.0.1:9963", "-o", "json"]);
     assert!(ok, "{stderr}");
     let bundle: Value = serde_json::from_str(&bundle).unwrap();
     assert_eq!(bundle["kernel"]["reason"], "NETFILTER_DROP");
@@ -453,6 +505,101 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
     }
     assert!(seen, "the new drop arrived on the follow stream");
     drop(follow);
+
+    // top: a scenario with known counts, on ports no other probe uses: five blocked attempts
+    // at :8443 and two at :8444, each from its own source port.
+    for (port, source_ports) in [(8443, 46201..=46205), (8444, 46211..=46212)] {
+        for source_port in source_ports {
+            assert!(!lab.probe_from("develop/debug", ProbeKind::Tcp, SocketAddr::new(api_ip, port), source_port));
+        }
+    }
+    let top = |args: &[&str]| {
+        let mut all = vec!["top", "--server", "http://127.0.0.1:9963", "--since", "1h"];
+        all.extend(args);
+        let (ok, stdout, stderr) = cli(&lab, &netiso, &all);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let attempts = |answer: &Value, grouping: &str, key: &str| {
+        answer["rankings"][grouping]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["key"] == key)
+            .map(|row| row["attempts"].as_u64().unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let answer: Value = serde_json::from_str(&top(&["-o", "json", "--limit", "50"])).unwrap();
+        let counted = (
+            attempts(&answer, "conversation", "develop/debug -> production/api:8443 TCP"),
+            attempts(&answer, "conversation", "develop/debug -> production/api:8444 TCP"),
+        );
+        if counted == (Some(5), Some(2)) || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(attempts(&answer, "conversation", "develop/debug -> production/api:8443 TCP"), Some(5), "{answer:#}");
+    assert_eq!(attempts(&answer, "conversation", "develop/debug -> production/api:8444 TCP"), Some(2), "{answer:#}");
+    assert_eq!(attempts(&answer, "port", "TCP/8443"), Some(5), "{answer:#}");
+    assert_eq!(answer["verdict"], "dropped");
+    let row = answer["rankings"]["conversation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "develop/debug -> production/api:8443 TCP")
+        .unwrap();
+    assert_eq!(row["nodes"], json!(["lab-a"]));
+    assert!(row["first_seen"].as_str().unwrap() <= row["last_seen"].as_str().unwrap(), "{row}");
+    let at_least = |grouping: &str, key: &str, n: u64| {
+        let got = attempts(&answer, grouping, key).unwrap_or(0);
+        assert!(got >= n, "{grouping} {key}: {got} < {n}: {answer:#}");
+    };
+    at_least("namespace", "develop -> production", 7);
+    at_least("pods", "develop/debug -> production/api", 7);
+    let policy = answer["rankings"]["policy"].as_array().unwrap();
+    assert!(
+        policy.iter().any(|r| r["key"]
+            .as_str()
+            .unwrap()
+            .contains("ingress of production, nearest production/allow-from-ingress-nginx rule ")
+            && r["attempts"].as_u64().unwrap() >= 7),
+        "{answer:#}"
+    );
+    let text = top(&["--by", "conversation", "--limit", "50"]);
+    assert!(text.starts_with("dropped flows since 1h: "), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("develop/debug -> production/api:8443 TCP ")
+            && l.contains(" 5 ")
+            && l.ends_with("lab-a")),
+        "{text}"
+    );
+
+    // graph: who talks to whom around production, blocked edges marked.
+    let graph = |output: &str| {
+        let (ok, stdout, stderr) = cli(
+            &lab,
+            &netiso,
+            &["graph", "--server", "http://127.0.0.1:9963", "--since", "1h", "-n", "production", "-o", output],
+        );
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let table = graph("text");
+    let edge = table
+        .lines()
+        .find(|l| l.starts_with("develop/debug ") && l.contains(" production/api "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(edge.contains("TCP/8443") && edge.contains("TCP/8444"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("ingress-nginx/controller ") && l.contains(" production/api ")),
+        "{table}"
+    );
+    let dot = graph("dot");
+    assert!(dot.contains(r#""develop/debug" -> "production/api" ["#) && dot.contains("color=red"), "{dot}");
+    let mermaid = graph("mermaid");
+    assert!(mermaid.starts_with("flowchart LR") && mermaid.contains(" blocked)\" .-> "), "{mermaid}");
 
     a.stop().unwrap();
     b.stop().unwrap();

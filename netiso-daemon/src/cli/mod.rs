@@ -2,8 +2,11 @@
 
 mod client;
 mod explain;
+mod filters;
+mod lines;
 mod observe;
 mod run;
+mod top;
 mod whatif;
 
 use std::process::ExitCode;
@@ -29,6 +32,12 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Show recorded flows, like `hubble observe`: what was blocked, where, and by which policy.
     Observe(Box<observe::ObserveArgs>),
+    /// What is blocked right now: the conversations, namespaces, pods, ports and policies with
+    /// the most blocked attempts over a window, from every server.
+    Top(Box<top::TopArgs>),
+    /// Who talks to whom: workloads and the ports between them, forwarded and blocked, as a
+    /// table, Graphviz DOT or a Mermaid flowchart.
+    Graph(Box<top::GraphArgs>),
     /// The evidence bundle of one flow record.
     Evidence(observe::EvidenceArgs),
     /// Replay recorded traffic against proposed NetworkPolicies: what would become denied.
@@ -53,12 +62,18 @@ where
 {
     let matches = Cli::command().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
-    if let (Command::Observe(args), Some(("observe", observed))) = (&mut cli.command, matches.subcommand()) {
-        args.negated = observe::negated(observed).map_err(|e| {
+    let filters = match &mut cli.command {
+        Command::Observe(args) => Some(&mut args.filters),
+        Command::Top(args) => Some(&mut args.span.filters),
+        Command::Graph(args) => Some(&mut args.span.filters),
+        _ => None,
+    };
+    if let (Some(filters), Some((name, sub))) = (filters, matches.subcommand()) {
+        filters.negated = filters::negated(sub).map_err(|e| {
             let mut command = Cli::command();
             command.build();
-            let observe = command.find_subcommand_mut("observe").expect("observe is a subcommand");
-            observe.error(clap::error::ErrorKind::ArgumentConflict, e)
+            let sub = command.find_subcommand_mut(name).expect("a subcommand it parsed");
+            sub.error(clap::error::ErrorKind::ArgumentConflict, e)
         })?;
     }
     Ok(cli)
@@ -69,6 +84,8 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args),
         Command::Explain(args) => explain::explain(args),
         Command::Observe(args) => observe::observe(*args),
+        Command::Top(args) => top::top(*args),
+        Command::Graph(args) => top::graph(*args),
         Command::Evidence(args) => observe::evidence(args),
         Command::Whatif(args) => whatif::whatif(args),
         Command::Advise(args) => whatif::advise(args),

@@ -1,18 +1,16 @@
 //! `netiso observe` and `netiso evidence`: what was blocked, where, and why, from one node or
 //! every node. `observe` takes `hubble observe`'s flags.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use clap::parser::ValueSource;
-use clap::{ArgAction, ArgMatches, Args, ValueEnum};
+use clap::{Args, ValueEnum};
 
 use super::client::{self, Endpoint, Target, encode, excerpt};
-use crate::cluster::{EndpointKind, Identity};
-use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, FlowVerdict, MAX_LIMIT, StreamNotice};
+use super::filters::Filters;
+use super::lines::{self, TABLE_HEADER, TimeFormat};
+use crate::evidence::record::{EvidenceBundle, FlowList, FlowRecord, MAX_LIMIT, StreamNotice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -25,109 +23,12 @@ pub enum Format {
     Dict,
 }
 
-/// How times print, by Hubble's names for them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TimeFormat {
-    /// `Dec  6 07:26:31.123`, local time.
-    #[value(name = "StampMilli")]
-    StampMilli,
-    #[value(name = "RFC3339")]
-    Rfc3339,
-    #[value(name = "RFC3339Milli")]
-    Rfc3339Milli,
-    #[value(name = "RFC3339Micro")]
-    Rfc3339Micro,
-    #[value(name = "RFC3339Nano")]
-    Rfc3339Nano,
-    #[value(name = "RFC1123Z")]
-    Rfc1123Z,
-}
-
-impl TimeFormat {
-    /// `t` in the local time zone (the `TZ` variable, else the system's; UTC where none is set).
-    pub fn format(self, t: SystemTime) -> String {
-        self.format_in(t, jiff::tz::TimeZone::system())
-    }
-
-    fn format_in(self, t: SystemTime, zone: jiff::tz::TimeZone) -> String {
-        let Ok(timestamp) = jiff::Timestamp::try_from(t) else { return format!("{t:?}") };
-        let local = timestamp.to_zoned(zone);
-        let rfc3339 = |fraction: &str| {
-            let offset = if local.offset().seconds() == 0 { "Z".into() } else { local.strftime("%:z").to_string() };
-            format!("{}{offset}", local.strftime(&format!("%Y-%m-%dT%H:%M:%S{fraction}")))
-        };
-        match self {
-            TimeFormat::StampMilli => local.strftime("%b %e %H:%M:%S%.3f").to_string(),
-            TimeFormat::Rfc3339 => rfc3339(""),
-            TimeFormat::Rfc3339Milli => rfc3339("%.3f"),
-            TimeFormat::Rfc3339Micro => rfc3339("%.6f"),
-            TimeFormat::Rfc3339Nano => rfc3339("%.9f"),
-            TimeFormat::Rfc1123Z => local.strftime("%a, %d %b %Y %H:%M:%S %z").to_string(),
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     #[command(flatten)]
     pub target: Target,
-    /// DROPPED or FORWARDED (any case; drop and forward too).
-    #[arg(long, help_heading = "Filters")]
-    pub verdict: Option<String>,
-    /// Hubble's event type: drop (dropped flows) or trace (forwarded flows).
-    #[arg(long = "type", short = 't', value_name = "TYPE", help_heading = "Filters")]
-    pub event_type: Option<String>,
-    /// Either end in this namespace.
-    #[arg(long, short = 'n', help_heading = "Filters")]
-    pub namespace: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub from_namespace: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub to_namespace: Option<String>,
-    /// Either end: namespace/pod (a name prefix: production/api finds production/api-7d9f8-x2x4k),
-    /// namespace/ (every pod of it), or a pod name prefix in any namespace.
-    #[arg(long, help_heading = "Filters")]
-    pub pod: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub from_pod: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub to_pod: Option<String>,
-    /// Either end's labels match this selector: app=api,tier!=db,!canary.
-    #[arg(long, short = 'l', help_heading = "Filters")]
-    pub label: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub from_label: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub to_label: Option<String>,
-    /// Either end's address: an address or a CIDR (10.244.0.0/16).
-    #[arg(long, help_heading = "Filters")]
-    pub ip: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub from_ip: Option<String>,
-    #[arg(long, help_heading = "Filters")]
-    pub to_ip: Option<String>,
-    /// Either end's port (a port scan's destination ports included).
-    #[arg(long, help_heading = "Filters")]
-    pub port: Option<u16>,
-    #[arg(long, help_heading = "Filters")]
-    pub from_port: Option<u16>,
-    #[arg(long, help_heading = "Filters")]
-    pub to_port: Option<u16>,
-    #[arg(long, help_heading = "Filters")]
-    pub protocol: Option<String>,
-    /// The kernel's drop reason, e.g. NETFILTER_DROP.
-    #[arg(long, help_heading = "Filters")]
-    pub reason: Option<String>,
-    /// namespace/name of a NetworkPolicy.
-    #[arg(long, help_heading = "Filters")]
-    pub policy: Option<String>,
-    /// Recorded on this node: a name, or a pattern like worker-*.
-    #[arg(long, help_heading = "Filters")]
-    pub node_name: Option<String>,
-    /// Leave out the flows the next filter matches (--not --namespace kube-system); several
-    /// negated filters leave out the flows matching all of them.
-    #[arg(long, num_args = 0, default_missing_value = "true", action = ArgAction::Append, help_heading = "Filters")]
-    pub not: Vec<bool>,
+    #[command(flatten)]
+    pub filters: Filters,
     /// RFC 3339 time or a duration ago (5m). Without --last or --first: every flow since then.
     #[arg(long)]
     pub since: Option<String>,
@@ -152,60 +53,11 @@ pub struct ObserveArgs {
     pub print_node_name: bool,
     #[arg(long, value_enum, ignore_case = true, default_value = "StampMilli")]
     pub time_format: TimeFormat,
-    /// The filters a preceding --not negates, by argument id (from the command line's order).
-    #[arg(skip)]
-    pub negated: BTreeSet<String>,
-}
-
-/// The filter arguments, by id, and the API parameter each becomes.
-const FILTERS: [(&str, &str); 21] = [
-    ("verdict", "verdict"),
-    ("event_type", "verdict"),
-    ("namespace", "namespace"),
-    ("from_namespace", "from-namespace"),
-    ("to_namespace", "to-namespace"),
-    ("pod", "pod"),
-    ("from_pod", "from-pod"),
-    ("to_pod", "to-pod"),
-    ("label", "label"),
-    ("from_label", "from-label"),
-    ("to_label", "to-label"),
-    ("ip", "ip"),
-    ("from_ip", "from-ip"),
-    ("to_ip", "to-ip"),
-    ("port", "port"),
-    ("from_port", "from-port"),
-    ("to_port", "to-port"),
-    ("protocol", "protocol"),
-    ("reason", "reason"),
-    ("policy", "policy"),
-    ("node_name", "node"),
-];
-
-/// Which filters the command line's `--not`s negate: each the argument right after it, which
-/// must be a filter.
-pub fn negated(matches: &ArgMatches) -> Result<BTreeSet<String>, String> {
-    let given: Vec<(usize, &str)> = matches
-        .ids()
-        .map(|id| id.as_str())
-        .filter(|id| *id != "not" && matches.value_source(id) == Some(ValueSource::CommandLine))
-        .filter_map(|id| Some((matches.indices_of(id)?.next()?, id)))
-        .collect();
-    let mut negated = BTreeSet::new();
-    let nots = matches.indices_of("not").filter(|_| matches.value_source("not") == Some(ValueSource::CommandLine));
-    for not in nots.into_iter().flatten() {
-        let next = given.iter().filter(|(at, _)| *at > not).min_by_key(|(at, _)| *at);
-        match next {
-            Some((_, id)) if FILTERS.iter().any(|(filter, _)| filter == id) => negated.insert(id.to_string()),
-            _ => return Err("--not goes right before the filter it negates: --not --namespace kube-system".into()),
-        };
-    }
-    Ok(negated)
 }
 
 /// How many flows, and from which end of the window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Window {
+pub enum Window {
     Last(usize),
     First(usize),
     /// Every matching flow, up to a cap per server.
@@ -216,58 +68,9 @@ enum Window {
 const MAX_FLOWS: usize = 100_000;
 
 impl ObserveArgs {
-    fn window(&self) -> Window {
-        match (self.last, self.first) {
-            (Some(n), _) => Window::Last(n),
-            (None, Some(n)) => Window::First(n),
-            (None, None) if self.all || (self.since.is_some() && !self.follow) => Window::All,
-            (None, None) => Window::Last(20),
-        }
-    }
-
-    /// The API parameters of the filters (`not.` before a negated one's).
+    /// The filters' parameters and the window's.
     fn filter_params(&self) -> anyhow::Result<Vec<(String, String)>> {
-        let event_type = match self.event_type.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None => None,
-            Some("drop") => Some("dropped".to_owned()),
-            Some("trace") => Some("forwarded".to_owned()),
-            Some(other) => bail!("--type {other}: use drop (dropped flows) or trace (forwarded flows)"),
-        };
-        if let (Some(verdict), Some(_)) = (&self.verdict, &event_type) {
-            bail!("--verdict {verdict} and --type both choose the verdict: give one");
-        }
-        let port = |p: Option<u16>| p.map(|p| p.to_string());
-        let values = [
-            self.verdict.clone(),
-            event_type,
-            self.namespace.clone(),
-            self.from_namespace.clone(),
-            self.to_namespace.clone(),
-            self.pod.clone(),
-            self.from_pod.clone(),
-            self.to_pod.clone(),
-            self.label.clone(),
-            self.from_label.clone(),
-            self.to_label.clone(),
-            self.ip.clone(),
-            self.from_ip.clone(),
-            self.to_ip.clone(),
-            port(self.port),
-            port(self.from_port),
-            port(self.to_port),
-            self.protocol.clone(),
-            self.reason.clone(),
-            self.policy.clone(),
-            self.node_name.clone(),
-        ];
-        let mut params: Vec<(String, String)> = FILTERS
-            .iter()
-            .zip(values)
-            .filter_map(|((id, param), value)| {
-                let name = if self.negated.contains(*id) { format!("not.{param}") } else { param.to_string() };
-                Some((name, value?))
-            })
-            .collect();
+        let mut params = self.filters.params()?;
         for (name, time) in [("since", &self.since), ("until", &self.until)] {
             if let Some(time) = time {
                 params.push((name.into(), time.clone()));
@@ -276,13 +79,22 @@ impl ObserveArgs {
         Ok(params)
     }
 
-    /// The listing's path: the filters, then how much and where from.
-    fn path(&self, filters: &[(String, String)], extra: &[(&str, String)]) -> String {
-        let pairs =
-            filters.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().map(|(k, v)| (*k, v.as_str())));
-        let encoded: Vec<String> = pairs.map(|(k, v)| format!("{k}={}", encode(v))).collect();
-        format!("/v1/flows?{}", encoded.join("&"))
+    fn window(&self) -> Window {
+        match (self.last, self.first) {
+            (Some(n), _) => Window::Last(n),
+            (None, Some(n)) => Window::First(n),
+            (None, None) if self.all || (self.since.is_some() && !self.follow) => Window::All,
+            (None, None) => Window::Last(20),
+        }
     }
+}
+
+/// The listing's path: the filters, then how much and where from.
+pub fn flows_path(filters: &[(String, String)], extra: &[(&str, String)]) -> String {
+    let pairs =
+        filters.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().map(|(k, v)| (*k, v.as_str())));
+    let encoded: Vec<String> = pairs.map(|(k, v)| format!("{k}={}", encode(v))).collect();
+    format!("/v1/flows?{}", encoded.join("&"))
 }
 
 /// Reads pages until it has `want` records or no more match; says whether more match beyond
@@ -327,130 +139,32 @@ struct Style {
     node: bool,
 }
 
-/// One end as a responder reads it: the pod (and the Service it was reached through), the
-/// Service of an untranslated ClusterIP, else the address.
-fn end(id: &Identity) -> String {
-    end_at(id, &id.port.to_string())
-}
-
-/// Ports of a scan summary as a line shows them: the ranges, shortened past a few.
-fn port_ranges(r: &FlowRecord) -> Option<String> {
-    const SHOWN: usize = 40;
-    let sweep = r.ports.as_ref()?;
-    let shown = match sweep.ranges.char_indices().nth(SHOWN) {
-        Some((cut, _)) => format!("{}...", &sweep.ranges[..cut]),
-        None => sweep.ranges.clone(),
-    };
-    Some(format!("{shown} ({} ports)", sweep.count))
-}
-
-fn destination(r: &FlowRecord) -> String {
-    match port_ranges(r) {
-        Some(ports) => end_at(&r.destination, &ports),
-        None => end(&r.destination),
+/// Prints a listing: a table's columns fit its widest cells, dicts are set apart by a line.
+fn print_all(out: &mut impl Write, style: Style, records: &[FlowRecord]) -> std::io::Result<()> {
+    if style.format == Format::Table {
+        let header = TABLE_HEADER.map(str::to_owned);
+        let rows: Vec<[String; 9]> =
+            std::iter::once(header).chain(records.iter().map(|r| lines::table_cells(r, style.time))).collect();
+        return write!(out, "{}", lines::table(&rows, [0; 9]));
     }
-}
-
-fn end_at(id: &Identity, port: &str) -> String {
-    let at = match (&id.namespace, &id.pod) {
-        (Some(ns), Some(pod)) => format!("{ns}/{pod}:{port}"),
-        _ if id.ip.is_ipv6() => format!("[{}]:{port}", id.ip),
-        _ => format!("{}:{port}", id.ip),
-    };
-    match (&id.service, id.kind) {
-        (Some(service), EndpointKind::Service) => format!("service/{service}:{port}"),
-        (Some(service), _) => format!("{at} (service/{service})"),
-        (None, _) => at,
-    }
-}
-
-/// Who decided: the sides' words, or for records written before the sides were kept, the
-/// policies they name.
-fn blame(r: &FlowRecord) -> Option<String> {
-    let names = policies(r);
-    r.policy.blame().or_else(|| (!names.is_empty()).then(|| format!("by {names}")))
-}
-
-fn policies(r: &FlowRecord) -> String {
-    r.policy.policies.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(",")
-}
-
-fn summary(r: &FlowRecord) -> String {
-    let mut line = format!("{} {}", r.protocol, r.verdict.as_str().to_uppercase());
-    if let Some(reason) = &r.reason {
-        line.push_str(&format!(" {reason}"));
-        if r.reason_inferred {
-            line.push_str(" (inferred)");
+    for (i, r) in records.iter().enumerate() {
+        if style.format == Format::Dict && i > 0 {
+            writeln!(out, "------------")?;
         }
+        print(out, style, r)?;
     }
-    line.push_str(&format!(" ({})", r.policy.attribution.as_str()));
-    if let Some(blame) = blame(r) {
-        line.push_str(&format!(" {blame}"));
-    }
-    if r.attempts > 1 {
-        line.push_str(&format!(" x{} attempts", r.attempts));
-    }
-    line
+    Ok(())
 }
 
-fn compact(r: &FlowRecord, style: Style) -> String {
-    let node = if style.node { format!(" [{}]", r.node) } else { String::new() };
-    format!("{}{node} {} -> {} {} id={}", style.time.format(r.time), end(&r.source), destination(r), summary(r), r.id)
-}
+/// Columns of a followed table: rows print as they come, so the widths are set beforehand.
+const FOLLOWED_WIDTHS: [usize; 9] = [19, 8, 30, 30, 5, 9, 24, 19, 0];
 
-/// Hubble's event type for the verdict.
-fn event_type(r: &FlowRecord) -> &'static str {
-    match r.verdict {
-        FlowVerdict::Dropped => "drop",
-        FlowVerdict::Forwarded => "trace",
-    }
-}
-
-fn dict(r: &FlowRecord, style: Style) -> String {
-    [
-        ("TIMESTAMP", style.time.format(r.time)),
-        ("LAST SEEN", style.time.format(r.last_seen)),
-        ("SOURCE", end(&r.source)),
-        ("DESTINATION", destination(r)),
-        ("TYPE", event_type(r).to_owned()),
-        ("VERDICT", r.verdict.as_str().to_uppercase()),
-        ("SUMMARY", summary(r)),
-        ("NODE", r.node.clone()),
-        ("ID", r.id.to_string()),
-    ]
-    .iter()
-    .map(|(key, value)| format!("{key:>11}: {value}"))
-    .collect::<Vec<_>>()
-    .join("\n")
-}
-
-const TABLE_HEADER: [&str; 7] = ["TIME", "SOURCE", "DESTINATION", "PROTO", "VERDICT", "REASON", "POLICIES"];
-
-fn table_row(cells: [&str; 7]) -> String {
-    let [time, source, destination, proto, verdict, reason, policies] = cells;
-    format!("{time:<30} {source:<36} {destination:<36} {proto:<6} {verdict:<10} {reason:<16} {policies}")
-}
-
-/// Prints one flow; a dict after the first of a listing is set apart by a line.
-fn print(out: &mut impl Write, style: Style, r: &FlowRecord, first: bool) -> std::io::Result<()> {
+fn print(out: &mut impl Write, style: Style, r: &FlowRecord) -> std::io::Result<()> {
     match style.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string(r)?),
-        Format::Compact => writeln!(out, "{}", compact(r, style)),
-        Format::Dict if first => writeln!(out, "{}", dict(r, style)),
-        Format::Dict => writeln!(out, "------------\n{}", dict(r, style)),
-        Format::Table => writeln!(
-            out,
-            "{}",
-            table_row([
-                &style.time.format(r.time),
-                &end(&r.source),
-                &destination(r),
-                &r.protocol.to_string(),
-                r.verdict.as_str(),
-                r.reason.as_deref().unwrap_or("-"),
-                &policies(r),
-            ])
-        ),
+        Format::Compact => writeln!(out, "{}", lines::compact(r, style.time, style.node)),
+        Format::Dict => writeln!(out, "{}", lines::dict(r, style.time)),
+        Format::Table => write!(out, "{}", lines::table(&[lines::table_cells(r, style.time)], FOLLOWED_WIDTHS)),
     }
 }
 
@@ -462,16 +176,16 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
         let style =
             Style { format: args.output, time: args.time_format, node: args.print_node_name || endpoints.len() > 1 };
         let stdout = std::io::stdout();
-        if args.output == Format::Table {
-            writeln!(stdout.lock(), "{}", table_row(TABLE_HEADER))?;
-        }
         let window = args.window();
         if args.follow {
+            if args.output == Format::Table {
+                write!(stdout.lock(), "{}", lines::table(&[TABLE_HEADER.map(str::to_owned)], FOLLOWED_WIDTHS))?;
+            }
             let history = match window {
                 Window::Last(n) => n.clamp(1, MAX_LIMIT),
                 _ => MAX_LIMIT,
             };
-            let path = args.path(&filters, &[("limit", history.to_string()), ("follow", "true".into())]);
+            let path = flows_path(&filters, &[("limit", history.to_string()), ("follow", "true".into())]);
             // A stream that fails or ends (the daemon restarted) ends the command with its reason:
             // a watcher must not mistake silence for quiet.
             let mut streams = tokio::task::JoinSet::new();
@@ -491,55 +205,76 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<ExitCode> {
             }
             bail!("no daemon to follow");
         }
-        let (want, order, cursor) = match window {
-            Window::Last(n) => (n, "newest", "before"),
-            Window::First(n) => (n, "oldest", "after"),
-            Window::All => (MAX_FLOWS, "newest", "before"),
-        };
-        let mut flows: Vec<FlowRecord> = Vec::new();
-        let mut failures = 0;
-        for endpoint in &endpoints {
-            let page = |at: Option<String>, limit: usize| {
-                let mut extra = vec![("limit", limit.to_string()), ("order", order.to_owned())];
-                extra.extend(at.map(|id| (cursor, id)));
-                let path = args.path(&filters, &extra);
-                async move { page_of(endpoint, &path).await }
-            };
-            match pages(page, want.max(1)).await {
-                Ok((listed, more)) => {
-                    if more && window == Window::All {
-                        eprintln!(
-                            "netiso: {} holds more than {MAX_FLOWS} matching flows; these are its newest {MAX_FLOWS}: narrow the filters or the --since/--until window",
-                            endpoint.name()
-                        );
-                    }
-                    flows.extend(listed);
-                }
-                Err(e) => {
-                    failures += 1;
-                    eprintln!("netiso: {e:#}");
-                }
-            }
-        }
-        if failures == endpoints.len() {
-            bail!("no server answered with flows (above)");
-        }
-        // Merged across servers and ordered by time; ids are nanosecond timestamps.
-        flows.sort_by_key(|r| r.id);
-        let shown = match window {
-            Window::Last(n) => &flows[flows.len().saturating_sub(n)..],
-            Window::First(n) => &flows[..n.min(flows.len())],
-            Window::All => &flows[..],
-        };
-        let mut out = stdout.lock();
-        for (i, r) in shown.iter().enumerate() {
-            print(&mut out, style, r, i == 0)?;
-        }
-        if failures > 0 {
-            bail!("{failures} of {} servers did not answer (above); the listing is partial", endpoints.len());
-        }
+        let listing = collect(&endpoints, &filters, window).await?;
+        print_all(&mut stdout.lock(), style, &listing.flows)?;
+        listing.complete()?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The flows of every server, merged and ordered by time, and how many servers did not answer
+/// (each named on stderr).
+pub struct Listing {
+    pub flows: Vec<FlowRecord>,
+    pub failures: usize,
+    pub servers: usize,
+}
+
+impl Listing {
+    /// An error when a server did not answer: what was printed is partial.
+    pub fn complete(&self) -> anyhow::Result<()> {
+        if self.failures > 0 {
+            bail!("{} of {} servers did not answer (above); the listing is partial", self.failures, self.servers);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the window's flows from every server, page by page; an error only when no server answers.
+pub async fn collect(endpoints: &[Endpoint], filters: &[(String, String)], window: Window) -> anyhow::Result<Listing> {
+    let (want, order, cursor) = match window {
+        Window::Last(n) => (n, "newest", "before"),
+        Window::First(n) => (n, "oldest", "after"),
+        Window::All => (MAX_FLOWS, "newest", "before"),
+    };
+    let mut flows: Vec<FlowRecord> = Vec::new();
+    let mut failures = 0;
+    for endpoint in endpoints {
+        let page = |at: Option<String>, limit: usize| {
+            let mut extra = vec![("limit", limit.to_string()), ("order", order.to_owned())];
+            extra.extend(at.map(|id| (cursor, id)));
+            let path = flows_path(filters, &extra);
+            async move { page_of(endpoint, &path).await }
+        };
+        match pages(page, want.max(1)).await {
+            Ok((listed, more)) => {
+                if more && window == Window::All {
+                    eprintln!(
+                        "netiso: {} holds more than {MAX_FLOWS} matching flows; these are its newest {MAX_FLOWS}: narrow the filters or the --since/--until window",
+                        endpoint.name()
+                    );
+                }
+                flows.extend(listed);
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("netiso: {e:#}");
+            }
+        }
+    }
+    if failures == endpoints.len() {
+        bail!("no server answered with flows (above)");
+    }
+    // Merged across servers and ordered by time; ids are nanosecond timestamps.
+    flows.sort_by_key(|r| r.id);
+    match window {
+        Window::Last(n) => {
+            flows.drain(..flows.len().saturating_sub(n));
+        }
+        Window::First(n) => flows.truncate(n),
+        Window::All => {}
+    }
+    Ok(Listing { flows, failures, servers: endpoints.len() })
 }
 
 /// One line of a followed stream: a record to print, a notice from the server, or an error.
@@ -552,7 +287,12 @@ fn follow_line(server: &str, style: Style, line: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     match serde_json::from_str::<FlowRecord>(line) {
-        Ok(r) => print(&mut std::io::stdout().lock(), style, &r, false)?,
+        Ok(r) if style.format == Format::Dict => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "------------")?;
+            print(&mut out, style, &r)?;
+        }
+        Ok(r) => print(&mut std::io::stdout().lock(), style, &r)?,
         Err(e) => bail!("{server} sent something that is not a flow record ({e}): {}", excerpt(line.as_bytes())),
     }
     Ok(())
@@ -564,6 +304,17 @@ pub struct EvidenceArgs {
     pub id: String,
     #[command(flatten)]
     pub target: Target,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: EvidenceFormat,
+    #[arg(long, value_enum, ignore_case = true, default_value = "StampMilli")]
+    pub time_format: TimeFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EvidenceFormat {
+    /// Readable, as `explain` prints.
+    Text,
+    Json,
 }
 
 pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
@@ -576,7 +327,10 @@ pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
             match client::get(endpoint, &path).await {
                 Ok((200, body)) => match serde_json::from_slice::<EvidenceBundle>(&body) {
                     Ok(bundle) => {
-                        println!("{}", serde_json::to_string_pretty(&bundle)?);
+                        match args.output {
+                            EvidenceFormat::Text => print!("{}", lines::evidence_text(&bundle, args.time_format)),
+                            EvidenceFormat::Json => println!("{}", serde_json::to_string_pretty(&bundle)?),
+                        }
                         return Ok(ExitCode::SUCCESS);
                     }
                     Err(e) => {
@@ -596,11 +350,9 @@ pub fn evidence(args: EvidenceArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use crate::cli::lines::tests::record;
 
     use super::*;
-
-    const STYLE: Style = Style { format: Format::Compact, time: TimeFormat::Rfc3339, node: false };
 
     fn observe(args: &[&str]) -> Result<ObserveArgs, clap::Error> {
         let argv = ["netiso", "observe"].iter().chain(args);
@@ -668,6 +420,7 @@ mod tests {
         assert_eq!(window(&["--since", "1h", "--last", "3"]), Window::Last(3));
         assert!(observe(&["--first", "5", "--last", "5"]).is_err());
         assert!(observe(&["--all", "--follow"]).is_err());
+        assert_eq!(observe(&["--time-format", "rfc3339nano"]).unwrap().time_format, TimeFormat::Rfc3339Nano);
     }
 
     #[tokio::test]
@@ -698,134 +451,5 @@ mod tests {
         asked.set(0);
         let (flows, more) = pages(|cursor, _| page(cursor, 7), 20).await.unwrap();
         assert_eq!((flows.len(), more, asked.get()), (20, true, 3), "three pages of seven, cut to twenty");
-    }
-
-    #[test]
-    fn times_print_in_hubbles_formats() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(1_796_540_018_123_456_789);
-        let utc = jiff::tz::TimeZone::UTC;
-        let tokyo = jiff::tz::TimeZone::fixed(jiff::tz::offset(9));
-        for (format, zone, expected) in [
-            (TimeFormat::StampMilli, utc.clone(), "Dec  6 06:53:38.123"),
-            (TimeFormat::Rfc3339, utc.clone(), "2026-12-06T06:53:38Z"),
-            (TimeFormat::Rfc3339Milli, tokyo.clone(), "2026-12-06T15:53:38.123+09:00"),
-            (TimeFormat::Rfc3339Micro, utc.clone(), "2026-12-06T06:53:38.123456Z"),
-            (TimeFormat::Rfc3339Nano, utc.clone(), "2026-12-06T06:53:38.123456789Z"),
-            (TimeFormat::Rfc1123Z, tokyo, "Sun, 06 Dec 2026 15:53:38 +0900"),
-        ] {
-            assert_eq!(format.format_in(t, zone), expected, "{format:?}");
-        }
-        assert_eq!(observe(&["--time-format", "rfc3339nano"]).unwrap().time_format, TimeFormat::Rfc3339Nano);
-    }
-
-    #[test]
-    fn a_dict_has_one_key_per_line_and_flows_are_set_apart() {
-        let style = Style { format: Format::Dict, ..STYLE };
-        let mut out = Vec::new();
-        print(&mut out, style, &record(), true).unwrap();
-        print(&mut out, style, &record(), false).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        for line in [
-            "  TIMESTAMP: 2026-12-05T04:17:21Z",
-            "     SOURCE: develop/debug:40009",
-            "DESTINATION: production/api:8080",
-            "       TYPE: drop",
-            "    VERDICT: DROPPED",
-            "    SUMMARY: TCP DROPPED NETFILTER_DROP (denied_by_network_policy)",
-            "       NODE: n1",
-            "         ID: 1",
-        ] {
-            assert!(text.lines().any(|l| l.starts_with(line)), "{line} missing from\n{text}");
-        }
-        assert_eq!(text.lines().filter(|l| *l == "------------").count(), 1, "{text}");
-        assert!(!text.starts_with("---"));
-    }
-
-    fn record() -> FlowRecord {
-        serde_json::from_value(json!({
-            "id": "1",
-            "time": "2026-12-05T04:17:21Z",
-            "last_seen": "2026-12-05T04:17:21Z",
-            "node": "n1",
-            "verdict": "dropped",
-            "protocol": "TCP",
-            "source": {"kind": "pod", "namespace": "develop", "pod": "debug", "workload": null, "ip": "10.244.0.10", "port": 40009},
-            "destination": {"kind": "pod", "namespace": "production", "pod": "api", "workload": null, "ip": "10.244.0.30", "port": 8080},
-            "reason": "NETFILTER_DROP",
-            "packets": 1,
-            "bytes": 60,
-            "policy": {"verdict": "denied", "direction": "both", "attribution": "denied_by_network_policy", "policies": [], "summary": ""},
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn compact_lines_say_when_a_reason_was_inferred() {
-        let mut record = record();
-        assert!(
-            compact(&record, STYLE).contains(" NETFILTER_DROP (denied_by_network_policy) id=1"),
-            "{}",
-            compact(&record, STYLE)
-        );
-        // A record written before the sides were kept names its policies.
-        record.policy.policies = serde_json::from_value(json!([{"namespace": "production", "name": "deny"}])).unwrap();
-        assert!(
-            compact(&record, STYLE).contains(" (denied_by_network_policy) by production/deny id=1"),
-            "{}",
-            compact(&record, STYLE)
-        );
-        record.policy.ingress = Some(
-            serde_json::from_value(json!({"pod": "production/api", "verdict": "denied",
-                "isolated_by": [{"namespace": "production", "name": "deny"}, {"namespace": "production", "name": "allow-web"}],
-                "nearest": {"policy": {"namespace": "production", "name": "allow-web"}, "rule": 0, "summary": ""}}))
-            .unwrap(),
-        );
-        record.policy.egress = Some(
-            serde_json::from_value(json!({"pod": "develop/debug", "verdict": "allowed", "isolated_by": []})).unwrap(),
-        );
-        assert!(
-            compact(&record, STYLE).contains(
-                " (denied_by_network_policy) denied by ingress of production/api (isolated by production/allow-web,production/deny; nearest production/allow-web rule 0) id=1"
-            ),
-            "{}",
-            compact(&record, STYLE)
-        );
-        // A drop NetworkPolicy does not explain names no policy.
-        record.policy.attribution = crate::evidence::record::Attribution::DroppedByKernelForNonPolicyReason;
-        record.policy.policies.clear();
-        assert!(
-            compact(&record, STYLE).ends_with(" (dropped_by_kernel_for_non_policy_reason) id=1"),
-            "{}",
-            compact(&record, STYLE)
-        );
-        record.policy.attribution = crate::evidence::record::Attribution::DeniedByNetworkPolicy;
-        record.reason_inferred = true;
-        assert!(
-            compact(&record, STYLE).contains(" NETFILTER_DROP (inferred) (denied_by_network_policy)"),
-            "{}",
-            compact(&record, STYLE)
-        );
-        // Reached through a Service: both the backend and the Service; an untranslated ClusterIP
-        // by its Service's name.
-        record.destination.service = Some("production/api".into());
-        assert!(
-            compact(&record, STYLE).contains(" -> production/api:8080 (service/production/api) "),
-            "{}",
-            compact(&record, STYLE)
-        );
-        record.destination = serde_json::from_value(json!({"kind": "service", "namespace": "production", "pod": null,
-            "workload": null, "service": "production/payments", "ip": "10.96.0.40", "port": 80}))
-        .unwrap();
-        assert!(compact(&record, STYLE).contains(" -> service/production/payments:80 "), "{}", compact(&record, STYLE));
-        assert!(!compact(&record, STYLE).contains("attempts"), "one attempt goes without saying");
-        record.attempts = 20_000;
-        assert!(compact(&record, STYLE).contains(" x20000 attempts id=1"), "{}", compact(&record, STYLE));
-        record.destination.port = 0;
-        record.ports = Some(crate::evidence::record::PortSweep { count: 19_983, ranges: "18-20000".into() });
-        assert!(
-            compact(&record, STYLE).contains(" -> service/production/payments:18-20000 (19983 ports) "),
-            "{}",
-            compact(&record, STYLE)
-        );
     }
 }

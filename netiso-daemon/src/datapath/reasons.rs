@@ -156,6 +156,73 @@ pub fn classify(name: &str) -> ReasonClass {
     }
 }
 
+/// A drop reason in words, for people reading a flow (the kernel's names are terse); none for a
+/// reason this table does not know.
+pub fn describe(name: &str) -> Option<&'static str> {
+    const WORDS: &[(&str, &str)] = &[
+        ("NOT_SPECIFIED", "no reason given"),
+        ("NO_SOCKET", "nothing listens on the port"),
+        ("PKT_TOO_SMALL", "packet too short"),
+        ("TCP_CSUM", "bad TCP checksum"),
+        ("UDP_CSUM", "bad UDP checksum"),
+        ("ICMP_CSUM", "bad ICMP checksum"),
+        ("IP_CSUM", "bad IP checksum"),
+        ("SOCKET_FILTER", "a socket filter refused it"),
+        ("SOCKET_RCVBUFF", "the socket's receive buffer is full"),
+        ("SOCKET_BACKLOG", "the socket's backlog is full"),
+        ("SOCKET_CLOSE", "the socket closed"),
+        ("PROTO_MEM", "the protocol's memory limit is reached"),
+        ("TCP_LISTEN_OVERFLOW", "the listener's accept queue is full"),
+        ("NETFILTER_DROP", "a netfilter rule dropped it"),
+        ("TC_INGRESS", "a tc program dropped it on ingress"),
+        ("TC_EGRESS", "a tc program dropped it on egress"),
+        ("TC_COOKIE_ERROR", "tc classification failed"),
+        ("TC_CHAIN_NOTFOUND", "tc classification failed"),
+        ("TC_RECLASSIFY_LOOP", "tc classification looped"),
+        ("BPF_CGROUP_EGRESS", "a cgroup BPF program dropped it"),
+        ("XDP", "an XDP program dropped it"),
+        ("SECURITY_HOOK", "a security module dropped it"),
+        ("XFRM_POLICY", "an IPsec policy dropped it"),
+        ("OTHERHOST", "addressed to another host's MAC"),
+        ("IP_INHDR", "bad IP header"),
+        ("IP_RPFILTER", "the reverse path filter refused it"),
+        ("UNICAST_IN_L2_MULTICAST", "unicast IP in a multicast frame"),
+        ("IP_NOPROTO", "no handler for the IP protocol"),
+        ("IP_OUTNOROUTES", "no route to the destination"),
+        ("IP_INNOROUTES", "no route for the packet"),
+        ("IP_INADDRERRORS", "invalid destination address"),
+        ("IP_LOCAL_SOURCE", "the source address is local"),
+        ("IP_INVALID_SOURCE", "invalid source address"),
+        ("IP_LOCALNET", "a local network address where none may be"),
+        ("IP_INVALID_DEST", "invalid destination address"),
+        ("IPV6DISABLED", "IPv6 is disabled"),
+        ("PKT_TOO_BIG", "larger than the MTU"),
+        ("NO_TX_TARGET", "no device to send it on"),
+        ("NEIGH_CREATEFAIL", "no neighbour entry could be made"),
+        ("NEIGH_FAILED", "neighbour (ARP/NDP) resolution failed"),
+        ("NEIGH_QUEUEFULL", "the neighbour queue is full"),
+        ("NEIGH_DEAD", "the neighbour entry is gone"),
+        ("QDISC_DROP", "the queue discipline dropped it"),
+        ("CPU_BACKLOG", "the CPU's backlog is full"),
+        ("DEV_READY", "the device is down"),
+        ("FULL_RING", "the device's ring is full"),
+        ("NOMEM", "out of memory"),
+        ("HDR_TRUNC", "truncated header"),
+        ("DUP_FRAG", "duplicate fragment"),
+        ("FRAG_REASM_TIMEOUT", "fragment reassembly timed out"),
+        ("TCP_FLAGS", "invalid TCP flags"),
+        ("TCP_INVALID_SEQUENCE", "TCP sequence number out of window"),
+        ("TCP_INVALID_SYN", "unexpected TCP SYN"),
+        ("TCP_RESET", "TCP connection reset"),
+        ("TCP_CLOSE", "TCP connection closed"),
+        ("TCP_OLD_DATA", "TCP data already received"),
+        ("TCP_ZEROWINDOW", "the TCP window is zero"),
+        ("TCP_OVERWINDOW", "TCP data beyond the window"),
+        ("TCP_MINTTL", "TTL below the socket's minimum"),
+    ];
+    WORDS.iter().find(|(reason, _)| *reason == name).map(|(_, words)| *words)
+}
+
 /// The running kernel's drop reasons: value → name.
 #[derive(Clone, Debug)]
 pub struct DropReasons {
