@@ -114,6 +114,57 @@ fn explain_fails_clearly_when_the_manifests_cannot_be_read() {
     assert!(err.contains("bad.yaml: document 1: NetworkPolicy y/x: field spec.podSelector"), "{err}");
 }
 
+/// The course's namespaces and pods without their policies, and production's baseline as a
+/// kustomization of the repository's base policies: what `--policies`/`--manifests` get when
+/// pointed at a Flux path.
+fn course_with_kustomized_production(dir: &std::path::Path) {
+    let course = std::fs::read_to_string(fixture()).unwrap();
+    let without_policies: Vec<&str> =
+        course.split("\n---").filter(|doc| !doc.contains("kind: NetworkPolicy")).collect();
+    std::fs::write(dir.join("cluster.yaml"), without_policies.join("\n---")).unwrap();
+    let overlay = dir.join("production");
+    std::fs::create_dir(&overlay).unwrap();
+    let base = format!("{}/../deploy/network-policies/base", env!("CARGO_MANIFEST_DIR"));
+    let mut resources = String::new();
+    for file in ["default-deny.yaml", "allow-dns.yaml", "allow-ingress-nginx.yaml"] {
+        std::fs::copy(format!("{base}/{file}"), overlay.join(file)).unwrap();
+        resources.push_str(&format!("  - {file}\n"));
+    }
+    std::fs::write(overlay.join("kustomization.yaml"), format!("namespace: production\nresources:\n{resources}"))
+        .unwrap();
+}
+
+#[test]
+fn a_kustomization_is_rendered_as_flux_renders_it() {
+    let dir = tempfile::tempdir().unwrap();
+    course_with_kustomized_production(dir.path());
+    let explain = |path: &str| {
+        Command::new(env!("CARGO_BIN_EXE_netiso"))
+            .args(["explain", "--manifests", dir.path().to_str().unwrap(), "--from", "develop/debug", "--to"])
+            .args(["production/api", "--port", "8080"])
+            .env("PATH", path)
+            .output()
+            .unwrap()
+    };
+    // kubectl from scripts/setup first, then whatever the PATH has.
+    let path = format!("/opt/netiso-tools:{}", std::env::var("PATH").unwrap_or_default());
+    let out = explain(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("isolated by: production/allow-from-ingress-nginx, production/default-deny-all"), "{text}");
+
+    // Without kubectl or kustomize: an error that says what to install, not an empty policy set.
+    let out = explain("/nonexistent");
+    assert!(
+        failed_naming(&out, &["production is a kustomization", "needs kubectl (`kubectl kustomize`) or kustomize"]),
+        "{out:?}"
+    );
+    // A kustomization kustomize refuses: its own message, naming the directory.
+    std::fs::write(dir.path().join("production/kustomization.yaml"), "resources: [missing.yaml]\n").unwrap();
+    let out = explain(&path);
+    assert!(failed_naming(&out, &["production: kustomize could not render it", "missing.yaml"]), "{out:?}");
+}
+
 #[test]
 fn run_refuses_an_unknown_interface_before_loading_anything() {
     let out = netiso(&["run", "--interfaces", "nosuch0"]);

@@ -54,7 +54,7 @@ fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
 #[test]
 fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
     let dirs = kustomizations();
-    assert_eq!(dirs.len(), 6, "{dirs:?}");
+    assert_eq!(dirs.len(), 7, "{dirs:?}");
     let mut daemonsets = 0;
     for dir in &dirs {
         for object in render(dir) {
@@ -181,19 +181,22 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
         }
     }
     assert_eq!(daemonsets, 1);
-    let names: Vec<String> = render(&repo().join("deploy/flux"))
-        .iter()
-        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
-        .collect();
+    let flux = render(&repo().join("deploy/flux"));
+    let names: Vec<String> = flux.iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_owned()).collect();
     for n in ["network-policies-develop", "network-policies-staging", "network-policies-production", "netiso"] {
         assert!(names.contains(&n.to_owned()), "Flux Kustomization {n}");
     }
-    // The rollback manifest is applied by hand, outside any kustomization.
-    let rollback: NetworkPolicy = serde_saphyr::from_str(
-        &std::fs::read_to_string(repo().join("deploy/network-policies/rollback/allow-all.yaml")).unwrap(),
-    )
-    .unwrap();
+    // The rollback is applied by hand (`kubectl apply -n NAMESPACE -k`), outside Flux: it renders
+    // one allow-all without a namespace, for -n to choose.
+    let rollback = render(&repo().join("deploy/network-policies/rollback"));
+    assert_eq!(rollback.len(), 1, "{rollback:?}");
+    assert!(rollback[0]["metadata"].get("namespace").is_none(), "{rollback:?}");
+    let rollback: NetworkPolicy = typed(&rollback[0]);
     assert_eq!(rollback.spec.unwrap().policy_types.unwrap(), ["Ingress", "Egress"]);
+    for flux in &flux {
+        let path = flux["spec"]["path"].as_str().unwrap_or_default();
+        assert!(!path.contains("rollback"), "Flux must not apply the rollback: {path}");
+    }
 }
 
 /// The course's namespaces and pods, with the baseline as the overlays render it.

@@ -81,6 +81,24 @@ fn whatif_predicts_the_default_deny_and_advice_keeps_recorded_traffic_working() 
     );
     assert_eq!(code, 0, "without --fail-on-deny the verdicts do not change the exit status");
     assert!(table.contains("would become DENIED") && table.contains("totals:"), "{table}");
+    // The production baseline as Flux applies it (the overlay's kustomization, rendered) keeps
+    // every legitimate flow working.
+    let overlay = lab::repo_root().join("deploy/network-policies/overlays/production");
+    let (code, stdout, stderr) = run(
+        &lab,
+        &netiso,
+        &[
+            &["whatif", "--policies", overlay.to_str().unwrap(), "--since", "1h", "-o", "json", "--fail-on-deny"][..],
+            &server[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        report["newly_denied"].as_array().unwrap().is_empty() && report["evaluated"].as_u64().unwrap() >= 9,
+        "{stdout}"
+    );
 
     // 3. Advice per namespace, checked by netiso itself.
     let proposal = out.join("proposal");

@@ -1,6 +1,7 @@
 //! Reads Namespaces, Pods and NetworkPolicies from YAML or JSON manifests: a file or a directory
-//! of them, multi-document, `kind: List` accepted. Every problem names the file, the document
-//! and the object.
+//! of them, multi-document, `kind: List` accepted. A directory with a kustomization is rendered as
+//! Flux's kustomize-controller renders it (`kubectl kustomize`, or `kustomize build`). Every
+//! problem names the file, the document and the object.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,12 @@ pub enum ManifestError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: no .yaml, .yml or .json files")]
     Empty { path: PathBuf },
+    #[error(
+        "{path} is a kustomization: rendering it needs kubectl (`kubectl kustomize`) or kustomize on PATH, as Flux renders it"
+    )]
+    NoKustomize { path: PathBuf },
+    #[error("{path}: kustomize could not render it: {message}")]
+    Kustomize { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}: document {document}: {message}")]
@@ -55,26 +62,47 @@ impl Manifests {
     }
 }
 
-fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+/// What to read: a manifest file, or a directory kustomize renders.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    File(PathBuf),
+    Kustomization(PathBuf),
+}
+
+impl Source {
+    fn path(&self) -> &Path {
+        match self {
+            Source::File(p) | Source::Kustomization(p) => p,
+        }
+    }
+}
+
+/// The files under `path`, and its directories with a kustomization (rendered whole, not walked
+/// into, as Flux includes them).
+fn sources(path: &Path) -> Result<Vec<Source>, ManifestError> {
     let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
     if meta.is_file() {
-        return Ok(vec![path.into()]);
+        return Ok(vec![Source::File(path.into())]);
     }
     let mut found = Vec::new();
-    for entry in walkdir::WalkDir::new(path).follow_links(true) {
+    let mut walk = walkdir::WalkDir::new(path).follow_links(true).into_iter();
+    while let Some(entry) = walk.next() {
         let entry = entry.map_err(|e| {
             let at = e.path().unwrap_or(path).to_path_buf();
             ManifestError::Read { path: at, source: e.into() }
         })?;
         let p = entry.path();
-        if entry.file_type().is_file()
+        if entry.file_type().is_dir() && is_kustomization(p) {
+            found.push(Source::Kustomization(p.to_path_buf()));
+            walk.skip_current_dir();
+        } else if entry.file_type().is_file()
             && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
         {
-            found.push(p.to_path_buf());
+            found.push(Source::File(p.to_path_buf()));
         }
     }
     // Full paths in order: a later file's definition of an object wins, as documented.
-    found.sort();
+    found.sort_by(|a, b| a.path().cmp(b.path()));
     if found.is_empty() {
         return Err(ManifestError::Empty { path: path.into() });
     }
@@ -83,12 +111,46 @@ fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 
 pub fn load(path: &Path) -> Result<Manifests, ManifestError> {
     let mut manifests = Manifests::default();
-    for file in files(path)? {
-        let text =
-            std::fs::read_to_string(&file).map_err(|source| ManifestError::Read { path: file.clone(), source })?;
-        parse_into(&file, &text, &mut manifests)?;
+    for source in sources(path)? {
+        match source {
+            Source::File(file) => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|source| ManifestError::Read { path: file.clone(), source })?;
+                parse_into(&file, &text, &mut manifests)?;
+            }
+            Source::Kustomization(dir) => {
+                let rendered = kustomize(&dir)?;
+                parse_into(&PathBuf::from(format!("{} (rendered)", dir.display())), &rendered, &mut manifests)?;
+            }
+        }
     }
     Ok(manifests)
+}
+
+/// The names kustomize looks for in a directory.
+const KUSTOMIZATION_FILES: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+fn is_kustomization(dir: &Path) -> bool {
+    KUSTOMIZATION_FILES.iter().any(|name| dir.join(name).is_file())
+}
+
+/// `dir` rendered: `kubectl kustomize DIR`, else `kustomize build DIR`.
+fn kustomize(dir: &Path) -> Result<String, ManifestError> {
+    let commands: [(&str, &[&str]); 2] = [("kubectl", &["kustomize"]), ("kustomize", &["build"])];
+    for (program, args) in commands {
+        let output = match std::process::Command::new(program).args(args).arg(dir).output() {
+            Ok(output) => output,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(ManifestError::Read { path: dir.into(), source }),
+        };
+        if !output.status.success() {
+            let message = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            return Err(ManifestError::Kustomize { path: dir.into(), message });
+        }
+        return String::from_utf8(output.stdout)
+            .map_err(|e| ManifestError::Kustomize { path: dir.into(), message: e.to_string() });
+    }
+    Err(ManifestError::NoKustomize { path: dir.into() })
 }
 
 /// Parses one file's text (YAML; JSON is YAML too). Documents are numbered as the file's
@@ -238,12 +300,16 @@ pub async fn follow(path: PathBuf, inventory: std::sync::Arc<Inventory>, poll: s
     }
 }
 
-/// Modification times and sizes of the manifest files: changes when any file does.
+/// Modification times and sizes of the files under `path` (a kustomization's included): changes
+/// when any file does.
 fn fingerprint(path: &Path) -> Option<Vec<(PathBuf, std::time::SystemTime, u64)>> {
     let mut stamp = Vec::new();
-    for file in files(path).ok()? {
-        let meta = std::fs::metadata(&file).ok()?;
-        stamp.push((file, meta.modified().ok()?, meta.len()));
+    for entry in walkdir::WalkDir::new(path).follow_links(true).sort_by_file_name() {
+        let entry = entry.ok()?;
+        if entry.file_type().is_file() {
+            let meta = entry.metadata().ok()?;
+            stamp.push((entry.into_path(), meta.modified().ok()?, meta.len()));
+        }
     }
     Some(stamp)
 }
