@@ -157,7 +157,8 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         .collect();
                     for a in [
                         "NetisoDropSurge",
-                        "NetisoPolicyDropsInProduction",
+                        "NetisoNewPolicyDropsInProduction",
+                        "NetisoNewPolicyDrops",
                         "NetisoDatapathLosses",
                         "NetisoInventoryStale",
                         "NetisoDown",
