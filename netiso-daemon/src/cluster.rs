@@ -170,7 +170,49 @@ impl Identity {
     }
 
     /// `namespace/pod`, when this end is a pod.
+    /// The end as few names as possible cover: a pod's workload (its top-level owner's name, else
+    /// the pod's), a Service's name, else `node` or `world`.
+    pub fn workload_name(&self) -> String {
+        let owner = self.workload.as_ref().map(|w| w.split_once('/').map_or(w.as_str(), |(_, name)| name));
+        match (owner.or(self.pod.as_deref()), &self.service, self.kind) {
+            (Some(name), _, EndpointKind::Pod) => name.to_owned(),
+            (_, Some(service), EndpointKind::Service) => {
+                service.split_once('/').map_or(service.as_str(), |(_, name)| name).to_owned()
+            }
+            (_, _, EndpointKind::Node) => "node".into(),
+            _ => "world".into(),
+        }
+    }
+
     pub fn pod_key(&self) -> Option<String> {
         Some(format!("{}/{}", self.namespace.as_deref()?, self.pod.as_deref()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workload_name_is_the_owner_the_pod_the_service_or_what_the_end_is() {
+        let pod = |workload: Option<&str>| Identity {
+            kind: EndpointKind::Pod,
+            namespace: Some("production".into()),
+            pod: Some("api-7d9f8-x2x4k".into()),
+            workload: workload.map(str::to_owned),
+            ..Identity::world("10.244.0.30".parse().unwrap(), 8080)
+        };
+        assert_eq!(pod(Some("Deployment/api")).workload_name(), "api");
+        assert_eq!(pod(None).workload_name(), "api-7d9f8-x2x4k");
+        let service = Identity {
+            kind: EndpointKind::Service,
+            namespace: Some("production".into()),
+            service: Some("production/payments".into()),
+            ..Identity::world("10.96.0.40".parse().unwrap(), 80)
+        };
+        assert_eq!(service.workload_name(), "payments");
+        let node = Identity { kind: EndpointKind::Node, ..Identity::world("192.0.2.1".parse().unwrap(), 10250) };
+        assert_eq!(node.workload_name(), "node");
+        assert_eq!(Identity::world("203.0.113.10".parse().unwrap(), 80).workload_name(), "world");
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 fn rules() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/netiso/base/prometheusrule.yaml");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/netiso/monitoring/prometheusrule.yaml");
     let rule: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     rule["spec"].clone()
 }

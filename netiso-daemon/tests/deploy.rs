@@ -11,7 +11,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use netiso::inventory::manifests::{Manifests, parse_into};
 use netiso::policy::{Flow, PolicyEngine, Protocol, Verdict};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -54,7 +54,7 @@ fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
 #[test]
 fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
     let dirs = kustomizations();
-    assert_eq!(dirs.len(), 7, "{dirs:?}");
+    assert_eq!(dirs.len(), 8, "{dirs:?}");
     let mut daemonsets = 0;
     for dir in &dirs {
         for object in render(dir) {
@@ -166,17 +166,7 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         assert!(alerts.contains(&a), "alert {a}");
                     }
                 }
-                "GitRepository" => assert!(object["spec"]["url"].is_string()),
-                "Kustomization" => {
-                    let path = object["spec"]["path"].as_str().unwrap();
-                    assert!(
-                        repo().join(path.trim_start_matches("./")).join("kustomization.yaml").exists(),
-                        "{name}: {path} exists"
-                    );
-                    if name.starts_with("network-policies-") {
-                        assert_eq!(object["spec"]["dependsOn"][0]["name"], "netiso", "{name} waits for netiso");
-                    }
-                }
+                "Kustomization" => flux_kustomization(&object),
                 other => panic!("{} renders an unexpected {other} {name}", dir.display()),
             }
         }
@@ -184,9 +174,22 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
     assert_eq!(daemonsets, 1);
     let flux = render(&repo().join("deploy/flux"));
     let names: Vec<String> = flux.iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_owned()).collect();
-    for n in ["network-policies-develop", "network-policies-staging", "network-policies-production", "netiso"] {
+    for n in [
+        "network-policies-develop",
+        "network-policies-staging",
+        "network-policies-production",
+        "netiso",
+        "netiso-monitoring",
+    ] {
         assert!(names.contains(&n.to_owned()), "Flux Kustomization {n}");
     }
+    // The cluster's entry point, reconciled by the Kustomization `flux bootstrap` makes for
+    // clusters/example (Flux renders a directory without a kustomization file whole).
+    let entry: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(repo().join("clusters/example/netiso.yaml")).unwrap()).unwrap();
+    assert!(!repo().join("clusters/example/kustomization.yaml").exists(), "bootstrap adds flux-system beside it");
+    flux_kustomization(&entry);
+    assert_eq!(entry["spec"]["path"], "./deploy/flux");
     // The rollback is applied by hand (`kubectl apply -n NAMESPACE -k`), outside Flux: it renders
     // one allow-all without a namespace, for -n to choose.
     let rollback = render(&repo().join("deploy/network-policies/rollback"));
@@ -197,6 +200,22 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
     for flux in &flux {
         let path = flux["spec"]["path"].as_str().unwrap_or_default();
         assert!(!path.contains("rollback"), "Flux must not apply the rollback: {path}");
+    }
+}
+
+/// A Flux Kustomization as shipped: its path renders, it reconciles from the repository Flux was
+/// bootstrapped with, retries on its own, and nothing waits on netiso or its monitoring.
+fn flux_kustomization(object: &Value) {
+    let name = object["metadata"]["name"].as_str().unwrap();
+    let spec = &object["spec"];
+    let path = spec["path"].as_str().unwrap();
+    assert!(repo().join(path.trim_start_matches("./")).join("kustomization.yaml").exists(), "{name}: {path} exists");
+    assert_eq!(spec["sourceRef"], json!({"kind": "GitRepository", "name": "flux-system"}), "{name}");
+    assert!(spec["retryInterval"].is_string() && spec["timeout"].is_string(), "{name}: retries and times out");
+    assert_eq!(spec["prune"], true, "{name}");
+    assert!(spec.get("dependsOn").is_none(), "{name} must not wait for another Kustomization");
+    if name == "netiso" {
+        assert_eq!(spec["wait"], true, "netiso is Ready once its DaemonSet is");
     }
 }
 

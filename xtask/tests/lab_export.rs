@@ -27,18 +27,39 @@ fn repo() -> PathBuf {
 /// Every PromQL expression of the dashboard (with Grafana's interval filled in) and the alerts.
 fn expressions() -> Vec<(String, String)> {
     let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("deploy/netiso/base/dashboards/netiso.json")).unwrap(),
+        &std::fs::read_to_string(repo().join("deploy/netiso/monitoring/dashboards/netiso.json")).unwrap(),
     )
     .unwrap();
+    // Namespace and node variables, runbook links, and every series named by its labels.
+    let variables: Vec<&str> =
+        dashboard["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    assert!(variables.contains(&"namespace") && variables.contains(&"node"), "{variables:?}");
+    assert!(
+        dashboard["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["url"].as_str().unwrap().ends_with("operations.md#alerts")),
+        "a runbook link"
+    );
     let mut out = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap().replace("$__rate_interval", "1m");
-            out.push((format!("panel {}", panel["title"]), expr));
+            let title = panel["title"].as_str().unwrap();
+            assert!(!target["legendFormat"].as_str().unwrap_or_default().is_empty(), "{title}: unlabelled series");
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains("$node"), "{title}: follows the node variable");
+            assert!(!expr.contains("[1h]") && !expr.contains("[24h]"), "{title}: follows the time picker");
+            let expr = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
+                .replace("$namespace", ".*")
+                .replace("$node", ".*");
+            out.push((format!("panel {title}"), expr));
         }
     }
     let rules: serde_json::Value = serde_saphyr::from_str(
-        &std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap(),
+        &std::fs::read_to_string(repo().join("deploy/netiso/monitoring/prometheusrule.yaml")).unwrap(),
     )
     .unwrap();
     for group in rules["spec"]["groups"].as_array().unwrap() {
@@ -154,6 +175,14 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
         assert!(Instant::now() < deadline, "the policy drop never reached Prometheus: {v}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The blocked conversation, by workload and port, for the dashboard's top table.
+    let blocked = prom_query(
+        &node,
+        r#"netiso_blocked_packets_total{source_namespace="develop",destination_namespace="production",destination_port="8080",protocol="TCP"}"#,
+    );
+    let series = &blocked["data"]["result"][0]["metric"];
+    assert_eq!(series["source_workload"], "debug", "{blocked}");
+    assert!(series["destination_workload"].as_str().unwrap().starts_with("api"), "{blocked}");
     for (what, expr) in expressions() {
         prom_query(&node, &expr);
         eprintln!("ok: {what}");
@@ -162,7 +191,7 @@ fn prometheus_dashboards_alerts_and_the_cli_over_the_lab() {
 
     // promtool: the rules and the exposition are clean.
     let rules: serde_json::Value = serde_saphyr::from_str(
-        &std::fs::read_to_string(repo().join("deploy/netiso/base/prometheusrule.yaml")).unwrap(),
+        &std::fs::read_to_string(repo().join("deploy/netiso/monitoring/prometheusrule.yaml")).unwrap(),
     )
     .unwrap();
     let rules_file = out.join("rules.yml");

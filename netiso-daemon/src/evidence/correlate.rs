@@ -35,6 +35,30 @@ pub struct FlowFacts {
     pub policy_direction: Option<PolicySides>,
     /// A drop NetworkPolicy denied: each denying side.
     pub denied_by: Vec<DeniedSide>,
+    /// Who sent to whom, by workload, and the destination port.
+    pub conversation: WorkloadConversation,
+}
+
+/// A conversation as the blocked-flows metric labels it: workloads rather than pods (replicas
+/// come and go) and `world` rather than addresses, so its series stay few.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadConversation {
+    pub source_workload: String,
+    pub destination_workload: String,
+    /// The port, or `scan` for a port scan's summary.
+    pub destination_port: String,
+    pub protocol: String,
+}
+
+impl WorkloadConversation {
+    fn of(r: &FlowRecord) -> Self {
+        WorkloadConversation {
+            source_workload: r.source.workload_name(),
+            destination_workload: r.destination.workload_name(),
+            destination_port: if r.ports.is_some() { "scan".into() } else { r.destination.port.to_string() },
+            protocol: r.protocol.to_string(),
+        }
+    }
 }
 
 /// A side whose policies denied a dropped flow, as metrics label it.
@@ -74,6 +98,7 @@ impl FlowFacts {
             } else {
                 vec![]
             },
+            conversation: WorkloadConversation::of(r),
         }
     }
 }

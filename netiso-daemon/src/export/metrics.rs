@@ -36,6 +36,16 @@ struct NamespaceDropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConversationLabels {
+    source_namespace: String,
+    source_workload: String,
+    destination_namespace: String,
+    destination_workload: String,
+    destination_port: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     /// The namespace of the pods the policies isolate.
     namespace: String,
@@ -93,6 +103,7 @@ pub struct Metrics {
     kernel_dropped_bytes: Family<ReasonLabels, Counter>,
     namespace_drops: Family<NamespaceDropLabels, Counter>,
     policy_drops: Family<PolicyLabels, Counter>,
+    blocked: Family<ConversationLabels, Counter>,
     forwarded_flows: Family<NamespacePairLabels, Counter>,
     forwarded_packets: Family<NamespacePairLabels, Counter>,
     forwarded_bytes: Family<NamespacePairLabels, Counter>,
@@ -129,6 +140,7 @@ impl Metrics {
             kernel_dropped_bytes: Family::default(),
             namespace_drops: Family::default(),
             policy_drops: Family::default(),
+            blocked: Family::default(),
             forwarded_flows: Family::default(),
             forwarded_packets: Family::default(),
             forwarded_bytes: Family::default(),
@@ -174,6 +186,11 @@ impl Metrics {
             "policy_drops",
             "Dropped packets NetworkPolicy denied, by denying side: the pods' namespace, the direction, the policies isolating them and the rule that came nearest",
             m.policy_drops.clone(),
+        );
+        registry.register(
+            "blocked_packets",
+            "Dropped packets by conversation: source and destination workload (a pod's owner; world, node or a Service otherwise) and destination port",
+            m.blocked.clone(),
         );
         registry.register("forwarded_flows", "Forwarded flows by namespace pair", m.forwarded_flows.clone());
         registry.register("forwarded_packets", "Forwarded packets by namespace pair", m.forwarded_packets.clone());
@@ -260,6 +277,17 @@ impl Metrics {
                         source_namespace: f.source_namespace.clone(),
                         destination_namespace: f.destination_namespace.clone(),
                         direction: direction.clone().unwrap_or_else(|| "none".into()),
+                    })
+                    .inc_by(packets);
+                let c = &f.conversation;
+                self.blocked
+                    .get_or_create(&ConversationLabels {
+                        source_namespace: f.source_namespace.clone(),
+                        source_workload: c.source_workload.clone(),
+                        destination_namespace: f.destination_namespace.clone(),
+                        destination_workload: c.destination_workload.clone(),
+                        destination_port: c.destination_port.clone(),
+                        protocol: c.protocol.clone(),
                     })
                     .inc_by(packets);
                 for side in &f.denied_by {
@@ -392,7 +420,7 @@ mod tests {
 
     #[test]
     fn flows_and_drops_are_counted_by_namespace_and_policy() {
-        use crate::evidence::correlate::{DeniedSide, FlowFacts, Handled};
+        use crate::evidence::correlate::{DeniedSide, FlowFacts, Handled, WorkloadConversation};
         use crate::evidence::store::StoreOp;
         use crate::policy::Direction;
         let m = Metrics::new();
@@ -410,6 +438,12 @@ mod tests {
                 isolated_by: "allow-from-ingress-nginx,default-deny-all".into(),
                 nearest: Some(("allow-from-ingress-nginx".into(), Some(0))),
             }],
+            conversation: WorkloadConversation {
+                source_workload: "debug".into(),
+                destination_workload: "api".into(),
+                destination_port: "8080".into(),
+                protocol: "TCP".into(),
+            },
         });
         let h = Handled {
             op: StoreOp::Count {
@@ -435,6 +469,7 @@ mod tests {
         );
         assert!(text.contains(r#"netiso_namespace_drops_total{source_namespace="develop",destination_namespace="production",direction="ingress"} 3"#), "{text}");
         assert!(text.contains(r#"netiso_drops_total{reason_class="policy",reason="NETFILTER_DROP"} 3"#), "{text}");
+        assert!(text.contains(r#"netiso_blocked_packets_total{source_namespace="develop",source_workload="debug",destination_namespace="production",destination_workload="api",destination_port="8080",protocol="TCP"} 3"#), "{text}");
         assert!(!text.contains("10.244."), "no addresses in labels");
     }
 
