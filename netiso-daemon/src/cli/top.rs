@@ -90,7 +90,7 @@ fn decided_by(r: &FlowRecord) -> String {
                 .policy
                 .denying_sides()
                 .map(|(direction, side)| {
-                    let namespace = side.pod.split_once('/').map_or(side.pod.as_str(), |(ns, _)| ns);
+                    let namespace = side.namespace();
                     match &side.nearest {
                         Some(nearest) => format!("{} of {namespace}, nearest {nearest}", direction.as_str()),
                         None => format!("{} of {namespace}, no rule near", direction.as_str()),

@@ -90,7 +90,7 @@ impl FlowFacts {
                     .denying_sides()
                     .map(|(direction, side)| DeniedSide {
                         direction,
-                        namespace: side.pod.split_once('/').map_or(&side.pod[..], |(ns, _)| ns).to_owned(),
+                        namespace: side.namespace().to_owned(),
                         isolated_by: side.isolated_by_names(),
                         nearest: side.nearest.as_ref().map(|n| (n.policy.name.clone(), n.rule)),
                     })

@@ -246,6 +246,11 @@ pub struct SideVerdict {
 }
 
 impl SideVerdict {
+    /// The namespace of the pod whose policies these are.
+    pub fn namespace(&self) -> &str {
+        self.pod.split_once('/').map_or(&self.pod, |(namespace, _)| namespace)
+    }
+
     /// The isolating policies' names, sorted: they are all in the pod's namespace.
     pub fn isolated_by_names(&self) -> String {
         let mut names: Vec<&str> = self.isolated_by.iter().map(|p| p.name.as_str()).collect();
