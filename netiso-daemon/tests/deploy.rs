@@ -47,8 +47,115 @@ fn kustomizations() -> Vec<PathBuf> {
     found
 }
 
-fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
-    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]))
+/// The object as its Kubernetes type, which must hold all of it: a field the type does not have
+/// (misspelled, misplaced, or from another API version) would be dropped by the API server or
+/// refused by a strict apply, so it fails here.
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> T {
+    let what = format!("{} {}", v["kind"], v["metadata"]["name"]);
+    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut unknown = Vec::new();
+    not_kept(v, &serde_json::to_value(&t).unwrap(), String::new(), &mut unknown);
+    assert!(unknown.is_empty(), "{what}: fields its schema does not have: {unknown:?}");
+    t
+}
+
+/// The CRD schemas of the custom kinds deploy/ uses (vendored in tests/fixtures/crds), by
+/// `apiVersion` and kind.
+fn crd_schema(api_version: &str, kind: &str) -> Option<Value> {
+    let (group, version) = api_version.split_once('/')?;
+    for file in ["kustomizations", "prometheusrules", "servicemonitors"] {
+        let path = format!("{}/tests/fixtures/crds/{file}.yaml", env!("CARGO_MANIFEST_DIR"));
+        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        if crd["spec"]["group"] == group && crd["spec"]["names"]["kind"] == kind {
+            let versions = crd["spec"]["versions"].as_array().unwrap();
+            let served = versions.iter().find(|v| v["name"] == version && v["served"] == true)?;
+            return Some(served["schema"]["openAPIV3Schema"].clone());
+        }
+    }
+    None
+}
+
+/// Where `v` breaks a CRD's structural schema: unknown fields, wrong types, missing required
+/// fields, values outside an enum.
+fn schema_errors(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+    if schema["x-kubernetes-int-or-string"] == true {
+        if !(v.is_i64() || v.is_u64() || v.is_string()) {
+            out.push(format!("{path}: not an integer or a string"));
+        }
+        return;
+    }
+    let fits = match schema["type"].as_str() {
+        Some("object") => v.is_object(),
+        Some("array") => v.is_array(),
+        Some("string") => v.is_string(),
+        Some("integer") => v.is_i64() || v.is_u64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        _ => true,
+    };
+    if !fits {
+        out.push(format!("{path}: not of type {}", schema["type"]));
+        return;
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(v)
+    {
+        out.push(format!("{path}: {v} is none of {allowed:?}"));
+    }
+    if let Some(items) = v.as_array() {
+        for (i, item) in items.iter().enumerate() {
+            schema_errors(&schema["items"], item, &format!("{path}[{i}]"), out);
+        }
+    }
+    let Some(fields) = v.as_object() else { return };
+    for required in schema["required"].as_array().into_iter().flatten() {
+        if !fields.contains_key(required.as_str().unwrap()) {
+            out.push(format!("{path}.{}: required", required.as_str().unwrap()));
+        }
+    }
+    let properties = schema["properties"].as_object();
+    let open = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    for (key, value) in fields {
+        let at = format!("{path}.{key}");
+        match (properties.and_then(|p| p.get(key)), &schema["additionalProperties"]) {
+            (Some(field), _) => schema_errors(field, value, &at, out),
+            (None, additional) if additional.is_object() => schema_errors(additional, value, &at, out),
+            (None, _)
+                if open || (properties.is_none() && schema["type"] == "object" && path.ends_with(".metadata")) => {}
+            (None, _) => out.push(format!("{at}: not in the schema")),
+        }
+    }
+}
+
+/// A custom object checked against its CRD's schema.
+fn conforms(object: &Value) {
+    let (api_version, kind) = (object["apiVersion"].as_str().unwrap(), object["kind"].as_str().unwrap());
+    let schema = crd_schema(api_version, kind).unwrap_or_else(|| panic!("no CRD schema for {api_version} {kind}"));
+    let mut errors = Vec::new();
+    schema_errors(&schema, object, "", &mut errors);
+    assert!(errors.is_empty(), "{kind} {}: {errors:?}", object["metadata"]["name"]);
+}
+
+/// Paths of `original` that `typed` (the same object through its type) lost or changed.
+fn not_kept(original: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
+    match (original, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, value) in a {
+                match b.get(key) {
+                    Some(kept) => not_kept(value, kept, format!("{path}.{key}"), out),
+                    None if value.is_null() => {}
+                    None => out.push(format!("{path}.{key}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (value, kept)) in a.iter().zip(b).enumerate() {
+                not_kept(value, kept, format!("{path}[{i}]"), out);
+            }
+        }
+        (a, b) if a == b || a.as_f64().is_some_and(|x| b.as_f64() == Some(x)) => {}
+        _ => out.push(path),
+    }
 }
 
 #[test]
@@ -65,6 +172,7 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                 "ServiceAccount" => drop(typed::<ServiceAccount>(&object)),
                 "Service" => drop(typed::<Service>(&object)),
                 "ConfigMap" => {
+                    drop(typed::<k8s_openapi::api::core::v1::ConfigMap>(&object));
                     let dashboard = &object["data"]["netiso.json"];
                     let parsed: Value =
                         serde_json::from_str(dashboard.as_str().expect("dashboard in the ConfigMap")).unwrap();
@@ -147,8 +255,12 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         assert!(resources.requests.is_some() && resources.limits.is_some(), "requests and limits");
                     }
                 }
-                "ServiceMonitor" => assert_eq!(object["spec"]["endpoints"][0]["path"], "/metrics"),
+                "ServiceMonitor" => {
+                    conforms(&object);
+                    assert_eq!(object["spec"]["endpoints"][0]["path"], "/metrics");
+                }
                 "PrometheusRule" => {
+                    conforms(&object);
                     let alerts: Vec<&str> = object["spec"]["groups"][0]["rules"]
                         .as_array()
                         .unwrap()
@@ -203,9 +315,11 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
     }
 }
 
-/// A Flux Kustomization as shipped: its path renders, it reconciles from the repository Flux was
-/// bootstrapped with, retries on its own, and nothing waits on netiso or its monitoring.
+/// A Flux Kustomization as shipped: valid for its CRD, its path renders, it reconciles from the
+/// repository Flux was bootstrapped with, retries on its own, and nothing waits on netiso or its
+/// monitoring.
 fn flux_kustomization(object: &Value) {
+    conforms(object);
     let name = object["metadata"]["name"].as_str().unwrap();
     let spec = &object["spec"];
     let path = spec["path"].as_str().unwrap();
@@ -300,4 +414,49 @@ fn the_baseline_gives_the_intended_reachability() {
         Verdict::Denied,
         "no egress to the world"
     );
+}
+
+#[test]
+#[should_panic(expected = "fields its schema does not have: [\".spec.podSelectr\"]")]
+fn a_misspelled_field_fails_the_schema_check() {
+    typed::<NetworkPolicy>(&json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "x"},
+        "spec": {"podSelector": {}, "podSelectr": {}},
+    }));
+}
+
+#[test]
+fn custom_objects_are_checked_against_their_crds() {
+    let kustomization = |spec: Value| {
+        json!({"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+            "metadata": {"name": "x", "namespace": "flux-system"}, "spec": spec})
+    };
+    let good = json!({"interval": "10m", "sourceRef": {"kind": "GitRepository", "name": "flux-system"}, "prune": true});
+    conforms(&kustomization(good.clone()));
+    for (spec, error) in [
+        (
+            json!({"interval": "10m", "sourceRef": {"kind": "GitRepository", "name": "flux-system"}, "prune": true, "retryIntervall": "1m"}),
+            ".spec.retryIntervall: not in the schema",
+        ),
+        (json!({"interval": "10m", "prune": true}), ".spec.sourceRef: required"),
+        (
+            json!({"interval": "10m", "sourceRef": {"kind": "Bucket2", "name": "x"}, "prune": true}),
+            ".spec.sourceRef.kind",
+        ),
+        (
+            json!({"interval": "10m", "sourceRef": {"kind": "GitRepository", "name": "x"}, "prune": "yes"}),
+            ".spec.prune: not of type",
+        ),
+    ] {
+        let mut errors = Vec::new();
+        schema_errors(
+            &crd_schema("kustomize.toolkit.fluxcd.io/v1", "Kustomization").unwrap(),
+            &kustomization(spec),
+            "",
+            &mut errors,
+        );
+        assert!(errors.iter().any(|e| e.starts_with(error)), "{error}: {errors:?}");
+    }
 }
