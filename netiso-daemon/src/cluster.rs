@@ -173,8 +173,7 @@ impl Identity {
     /// The end as few names as possible cover: a pod's workload (its top-level owner's name, else
     /// the pod's), a Service's name, else `node` or `world`.
     pub fn workload_name(&self) -> String {
-        let owner = self.workload.as_ref().map(|w| w.split_once('/').map_or(w.as_str(), |(_, name)| name));
-        match (owner.or(self.pod.as_deref()), &self.service, self.kind) {
+        match (self.owner_name(), &self.service, self.kind) {
             (Some(name), _, EndpointKind::Pod) => name.to_owned(),
             (_, Some(service), EndpointKind::Service) => {
                 service.split_once('/').map_or(service.as_str(), |(_, name)| name).to_owned()
@@ -182,6 +181,12 @@ impl Identity {
             (_, _, EndpointKind::Node) => "node".into(),
             _ => "world".into(),
         }
+    }
+
+    /// A pod's top-level owner's name (`api` of `Deployment/api`), else the pod's name.
+    pub fn owner_name(&self) -> Option<&str> {
+        let owner = self.workload.as_ref().map(|w| w.split_once('/').map_or(w.as_str(), |(_, name)| name));
+        owner.or(self.pod.as_deref())
     }
 
     pub fn pod_key(&self) -> Option<String> {

@@ -64,11 +64,9 @@ impl Grouping {
 
 /// An end without its port: the pod, the Service, else the address.
 fn who(id: &Identity) -> String {
-    match (&id.namespace, &id.pod, &id.service) {
-        (Some(ns), Some(pod), _) => format!("{ns}/{pod}"),
-        (_, _, Some(service)) => format!("service/{service}"),
-        _ => id.ip.to_string(),
-    }
+    id.pod_key()
+        .or_else(|| id.service.as_ref().map(|service| format!("service/{service}")))
+        .unwrap_or_else(|| id.ip.to_string())
 }
 
 /// The end's namespace, or what it is when it has none: `node`, `world`.
@@ -319,8 +317,7 @@ pub struct Edge {
 /// A graph node's name: `namespace/workload` (its owner's name), `service/namespace/name`, or the
 /// address (`world` outside the cluster).
 fn vertex(id: &Identity) -> String {
-    let owner = id.workload.as_ref().map(|w| w.split_once('/').map_or(w.as_str(), |(_, name)| name));
-    match (&id.namespace, owner.or(id.pod.as_deref()), &id.service, id.kind) {
+    match (&id.namespace, id.owner_name(), &id.service, id.kind) {
         (Some(ns), Some(name), _, _) => format!("{ns}/{name}"),
         (_, _, Some(service), _) => format!("service/{service}"),
         (_, _, _, EndpointKind::World) => format!("world {}", id.ip),
