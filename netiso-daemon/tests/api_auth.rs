@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::apiserver::{FakeApiServer, namespace};
-use support::{curl, node_and_pod, start_daemon, tag, write_certificate};
+use support::{curl, node_and_pod, start_daemon, tag, wait_until, write_certificate};
 
 fn api(node: &str, token: Option<&str>) -> (u16, String) {
     let header = token.map(|t| format!("Authorization: Bearer {t}"));
@@ -188,6 +188,181 @@ async fn observe_through_the_api_servers_pod_proxy() {
     );
     a.stop().unwrap();
     b.stop().unwrap();
+}
+
+/// The DaemonSet's container as shipped: its arguments and environment, with the downward API's
+/// fields resolved for `node` at `ip` (and `$(VAR)` references expanded, as the kubelet does).
+/// The store and log format are the test's; metrics listen on the node's address, so that two
+/// daemons share one network namespace.
+fn shipped_daemon(node: &str, ip: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/netiso/base/daemonset.yaml");
+    let daemonset: k8s_openapi::api::apps::v1::DaemonSet =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let container = daemonset.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    let env: Vec<(String, String)> = container
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .map(|var| {
+            let field = var.value_from.and_then(|f| f.field_ref).map(|f| f.field_path);
+            let value = match field.as_deref() {
+                Some("spec.nodeName") => node.to_owned(),
+                Some("status.hostIP") => ip.to_owned(),
+                Some("metadata.namespace") => "netiso".to_owned(),
+                other => var.value.unwrap_or_else(|| panic!("{}: unexpected source {other:?}", var.name)),
+            };
+            (var.name, value)
+        })
+        .collect();
+    let expand = |arg: &str| env.iter().fold(arg.to_owned(), |a, (k, v)| a.replace(&format!("$({k})"), v));
+    let args = container
+        .args
+        .unwrap_or_default()
+        .iter()
+        .filter(|a| !a.starts_with("--store=") && !a.starts_with("--log-format=") && *a != "run")
+        .map(|a| if a.starts_with("--metrics-listen=") { format!("--metrics-listen={ip}:9962") } else { expand(a) })
+        .collect();
+    (args, env)
+}
+
+/// `netiso observe --kube` against the DaemonSet as shipped (`--api-auth kubernetes`, TLS with a
+/// generated certificate): each daemon publishes its CA in the netiso-api-ca ConfigMap, and the
+/// CLI asks each at its node's address with the caller's token, trusting only that CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_kube_asks_the_shipped_daemonset_with_the_callers_token() {
+    let tag = tag("nk");
+    let (node, pod_ns, mut cleanup) = node_and_pod(&tag);
+    support::connect(&node, &pod_ns);
+    let fake = FakeApiServer::start_in(Some(&node)).await;
+    fake.add_token("responder-token", "alice", &["netiso-responders"]);
+    fake.add_token("outsider-token", "mallory", &[]);
+    fake.grant("alice", true);
+    let daemons = [("node-a", "127.0.0.2"), ("node-b", "127.0.0.3")];
+    for (name, ip) in daemons {
+        fake.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": name}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}));
+        let pod = format!("netiso-{}", &name[5..]);
+        fake.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": "netiso", "uid": pod, "labels": {"app.kubernetes.io/name": "netiso"}}, "spec": {"nodeName": name, "hostNetwork": true, "containers": [{"name": "netiso", "image": "netiso"}]}, "status": {"phase": "Running", "hostIP": ip, "podIP": ip}}));
+    }
+    // Created with the DaemonSet (deploy/netiso/base), empty.
+    fake.apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "netiso-api-ca", "namespace": "netiso", "uid": "cm"}}));
+
+    // Removed when dropped, also when the test fails: it holds keys and kubeconfigs.
+    let scratch = tempfile::Builder::new().prefix(&tag).tempdir().unwrap();
+    let dir = scratch.path();
+    let daemon_kubeconfig = dir.join("daemon-kubeconfig");
+    fake.kubeconfig(&daemon_kubeconfig);
+    let mut running = Vec::new();
+    for (name, ip) in daemons {
+        let store = dir.join(name).join("evidence.redb");
+        cleanup.files.push(store.clone());
+        let (mut args, env) = shipped_daemon(name, ip);
+        assert!(args.contains(&"--api-auth=kubernetes".to_owned()), "{args:?}");
+        args.extend(["--kubeconfig".to_owned(), daemon_kubeconfig.display().to_string()]);
+        args.extend(["--drain-interval".to_owned(), "200ms".to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let daemon = support::Daemon::start_with(
+            std::path::Path::new(env!("CARGO_BIN_EXE_netiso")),
+            &node,
+            &store,
+            &args,
+            None,
+            &env,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        running.push(daemon);
+    }
+    let published = || fake.object("ConfigMap", "netiso/netiso-api-ca").unwrap()["data"].clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || daemons.iter().all(|(name, _)| published()[name].is_string())),
+        "every daemon publishes its CA under its node's name: {}",
+        published()
+    );
+    support::udp_from_pod(&pod_ns, 43002, 9302);
+
+    let observe = |token: Option<&str>| {
+        let kubeconfig = dir.join(format!("kubeconfig-{}", token.unwrap_or("none")));
+        fake.kubeconfig_with_token(&kubeconfig, token);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_netiso"), "observe", "--kube"])
+            .args(["--verdict", "dropped", "--port", "9302", "-o", "json"])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap();
+        let nodes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["node"].as_str().unwrap().to_owned())
+            .collect();
+        (out.status.success(), nodes, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let mut last = None;
+    let both = wait_until(Duration::from_secs(20), || {
+        let (ok, nodes, stderr) = observe(Some("responder-token"));
+        let done = ok && nodes.iter().any(|n| n == "node-a") && nodes.iter().any(|n| n == "node-b");
+        last = Some((nodes, stderr));
+        done
+    });
+    assert!(both, "both daemons answered the responder: {last:?}");
+    let requests = fake.requests.lock().unwrap().clone();
+    assert!(!requests.iter().any(|r| r.contains("/proxy")), "asked directly, not through the pod proxy: {requests:?}");
+
+    // A followed stream comes the same way, from every node.
+    let kubeconfig = dir.join("kubeconfig-responder-token");
+    let mut follow = std::process::Command::new("ip")
+        .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_netiso"), "observe", "--kube", "--follow"])
+        .args(["--port", "9303", "-o", "json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut followed = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut sport = 43100;
+    while followed.len() < 2 && std::time::Instant::now() < deadline {
+        // Until both streams are open, a datagram may come before one of them: send again.
+        support::udp_from_pod(&pod_ns, sport, 9303);
+        sport += 1;
+        while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(500)) {
+            let flow: serde_json::Value = serde_json::from_str(&line).unwrap();
+            followed.insert(flow["node"].as_str().unwrap().to_owned());
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(followed.len(), 2, "followed from both nodes: {followed:?}");
+
+    // Authorization is the daemons' (TokenReview + SubjectAccessReview), per caller.
+    let (ok, nodes, stderr) = observe(Some("outsider-token"));
+    assert!(!ok && nodes.is_empty(), "{nodes:?}");
+    assert!(stderr.contains("user mallory may not get nodes/proxy node-a"), "{stderr}");
+    let (ok, _, stderr) = observe(None);
+    assert!(!ok && stderr.contains("--token"), "a user without a bearer token is told how to give one: {stderr}");
+
+    // Trust is each node's own CA: a daemon whose certificate its published CA did not sign is
+    // refused (the token never reaches it), and the others still answer, in a listing that says
+    // it is partial.
+    let mut swapped = fake.object("ConfigMap", "netiso/netiso-api-ca").unwrap();
+    swapped["data"]["node-b"] = swapped["data"]["node-a"].clone();
+    fake.apply(swapped);
+    let (ok, nodes, stderr) = observe(Some("responder-token"));
+    assert!(!ok && nodes.iter().all(|n| n == "node-a") && !nodes.is_empty(), "{nodes:?} {stderr}");
+    assert!(stderr.contains("cannot reach netiso/netiso-b at https://127.0.0.3:9963"), "{stderr}");
+    assert!(stderr.contains("the listing is partial"), "{stderr}");
+
+    for mut daemon in running {
+        daemon.stop().unwrap();
+        let logs = daemon.diagnostics().join("\n");
+        assert!(!logs.contains("responder-token") && !logs.contains("outsider-token"), "the daemon logged a token");
+    }
 }
 
 /// A certificate from files is used, and replaced without a restart when the files change.

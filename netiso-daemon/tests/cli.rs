@@ -192,6 +192,25 @@ fn run_names_the_missing_capabilities() {
 }
 
 #[test]
+fn run_refuses_to_publish_a_ca_it_does_not_have_before_loading_anything() {
+    let cases = [
+        (&["--api-auth", "none"][..], "--publish-api-ca needs --api-auth kubernetes"),
+        (
+            &["--api-auth", "kubernetes", "--tls-cert", "/nonexistent/tls.crt", "--tls-key", "/nonexistent/tls.key"][..],
+            "with --tls-cert, give clients your CA with --ca-file",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = netiso(&[&["run", "--publish-api-ca", "netiso/netiso-api-ca"][..], args].concat());
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(message), "{err}");
+    }
+    let out = netiso(&["run", "--publish-api-ca", "Not/A/Name"]);
+    assert!(String::from_utf8(out.stderr).unwrap().contains("is not a ConfigMap name"));
+}
+
+#[test]
 fn run_rejects_an_unknown_drop_reason_name() {
     let out = netiso(&["run", "--drop-reasons", "NETFLITER_DROP"]);
     assert!(!out.status.success());

@@ -171,6 +171,14 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                 "Namespace" => drop(typed::<Namespace>(&object)),
                 "ServiceAccount" => drop(typed::<ServiceAccount>(&object)),
                 "Service" => drop(typed::<Service>(&object)),
+                "ConfigMap" if name == "netiso-api-ca" => {
+                    let ca = typed::<k8s_openapi::api::core::v1::ConfigMap>(&object);
+                    assert!(ca.data.is_none(), "the daemons fill it");
+                    assert_eq!(
+                        object["metadata"]["annotations"]["kustomize.toolkit.fluxcd.io/ssa"], "IfNotPresent",
+                        "Flux must not reset what the daemons published"
+                    );
+                }
                 "ConfigMap" => {
                     drop(typed::<k8s_openapi::api::core::v1::ConfigMap>(&object));
                     let dashboard = &object["data"]["netiso.json"];
@@ -189,13 +197,18 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                     let rules =
                         if kind == "Role" { typed::<Role>(&object).rules } else { typed::<ClusterRole>(&object).rules };
                     for rule in rules.unwrap_or_default() {
-                        // Creating access reviews is how the API checks its callers; nothing else
-                        // may be written.
+                        // Creating access reviews is how the API checks its callers, and patching
+                        // the one ConfigMap of its namespace where it publishes its CA is how
+                        // clients verify it; nothing else may be written.
                         let reviews =
                             rule.resources.iter().flatten().all(|r| r == "tokenreviews" || r == "subjectaccessreviews");
+                        let published_ca = kind == "Role"
+                            && rule.resources == Some(vec!["configmaps".to_owned()])
+                            && rule.resource_names == Some(vec!["netiso-api-ca".to_owned()]);
                         for verb in &rule.verbs {
-                            let allowed =
-                                ["get", "list", "watch"].contains(&verb.as_str()) || (reviews && verb == "create");
+                            let allowed = ["get", "list", "watch"].contains(&verb.as_str())
+                                || (reviews && verb == "create")
+                                || (published_ca && verb == "patch");
                             assert!(allowed, "{kind} {name} grants `{verb}` on {:?}: read-only only", rule.resources);
                         }
                     }
@@ -248,6 +261,10 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         assert!(
                             args.contains(&"--api-auth=kubernetes".to_owned()),
                             "the API is authenticated: {args:?}"
+                        );
+                        assert!(
+                            args.contains(&"--publish-api-ca=$(POD_NAMESPACE)/netiso-api-ca".to_owned()),
+                            "clients can verify it: {args:?}"
                         );
                         assert_eq!(c.liveness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/healthz"));
                         assert_eq!(c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/readyz"));

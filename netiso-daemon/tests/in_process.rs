@@ -38,6 +38,7 @@ fn config(store: std::path::PathBuf) -> Config {
         tls: None,
         connection_timeout: Duration::from_secs(30),
         blocked_log_interval: Duration::from_secs(60),
+        publish_api_ca: None,
     }
 }
 

@@ -1,6 +1,9 @@
-//! Talking to netiso daemons: directly by URL, or through the Kubernetes API server's pod proxy
-//! (`--kube`), which needs no extra component and only kubectl-level RBAC.
+//! Talking to netiso daemons: directly by URL, or found through the Kubernetes API (`--kube`):
+//! each daemon at its node's address over TLS, verified against the CA it published in the
+//! `netiso-api-ca` ConfigMap, with the caller's own credentials; daemons that publish none (no
+//! `--api-auth`) through the API server's pod proxy.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +13,12 @@ use futures::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::export::trust;
 
 /// Where `observe` and `evidence` ask.
 #[derive(Clone, Debug, clap::Args)]
@@ -18,7 +26,9 @@ pub struct Target {
     /// A netiso daemon's API (repeatable; results are merged and ordered by time).
     #[arg(long = "server", value_name = "URL", default_value = "http://127.0.0.1:9963")]
     pub servers: Vec<String>,
-    /// Ask every netiso pod of the cluster through the Kubernetes API server's pod proxy.
+    /// Ask every netiso daemon of the cluster: found through the Kubernetes API, each reached at
+    /// its node's address and verified against the CA it published (ConfigMap netiso-api-ca),
+    /// with the kubeconfig's credentials; daemons without authentication through the pod proxy.
     #[arg(long, conflicts_with = "servers")]
     pub kube: bool,
     /// Namespace of the netiso DaemonSet (with --kube).
@@ -27,7 +37,7 @@ pub struct Target {
     /// Label selector of the netiso pods (with --kube).
     #[arg(long, default_value = "app.kubernetes.io/name=netiso")]
     pub kube_selector: String,
-    /// Port of the netiso API in its pods (with --kube).
+    /// Port of the netiso API on its nodes (with --kube).
     #[arg(long, default_value_t = 9963)]
     pub kube_port: u16,
     /// Bearer token for an API with Kubernetes authentication (default: the kubeconfig's user
@@ -35,7 +45,7 @@ pub struct Target {
     #[arg(long, env = "NETISO_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) that signed the API's certificate, e.g. the api-ca.pem a daemon
-    /// generated.
+    /// generated (with --kube: for daemons that publish no CA of their own).
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<std::path::PathBuf>,
     /// Do not verify the API's certificate (the connection is encrypted but not authenticated).
@@ -50,17 +60,27 @@ pub struct Credentials {
     pub token: Option<String>,
 }
 
-/// One daemon to ask: a base URL, or a pod reached through the API server.
+/// One daemon to ask: one the CLI asks itself, or a pod reached through the API server.
 #[derive(Clone)]
 pub enum Endpoint {
-    Url(String, Arc<Credentials>),
+    Direct(Direct),
     Pod { client: kube::Client, namespace: String, name: String, port: u16 },
+}
+
+/// A daemon the CLI asks itself: at a base URL, or a netiso pod's daemon at its node's address,
+/// with a client that carries the kubeconfig's credentials and trusts only the CA that node
+/// published.
+#[derive(Clone)]
+pub enum Direct {
+    Url(String, Arc<Credentials>),
+    Daemon { client: kube::Client, pod: String, url: String },
 }
 
 impl Endpoint {
     pub fn name(&self) -> String {
         match self {
-            Endpoint::Url(u, _) => u.clone(),
+            Endpoint::Direct(Direct::Url(u, _)) => u.clone(),
+            Endpoint::Direct(Direct::Daemon { pod, .. }) => pod.clone(),
             Endpoint::Pod { namespace, name, .. } => format!("{namespace}/{name}"),
         }
     }
@@ -73,32 +93,99 @@ impl Target {
             return Ok(self
                 .servers
                 .iter()
-                .map(|s| Endpoint::Url(s.trim_end_matches('/').to_owned(), credentials.clone()))
+                .map(|s| Endpoint::Direct(Direct::Url(s.trim_end_matches('/').to_owned(), credentials.clone())))
                 .collect());
         }
-        let client =
-            kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
-            kube::Api::namespaced(client.clone(), &self.kube_namespace);
+        let config =
+            kube::Config::infer().await.context("reading the Kubernetes configuration (kubeconfig or in-cluster)")?;
+        let client = kube::Client::try_from(config.clone()).context("connecting to the Kubernetes API")?;
+        let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &self.kube_namespace);
         let list =
             pods.list(&kube::api::ListParams::default().labels(&self.kube_selector)).await.with_context(|| {
                 format!("listing netiso pods ({}) in namespace {}", self.kube_selector, self.kube_namespace)
             })?;
-        let endpoints: Vec<Endpoint> = list
-            .items
-            .into_iter()
-            .filter_map(|p| p.metadata.name)
-            .map(|name| Endpoint::Pod {
-                client: client.clone(),
-                namespace: self.kube_namespace.clone(),
-                name,
-                port: self.kube_port,
-            })
-            .collect();
-        if endpoints.is_empty() {
+        if list.items.is_empty() {
             bail!("no netiso pods match {} in namespace {}", self.kube_selector, self.kube_namespace);
         }
-        Ok(endpoints)
+        let published = self.published_cas(&client).await?;
+        let ca_file = self
+            .ca_file
+            .as_ref()
+            .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())))
+            .transpose()?;
+        if self.insecure_skip_tls_verify {
+            eprintln!("netiso: warning: --insecure-skip-tls-verify: the daemons' certificates are not checked");
+        }
+        list.items
+            .into_iter()
+            .filter_map(|pod| {
+                let name = pod.metadata.name?;
+                let node = pod.spec.and_then(|s| s.node_name);
+                let status = pod.status.unwrap_or_default();
+                let address = status.host_ip.or(status.pod_ip);
+                Some((name, node, address))
+            })
+            .map(|(name, node, address)| {
+                let ca = node.as_ref().and_then(|n| published.get(n)).map(String::as_bytes).or(ca_file.as_deref());
+                match (ca, address) {
+                    (Some(ca), Some(address)) => {
+                        let url = match address.parse::<std::net::IpAddr>() {
+                            Ok(std::net::IpAddr::V6(v6)) => format!("https://[{v6}]:{}", self.kube_port),
+                            _ => format!("https://{address}:{}", self.kube_port),
+                        };
+                        let pod = format!("{}/{name}", self.kube_namespace);
+                        let client =
+                            self.daemon_client(&config, &url, ca).with_context(|| format!("{pod} at {url}"))?;
+                        Ok(Endpoint::Direct(Direct::Daemon { client, pod, url }))
+                    }
+                    _ => Ok(Endpoint::Pod {
+                        client: client.clone(),
+                        namespace: self.kube_namespace.clone(),
+                        name,
+                        port: self.kube_port,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// The CAs the daemons published, by node name; none when the ConfigMap does not exist (no
+    /// daemon authenticates its callers).
+    async fn published_cas(&self, client: &kube::Client) -> anyhow::Result<BTreeMap<String, String>> {
+        let configmaps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), &self.kube_namespace);
+        let where_ = format!("ConfigMap {}/{}", self.kube_namespace, trust::CONFIGMAP);
+        match configmaps.get_opt(trust::CONFIGMAP).await {
+            Ok(found) => Ok(found.and_then(|c| c.data).unwrap_or_default()),
+            Err(kube::Error::Api(status)) if status.code == 403 => bail!(
+                "may not read {where_}, where the daemons publish the CA that verifies them ({}): the netiso-responder Role grants get on it",
+                status.message
+            ),
+            Err(e) => Err(e).with_context(|| format!("reading {where_}")),
+        }
+    }
+
+    /// A client for one daemon: the kubeconfig's credentials (exec plugins and token files
+    /// included, or --token), trusting only `ca`.
+    fn daemon_client(&self, config: &kube::Config, url: &str, ca: &[u8]) -> anyhow::Result<kube::Client> {
+        let roots: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(ca)
+            .map(|c| c.map(|c| c.to_vec()))
+            .collect::<Result<_, _>>()
+            .context("the CA is not PEM")?;
+        if roots.is_empty() {
+            bail!("the CA holds no certificate");
+        }
+        let mut config = config.clone();
+        config.cluster_url = url.parse().with_context(|| format!("`{url}` is not a URL"))?;
+        config.root_cert = Some(roots);
+        config.root_cert_file = None;
+        config.tls_server_name = None;
+        config.proxy_url = None;
+        config.default_retry = false;
+        config.accept_invalid_certs = self.insecure_skip_tls_verify;
+        if let Some(token) = &self.token {
+            config.auth_info = kube::config::AuthInfo { token: Some(token.clone().into()), ..Default::default() };
+        }
+        kube::Client::try_from(config).context("creating a client for the daemon")
     }
 }
 
@@ -248,17 +335,46 @@ fn request(base: &str, path_and_query: &str, credentials: &Credentials) -> anyho
     builder.body(Empty::new()).with_context(|| format!("`{base}` is not a URL"))
 }
 
+/// An answer with its body still to be read, from a daemon asked directly.
+async fn send_direct(direct: &Direct, path_and_query: &str) -> anyhow::Result<http::Response<DirectBody>> {
+    match direct {
+        Direct::Url(base, credentials) => {
+            let request = request(base, path_and_query, credentials)?;
+            let response =
+                http_client(credentials).request(request).await.with_context(|| format!("cannot reach {base}"))?;
+            Ok(response.map(|b| b.map_err(anyhow::Error::from).boxed_unsync()))
+        }
+        Direct::Daemon { client, pod, url } => {
+            let request = http::Request::get(path_and_query)
+                .body(kube::client::Body::empty())
+                .with_context(|| format!("`{path_and_query}` cannot be sent to {pod}"))?;
+            let response = client.send(request).await.with_context(|| {
+                format!("cannot reach {pod} at {url} (its certificate must be signed by the CA its node published)")
+            })?;
+            if response.status() == http::StatusCode::UNAUTHORIZED {
+                let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                bail!(
+                    "{pod} refused the credentials ({}): netiso's API takes a bearer token; a kubeconfig user with a client certificate passes one with --token",
+                    excerpt(&body)
+                );
+            }
+            Ok(response.map(|b| b.map_err(anyhow::Error::from).boxed_unsync()))
+        }
+    }
+}
+
+type DirectBody = http_body_util::combinators::UnsyncBoxBody<Bytes, anyhow::Error>;
+
 /// GET `path_and_query` (`/v1/flows?...`): status and body.
 pub async fn get(endpoint: &Endpoint, path_and_query: &str) -> anyhow::Result<(u16, Bytes)> {
     match endpoint {
-        Endpoint::Url(base, credentials) => {
-            let request = request(base, path_and_query, credentials)?;
-            let response = tokio::time::timeout(Duration::from_secs(30), http_client(credentials).request(request))
+        Endpoint::Direct(direct) => {
+            let name = endpoint.name();
+            let response = tokio::time::timeout(Duration::from_secs(30), send_direct(direct, path_and_query))
                 .await
-                .with_context(|| format!("{base} did not answer within 30 s"))?
-                .with_context(|| format!("cannot reach {base}"))?;
+                .with_context(|| format!("{name} did not answer within 30 s"))??;
             let status = response.status().as_u16();
-            let body = response.into_body().collect().await.with_context(|| format!("reading from {base}"))?.to_bytes();
+            let body = response.into_body().collect().await.with_context(|| format!("reading from {name}"))?.to_bytes();
             Ok((status, body))
         }
         Endpoint::Pod { client, namespace, name, port } => {
@@ -280,19 +396,18 @@ pub async fn stream_lines(
     mut line: impl FnMut(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     match endpoint {
-        Endpoint::Url(base, credentials) => {
-            let request = request(base, path_and_query, credentials)?;
-            let response =
-                http_client(credentials).request(request).await.with_context(|| format!("cannot reach {base}"))?;
+        Endpoint::Direct(direct) => {
+            let name = endpoint.name();
+            let response = send_direct(direct, path_and_query).await?;
             if !response.status().is_success() {
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();
-                bail!("{base} answered HTTP {status}: {}", excerpt(&body));
+                bail!("{name} answered HTTP {status}: {}", excerpt(&body));
             }
             let mut body = response.into_body().into_data_stream();
             let mut pending = Vec::new();
             while let Some(chunk) = body.next().await {
-                pending.extend_from_slice(&chunk.with_context(|| format!("reading from {base}"))?);
+                pending.extend_from_slice(&chunk.with_context(|| format!("reading from {name}"))?);
                 while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                     let text: Vec<u8> = pending.drain(..=end).collect();
                     line(String::from_utf8_lossy(&text).trim_end())?;

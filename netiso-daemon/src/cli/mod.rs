@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the eBPF programs, observe drops and flows, and report them.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Decide a flow against NetworkPolicy manifests and explain the verdict.
     Explain(explain::ExplainArgs),
     /// Show recorded flows, like `hubble observe`: what was blocked, where, and by which policy.
@@ -81,7 +81,7 @@ where
 
 pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Explain(args) => explain::explain(args),
         Command::Observe(args) => observe::observe(*args),
         Command::Top(args) => top::top(*args),

@@ -13,6 +13,7 @@ use crate::daemon::{self, Config, TlsFiles};
 use crate::datapath::DatapathConfig;
 use crate::export::auth::ApiAuth;
 use crate::export::log;
+use crate::export::trust;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -81,6 +82,11 @@ pub struct RunArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Publish the generated certificate's CA under this node's name in a ConfigMap (NAME in the
+    /// pod's namespace, or NAMESPACE/NAME), where `netiso observe --kube` finds it to verify this
+    /// daemon. The ConfigMap must exist; netiso needs get and patch on it.
+    #[arg(long, value_name = "CONFIGMAP")]
+    pub publish_api_ca: Option<trust::Target>,
     /// A connection to either listener must finish its TLS handshake, and send each request's
     /// headers (also when idle between requests), within this; responses are not limited.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -142,6 +148,7 @@ impl RunArgs {
             tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
             connection_timeout: self.connection_timeout,
             blocked_log_interval: self.blocked_log_interval,
+            publish_api_ca: self.publish_api_ca,
         }
     }
 }

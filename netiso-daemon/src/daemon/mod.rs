@@ -28,7 +28,7 @@ use crate::export::auth::{ApiAuth, Authorizer};
 use crate::export::http::{self, ListenerHealth, Shared};
 use crate::export::log::{BlockedFlowLog, LogFormat, RecordOutput};
 use crate::export::metrics::Metrics;
-use crate::export::tls;
+use crate::export::{tls, trust};
 use crate::inventory::{Inventory, Kind, kubernetes, manifests};
 
 /// Everything the daemon is told; `netiso run --help` explains each.
@@ -55,6 +55,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub connection_timeout: Duration,
     pub blocked_log_interval: Duration,
+    /// Publish the generated certificate's CA in this ConfigMap, for `--kube` clients.
+    pub publish_api_ca: Option<trust::Target>,
 }
 
 #[derive(Clone, Debug)]
@@ -104,6 +106,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// Loads and attaches the programs, opens the store, starts the inventory and binds both
 /// listeners; returns once the datapath is ready.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    if config.publish_api_ca.is_some() {
+        if config.tls.is_some() {
+            anyhow::bail!(
+                "--publish-api-ca publishes the CA of a generated certificate; with --tls-cert, give clients your CA with --ca-file"
+            );
+        }
+        if config.api_auth != ApiAuth::Kubernetes {
+            anyhow::bail!("--publish-api-ca needs --api-auth kubernetes (which serves the API over TLS)");
+        }
+    }
     let datapath = Datapath::load(config.datapath.clone()).await?;
     let client = kube_client(config.kubeconfig.as_deref()).await?;
     let authorizer = match config.api_auth {
@@ -115,19 +127,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Some(Arc::new(Authorizer::new(client, config.node_name.clone(), config.auth_cache_ttl)))
         }
     };
-    let tls = match (&config.tls, config.api_auth) {
+    let (tls, generated_ca) = match (&config.tls, config.api_auth) {
         (Some(files), _) => {
-            Some(tls::server_config(tls::Source::Files { cert: files.cert.clone(), key: files.key.clone() })?)
+            let source = tls::Source::Files { cert: files.cert.clone(), key: files.key.clone() };
+            let (tls, _) = tls::server_config(source)?;
+            (Some(tls), None)
         }
         (None, ApiAuth::Kubernetes) => {
             let mut names = vec!["localhost".to_owned(), config.node_name.clone(), config.listen.ip().to_string()];
             names.dedup();
             let ca_out = config.store.parent().unwrap_or(Path::new(".")).join("api-ca.pem");
-            Some(tls::server_config(tls::Source::Generated { names, ca_out })?)
+            let (tls, ca) = tls::server_config(tls::Source::Generated { names, ca_out })?;
+            (Some(tls), ca)
         }
-        (None, ApiAuth::None) => None,
+        (None, ApiAuth::None) => (None, None),
+    };
+    let publication = match (&config.publish_api_ca, generated_ca) {
+        (Some(target), Some(ca)) => {
+            let client = client.clone().context("--publish-api-ca needs a Kubernetes configuration")?;
+            Some((target.clone(), ca, client))
+        }
+        _ => None,
     };
     let inventory = start_inventory(&config, client).await?;
+    let publisher = publication
+        .map(|(target, ca, client)| trust::spawn(client, target, config.node_name.clone(), ca, inventory.clone()));
     let local_addresses = follow_local_addresses(&inventory, &config.node_name).await?;
     let retention = Retention { max_age: config.retention, max_bytes: config.store_max_bytes };
     let store = Arc::new(Store::open(&config.store, retention)?);
@@ -225,6 +249,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(async move {
         let result = pipeline.run(records, shutdown_rx, &mut datapath_task, writer_task).await;
         local_addresses.abort();
+        if let Some(publisher) = publisher {
+            publisher.abort();
+        }
         let _ = http_stop.send(());
         // Follow streams end with the process; do not wait on them.
         let _ = tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(api_task, metrics_task) }).await;

@@ -76,9 +76,10 @@ pub enum Source {
     },
 }
 
-/// The server configuration, and (for files) a task that reloads them when they change.
-pub fn server_config(source: Source) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let resolver = match source {
+/// The server configuration (for files, with a task that reloads them when they change) and, for a
+/// generated certificate, its CA (PEM).
+pub fn server_config(source: Source) -> anyhow::Result<(Arc<rustls::ServerConfig>, Option<String>)> {
+    let (resolver, generated_ca) = match source {
         Source::Files { cert, key } => {
             let current = Arc::new(Current(RwLock::new(load(&cert, &key)?)));
             tracing::info!(cert = %cert.display(), "API TLS certificate loaded");
@@ -105,26 +106,26 @@ pub fn server_config(source: Source) -> anyhow::Result<Arc<rustls::ServerConfig>
                     }
                 }
             });
-            current
+            (current, None)
         }
         Source::Generated { names, ca_out } => {
             let (ca_pem, key, fp) = generate(&names)?;
             if let Some(dir) = ca_out.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
-            std::fs::write(&ca_out, ca_pem).with_context(|| format!("writing {}", ca_out.display()))?;
+            std::fs::write(&ca_out, &ca_pem).with_context(|| format!("writing {}", ca_out.display()))?;
             tracing::warn!(
                 ca = %ca_out.display(),
                 sha256_fingerprint = %fp,
                 names = ?names,
                 "no --tls-cert given: generated a certificate for the API; clients trust it with --ca-file"
             );
-            Arc::new(Current(RwLock::new(key)))
+            (Arc::new(Current(RwLock::new(key))), Some(ca_pem))
         }
     };
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), generated_ca))
 }

@@ -210,6 +210,14 @@ impl Inventory {
         }
     }
 
+    /// The cluster's Node names, once the nodes have been listed and while their source works;
+    /// None before (or while stale), so that nothing is concluded from a partial view.
+    pub fn node_names(&self) -> Option<std::collections::BTreeSet<String>> {
+        let s = self.state.read().expect("inventory lock");
+        let current = s.synced.contains(&Kind::Node) && !s.stale.contains_key(&Kind::Node);
+        current.then(|| s.nodes.keys().cloned().collect())
+    }
+
     /// A counter that moves on every change, for caches of what is derived from the state.
     pub fn generation(&self) -> u64 {
         self.state.read().expect("inventory lock").generation
@@ -393,6 +401,18 @@ mod tests {
         let (svc, _) = inv.identify("10.96.0.10".parse().unwrap(), 80, now);
         assert_eq!((svc.kind, svc.service.as_deref()), (EndpointKind::Service, Some("prod/api")));
         assert_eq!(inv.identify("203.0.113.1".parse().unwrap(), 1, now).0.kind, EndpointKind::World);
+    }
+
+    #[test]
+    fn node_names_are_known_once_listed_and_while_fresh() {
+        let inv = Inventory::new(&[Kind::Node], Duration::from_secs(60));
+        let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "worker-1"}})).unwrap();
+        inv.apply(Change::Apply(Object::Node(node.clone())));
+        assert_eq!(inv.node_names(), None, "a watch event before the list says nothing of the others");
+        inv.apply(Change::Replace(Kind::Node, vec![Object::Node(node)]));
+        assert_eq!(inv.node_names(), Some(["worker-1".to_owned()].into()));
+        inv.set_stale(Kind::Node, true);
+        assert_eq!(inv.node_names(), None);
     }
 
     #[test]

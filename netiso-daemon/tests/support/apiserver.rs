@@ -1,6 +1,7 @@
 //! A fake Kubernetes API server for tests: list and watch (with resourceVersion, ADDED /
-//! MODIFIED / DELETED / BOOKMARK events and `410 Gone`) for the kinds netiso watches, and
-//! faults on demand: expire watches, go away, come back on the same port.
+//! MODIFIED / DELETED / BOOKMARK events and `410 Gone`) for the kinds netiso watches, get and
+//! merge-patch of ConfigMaps, TokenReview, SubjectAccessReview and the pod proxy, and faults on
+//! demand: expire watches, go away, come back on the same port.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -25,6 +26,7 @@ pub const RESOURCES: &[(&str, &str)] = &[
     ("api/v1/nodes", "Node"),
     ("apis/networking.k8s.io/v1/networkpolicies", "NetworkPolicy"),
     ("apis/apps/v1/replicasets", "ReplicaSet"),
+    ("api/v1/configmaps", "ConfigMap"),
 ];
 
 #[derive(Default)]
@@ -118,6 +120,66 @@ async fn review(
     }
 }
 
+/// `namespace/name` of a ConfigMap's path.
+fn configmap_key(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("api/v1/namespaces/")?;
+    let (namespace, name) = rest.split_once("/configmaps/")?;
+    Some(format!("{namespace}/{name}"))
+}
+
+fn not_found(what: &str) -> Response {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{what} not found")});
+    (StatusCode::NOT_FOUND, axum::Json(status)).into_response()
+}
+
+/// RFC 7386 JSON merge patch: objects merge, `null` removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let object = target.as_object_mut().expect("an object");
+    for (key, value) in fields {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge(object.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// PATCH (merge patch) of a ConfigMap, recorded as a MODIFIED event.
+async fn patch(
+    State((shared, requests)): State<(Shared, Arc<Mutex<Vec<String>>>)>,
+    Path(path): Path<String>,
+    body: Bytes,
+) -> Response {
+    requests.lock().unwrap().push(format!("PATCH /{path}"));
+    let Some(key) = configmap_key(&path) else {
+        return not_found(&path);
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not JSON").into_response();
+    };
+    let mut objects = shared.objects.lock().unwrap();
+    let Some(object) = objects.by_resource.get_mut("api/v1/configmaps").and_then(|m| m.get_mut(&key)) else {
+        return not_found(&key);
+    };
+    merge(object, &patch);
+    let mut patched = object.clone();
+    objects.resource_version += 1;
+    let rv = objects.resource_version;
+    patched["metadata"]["resourceVersion"] = json!(rv.to_string());
+    objects.by_resource.get_mut("api/v1/configmaps").unwrap().insert(key, patched.clone());
+    let event = json!({"type": "MODIFIED", "object": patched});
+    objects.log.push((rv, "api/v1/configmaps".into(), event.clone()));
+    let _ = shared.events.send((rv, "api/v1/configmaps".into(), event));
+    axum::Json(patched).into_response()
+}
+
 async fn handle(
     State((shared, requests)): State<(Shared, Arc<Mutex<Vec<String>>>)>,
     Path(path): Path<String>,
@@ -157,6 +219,14 @@ async fn handle(
             })
             .unwrap_or_default();
         return axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": objects.resource_version.to_string()}, "items": items})).into_response();
+    }
+    // One ConfigMap: /api/v1/namespaces/NS/configmaps/NAME
+    if let Some(key) = configmap_key(&path) {
+        let objects = shared.objects.lock().unwrap();
+        return match objects.by_resource.get("api/v1/configmaps").and_then(|m| m.get(&key)) {
+            Some(object) => axum::Json(object.clone()).into_response(),
+            None => not_found(&key),
+        };
     }
     // Pod proxy: /api/v1/namespaces/NS/pods/NAME:PORT/proxy/REST
     if let Some(rest) = path.strip_prefix("api/v1/namespaces/")
@@ -326,7 +396,7 @@ impl FakeApiServer {
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let app = Router::new()
-            .route("/{*path}", get(handle).post(review))
+            .route("/{*path}", get(handle).post(review).patch(patch))
             .with_state((self.shared.clone(), self.requests.clone()));
         self.server = Some(tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -438,10 +508,22 @@ impl FakeApiServer {
         }
     }
 
+    /// An object as the server holds it now (`namespace/name`, or `/name` for cluster objects).
+    pub fn object(&self, kind: &str, key: &str) -> Option<Value> {
+        let resource = RESOURCES.iter().find(|(_, k)| *k == kind).map(|(r, _)| *r).expect("known kind");
+        self.shared.objects.lock().unwrap().by_resource.get(resource).and_then(|m| m.get(key)).cloned()
+    }
+
     /// Writes a kubeconfig for this server to `path`.
     pub fn kubeconfig(&self, path: &std::path::Path) {
+        self.kubeconfig_with_token(path, None);
+    }
+
+    /// Writes a kubeconfig for this server to `path` whose user presents `token`.
+    pub fn kubeconfig_with_token(&self, path: &std::path::Path, token: Option<&str>) {
+        let user = token.map_or("{}".to_owned(), |t| format!("\n    token: {t}"));
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {user}\n",
             self.addr
         );
         std::fs::write(path, text).unwrap();
