@@ -168,7 +168,14 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
             let kind = object["kind"].as_str().unwrap_or_default().to_owned();
             let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
             match kind.as_str() {
-                "Namespace" => drop(typed::<Namespace>(&object)),
+                "Namespace" => {
+                    let namespace = typed::<Namespace>(&object);
+                    let labels = namespace.metadata.labels.unwrap_or_default();
+                    if name == "netiso" {
+                        let level = labels.get("pod-security.kubernetes.io/enforce").map(String::as_str);
+                        assert_eq!(level, Some("privileged"), "netiso's pod is beyond baseline: say so");
+                    }
+                }
                 "ServiceAccount" => drop(typed::<ServiceAccount>(&object)),
                 "Service" => drop(typed::<Service>(&object)),
                 "ConfigMap" if name == "netiso-api-ca" => {
@@ -249,6 +256,11 @@ fn every_manifest_renders_into_valid_objects_that_meet_the_security_bar() {
                         assert_ne!(sc.privileged, Some(true), "no privileged container");
                         assert_eq!(sc.read_only_root_filesystem, Some(true));
                         assert_eq!(sc.allow_privilege_escalation, Some(false));
+                        let seccomp = sc.seccomp_profile.clone().map(|p| p.type_);
+                        assert!(
+                            matches!(seccomp.as_deref(), Some("Unconfined" | "Localhost")),
+                            "a seccomp profile that allows bpf() is chosen, not left to the runtime's default: {seccomp:?}"
+                        );
                         let caps = sc.capabilities.unwrap();
                         assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
                         for cap in caps.add.unwrap() {

@@ -27,7 +27,7 @@ pub fn test_binary(package: &str, test: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Runs `cargo ARGS` and returns the executable it reports for target `target`.
-fn executable(args: &[&str], target: &str) -> anyhow::Result<PathBuf> {
+pub fn executable(args: &[&str], target: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(args).args(["--quiet", "--message-format=json"]);

@@ -6,7 +6,8 @@
 //! programs; a lab's servers hold sockets), which releases their attachments. In the machine's own
 //! namespace, links and pins under /sys/fs/bpf carry the prefix, nft tables the prefix with `_`,
 //! and clsact filters of netiso's tc programs are found by program name: unlike TCX links they
-//! outlive the process that attached them.
+//! outlive the process that attached them. podman containers of the image tests carry the prefix
+//! too, and go first.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// One thing left behind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Leftover {
+    Container(String),
     Namespace(String),
     Process {
         namespace: String,
@@ -96,6 +98,7 @@ impl fmt::Display for Hook {
 impl fmt::Display for Leftover {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Leftover::Container(name) => write!(f, "podman container {name}"),
             Leftover::Namespace(name) => write!(f, "network namespace {name}"),
             Leftover::Process { namespace, pid, command } => write!(f, "process {pid} ({command}) in {namespace}"),
             Leftover::TcProgram { namespace, interface, hook, program, id } => {
@@ -111,7 +114,7 @@ impl fmt::Display for Leftover {
 
 /// Everything carrying `prefix` (for the whole project, [`PREFIX`]) on this machine.
 pub fn find(prefix: &str) -> anyhow::Result<Vec<Leftover>> {
-    let mut found = Vec::new();
+    let mut found: Vec<Leftover> = containers(prefix).into_iter().map(Leftover::Container).collect();
     for namespace in sh::netns_list()?.into_iter().filter(|n| n.starts_with(prefix)) {
         found.push(Leftover::Namespace(namespace.clone()));
         for pid in sh::netns_pids(&namespace) {
@@ -132,6 +135,10 @@ pub fn remove(prefix: &str) -> anyhow::Result<Vec<Leftover>> {
     let found = find(prefix)?;
     for item in &found {
         match item {
+            Leftover::Container(name) => {
+                sh::run("podman", &[&crate::image::PODMAN[..], &["rm", "--force", "--time", "5", name]].concat())
+                    .map(drop)?;
+            }
             Leftover::Namespace(name) => {
                 stop_processes(&found, name);
                 sh::delete_netns(name).with_context(|| format!("removing network namespace {name}"))?;
@@ -154,6 +161,21 @@ pub fn remove(prefix: &str) -> anyhow::Result<Vec<Leftover>> {
         }
     }
     Ok(found)
+}
+
+/// Names of podman containers starting with `prefix`; none where podman is not installed.
+fn containers(prefix: &str) -> Vec<String> {
+    let filter = format!("name=^{prefix}");
+    let args = [&crate::image::PODMAN[..], &["ps", "--all", "--filter", &filter, "--format", "{{.Names}}"]].concat();
+    match std::process::Command::new("podman").args(args).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Asks the namespace's processes to stop (a daemon detaches cleanly on SIGTERM) and kills

@@ -72,6 +72,9 @@ enum Cmd {
         #[arg(long, default_value_t = 540)]
         timeout: u64,
     },
+    /// netiso's image: a static (musl) release build alone in an image FROM scratch, tagged as the
+    /// DaemonSet names it (`scripts/setup --image` installs podman and the musl target).
+    Image,
     /// What killed runs left behind (network namespaces, their processes and tc programs, links,
     /// nft tables, pinned BPF objects named with the project's prefix), removed with --remove.
     Leftovers {
@@ -190,6 +193,10 @@ fn main() -> ExitCode {
         Cmd::Bench { storm: Some(BenchCmd::Storm { rate, ports, attempts, id, netiso_args }), .. } => {
             storm(&id, &xtask::storm::Options { rate, ports, attempts }, &netiso_args)
         }
+        Cmd::Image => xtask::image::build().map(|image| {
+            println!("{image}");
+            ExitCode::SUCCESS
+        }),
         Cmd::Leftovers { remove, prefix } => leftovers(remove, &prefix),
         Cmd::Vm { kernels, timeout } => vm(kernels, timeout),
         Cmd::BenchBlast { addr, seconds, size } => xtask::bench::blast(addr, seconds, size).map(|sent| {

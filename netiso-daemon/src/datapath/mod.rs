@@ -61,6 +61,12 @@ pub enum DatapathError {
     #[error("loading the eBPF programs was refused ({0}); run as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")]
     Privilege(String),
     #[error(
+        "loading the eBPF programs was refused ({0}) although netiso holds CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: \
+         a seccomp filter refuses bpf() (container runtimes' default profiles do without CAP_SYS_ADMIN); run netiso \
+         with seccompProfile Unconfined, as the DaemonSet does, or with deploy/netiso/seccomp/netiso.json"
+    )]
+    Seccomp(String),
+    #[error(
         "netiso run lacks {}: run it as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (in Kubernetes: securityContext.capabilities.add)",
         .0.join(", ")
     )]
@@ -256,7 +262,13 @@ impl Datapath {
             .map_max_entries("FLOWS", config.flow_map_entries)
             .load(PROBES)
             .map_err(|e| {
-                if is_permission_error(&e) { DatapathError::Privilege(e.to_string()) } else { DatapathError::Load(e) }
+                if !is_permission_error(&e) {
+                    DatapathError::Load(e)
+                } else if privileges::seccomp_filtered() {
+                    DatapathError::Seccomp(e.to_string())
+                } else {
+                    DatapathError::Privilege(e.to_string())
+                }
             })?;
 
         let mut filter: Array<_, u8> = Array::try_from(ebpf.map_mut("DROP_REASON_FILTER").expect("map in object"))

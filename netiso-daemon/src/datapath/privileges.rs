@@ -34,9 +34,27 @@ pub fn missing() -> Vec<&'static str> {
     missing_from(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
 }
 
+/// Whether a `/proc/<pid>/status` text says a seccomp filter is in force (mode 2).
+fn seccomp_filtered_from(status: &str) -> bool {
+    status.lines().find_map(|l| l.strip_prefix("Seccomp:")).is_some_and(|mode| mode.trim() == "2")
+}
+
+/// Whether this process runs under a seccomp filter, which may refuse bpf() whatever its
+/// capabilities.
+pub fn seccomp_filtered() -> bool {
+    seccomp_filtered_from(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seccomp_filter_is_told_from_none() {
+        assert!(seccomp_filtered_from("Name:\tnetiso\nSeccomp:\t2\nSeccomp_filters:\t1\n"));
+        assert!(!seccomp_filtered_from("Seccomp:\t0\n"));
+        assert!(!seccomp_filtered_from("Name:\tnetiso\n"));
+    }
 
     #[test]
     fn names_what_is_missing() {
