@@ -38,6 +38,9 @@ pub fn build() -> anyhow::Result<String> {
         .context("copying the Containerfile")?;
     let image = shipped()?.image;
     let context = context.to_str().context("the image context's path is not UTF-8")?;
+    // The previous build goes first, so that rebuilding leaves no untagged image behind (a
+    // container still using it keeps it, and is removed with the leftovers).
+    let _ = std::process::Command::new("podman").args(PODMAN).args(["rmi", &image]).output();
     let mut args = PODMAN.to_vec();
     args.extend(["build", "--quiet", "--file", "Containerfile", "--tag", &image, context]);
     sh::run("podman", &args)?;
