@@ -62,10 +62,17 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> T {
 /// The CRD schemas of the custom kinds deploy/ uses (vendored in tests/fixtures/crds), by
 /// `apiVersion` and kind.
 fn crd_schema(api_version: &str, kind: &str) -> Option<Value> {
+    static CRDS: std::sync::LazyLock<Vec<Value>> = std::sync::LazyLock::new(|| {
+        ["kustomizations", "prometheusrules", "servicemonitors"]
+            .iter()
+            .map(|file| {
+                let path = format!("{}/tests/fixtures/crds/{file}.yaml", env!("CARGO_MANIFEST_DIR"));
+                serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+            })
+            .collect()
+    });
     let (group, version) = api_version.split_once('/')?;
-    for file in ["kustomizations", "prometheusrules", "servicemonitors"] {
-        let path = format!("{}/tests/fixtures/crds/{file}.yaml", env!("CARGO_MANIFEST_DIR"));
-        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for crd in CRDS.iter() {
         if crd["spec"]["group"] == group && crd["spec"]["names"]["kind"] == kind {
             let versions = crd["spec"]["versions"].as_array().unwrap();
             let served = versions.iter().find(|v| v["name"] == version && v["served"] == true)?;

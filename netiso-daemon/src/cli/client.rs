@@ -86,6 +86,16 @@ impl Endpoint {
     }
 }
 
+/// What `--kube` learned from the API server: its configuration and client, and the CAs to
+/// verify daemons with.
+struct Cluster {
+    config: kube::Config,
+    client: kube::Client,
+    /// Node name → the CA (PEM) its daemon published.
+    published: BTreeMap<String, String>,
+    ca_file: Option<Vec<u8>>,
+}
+
 impl Target {
     pub async fn endpoints(&self) -> anyhow::Result<Vec<Endpoint>> {
         if !self.kube {
@@ -116,37 +126,40 @@ impl Target {
         if self.insecure_skip_tls_verify {
             eprintln!("netiso: warning: --insecure-skip-tls-verify: the daemons' certificates are not checked");
         }
+        let cluster = Cluster { config, client, published, ca_file };
         list.items
             .into_iter()
-            .filter_map(|pod| {
-                let name = pod.metadata.name?;
-                let node = pod.spec.and_then(|s| s.node_name);
-                let status = pod.status.unwrap_or_default();
-                let address = status.host_ip.or(status.pod_ip);
-                Some((name, node, address))
-            })
-            .map(|(name, node, address)| {
-                let ca = node.as_ref().and_then(|n| published.get(n)).map(String::as_bytes).or(ca_file.as_deref());
-                match (ca, address) {
-                    (Some(ca), Some(address)) => {
-                        let url = match address.parse::<std::net::IpAddr>() {
-                            Ok(std::net::IpAddr::V6(v6)) => format!("https://[{v6}]:{}", self.kube_port),
-                            _ => format!("https://{address}:{}", self.kube_port),
-                        };
-                        let pod = format!("{}/{name}", self.kube_namespace);
-                        let client =
-                            self.daemon_client(&config, &url, ca).with_context(|| format!("{pod} at {url}"))?;
-                        Ok(Endpoint::Direct(Direct::Daemon { client, pod, url }))
-                    }
-                    _ => Ok(Endpoint::Pod {
-                        client: client.clone(),
-                        namespace: self.kube_namespace.clone(),
-                        name,
-                        port: self.kube_port,
-                    }),
-                }
-            })
+            .filter(|pod| pod.metadata.name.is_some())
+            .map(|pod| self.pod_endpoint(pod, &cluster))
             .collect()
+    }
+
+    /// How to ask a netiso pod: directly at its node's address when a CA verifies it (its node's
+    /// published one, else --ca-file), else through the pod proxy.
+    fn pod_endpoint(&self, pod: Pod, cluster: &Cluster) -> anyhow::Result<Endpoint> {
+        let name = pod.metadata.name.unwrap_or_default();
+        let node = pod.spec.and_then(|s| s.node_name);
+        let status = pod.status.unwrap_or_default();
+        let ca =
+            node.as_ref().and_then(|n| cluster.published.get(n)).map(String::as_bytes).or(cluster.ca_file.as_deref());
+        match (ca, status.host_ip.or(status.pod_ip)) {
+            (Some(ca), Some(address)) => {
+                let url = match address.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V6(v6)) => format!("https://[{v6}]:{}", self.kube_port),
+                    _ => format!("https://{address}:{}", self.kube_port),
+                };
+                let pod = format!("{}/{name}", self.kube_namespace);
+                let client =
+                    self.daemon_client(&cluster.config, &url, ca).with_context(|| format!("{pod} at {url}"))?;
+                Ok(Endpoint::Direct(Direct::Daemon { client, pod, url }))
+            }
+            _ => Ok(Endpoint::Pod {
+                client: cluster.client.clone(),
+                namespace: self.kube_namespace.clone(),
+                name,
+                port: self.kube_port,
+            }),
+        }
     }
 
     /// The CAs the daemons published, by node name; none when the ConfigMap does not exist (no
