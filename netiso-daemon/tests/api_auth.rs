@@ -358,6 +358,14 @@ async fn observe_kube_asks_the_shipped_daemonset_with_the_callers_token() {
     assert!(stderr.contains("cannot reach netiso/netiso-b at https://127.0.0.3:9963"), "{stderr}");
     assert!(stderr.contains("the listing is partial"), "{stderr}");
 
+    // A netiso pod whose node has published no CA yet (its daemon is starting) is not asked
+    // through a path that would drop the token or trust nothing: it is named, with the way out.
+    fake.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "netiso-c", "namespace": "netiso", "uid": "netiso-c", "labels": {"app.kubernetes.io/name": "netiso"}}, "spec": {"nodeName": "node-c", "hostNetwork": true, "containers": [{"name": "netiso", "image": "netiso"}]}, "status": {"phase": "Running", "hostIP": "127.0.0.4", "podIP": "127.0.0.4"}}));
+    let (ok, nodes, stderr) = observe(Some("responder-token"));
+    assert!(!ok && nodes.iter().any(|n| n == "node-a"), "{nodes:?} {stderr}");
+    assert!(stderr.contains("netiso/netiso-c node `node-c` has published no CA"), "{stderr}");
+    assert!(stderr.contains("--ca-file"), "{stderr}");
+
     for mut daemon in running {
         daemon.stop().unwrap();
         let logs = daemon.diagnostics().join("\n");

@@ -60,11 +60,13 @@ pub struct Credentials {
     pub token: Option<String>,
 }
 
-/// One daemon to ask: one the CLI asks itself, or a pod reached through the API server.
+/// One daemon to ask: one the CLI asks itself, a pod reached through the API server, or a netiso
+/// pod that cannot be asked safely yet (and why).
 #[derive(Clone)]
 pub enum Endpoint {
     Direct(Direct),
     Pod { client: kube::Client, namespace: String, name: String, port: u16 },
+    Unverifiable { pod: String, reason: String },
 }
 
 /// A daemon the CLI asks itself: at a base URL, or a netiso pod's daemon at its node's address,
@@ -82,6 +84,7 @@ impl Endpoint {
             Endpoint::Direct(Direct::Url(u, _)) => u.clone(),
             Endpoint::Direct(Direct::Daemon { pod, .. }) => pod.clone(),
             Endpoint::Pod { namespace, name, .. } => format!("{namespace}/{name}"),
+            Endpoint::Unverifiable { pod, .. } => pod.clone(),
         }
     }
 }
@@ -135,25 +138,37 @@ impl Target {
     }
 
     /// How to ask a netiso pod: directly at its node's address when a CA verifies it (its node's
-    /// published one, else --ca-file), else through the pod proxy.
+    /// published one, else --ca-file); through the pod proxy when no daemon publishes a CA (none
+    /// authenticates its callers); not at all when the others publish one and its node has not.
     fn pod_endpoint(&self, pod: Pod, cluster: &Cluster) -> anyhow::Result<Endpoint> {
         let name = pod.metadata.name.unwrap_or_default();
-        let node = pod.spec.and_then(|s| s.node_name);
+        let node = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
         let status = pod.status.unwrap_or_default();
-        let ca =
-            node.as_ref().and_then(|n| cluster.published.get(n)).map(String::as_bytes).or(cluster.ca_file.as_deref());
+        let ca = cluster.published.get(&node).map(String::as_bytes).or(cluster.ca_file.as_deref());
+        let qualified = format!("{}/{name}", self.kube_namespace);
         match (ca, status.host_ip.or(status.pod_ip)) {
             (Some(ca), Some(address)) => {
                 let url = match address.parse::<std::net::IpAddr>() {
                     Ok(std::net::IpAddr::V6(v6)) => format!("https://[{v6}]:{}", self.kube_port),
                     _ => format!("https://{address}:{}", self.kube_port),
                 };
-                let pod = format!("{}/{name}", self.kube_namespace);
                 let client =
-                    self.daemon_client(&cluster.config, &url, ca).with_context(|| format!("{pod} at {url}"))?;
-                Ok(Endpoint::Direct(Direct::Daemon { client, pod, url }))
+                    self.daemon_client(&cluster.config, &url, ca).with_context(|| format!("{qualified} at {url}"))?;
+                Ok(Endpoint::Direct(Direct::Daemon { client, pod: qualified, url }))
             }
-            _ => Ok(Endpoint::Pod {
+            (Some(_), None) => Ok(Endpoint::Unverifiable {
+                pod: qualified,
+                reason: "has no node address yet (not scheduled or not started)".into(),
+            }),
+            (None, _) if !cluster.published.is_empty() => Ok(Endpoint::Unverifiable {
+                pod: qualified,
+                reason: format!(
+                    "node `{node}` has published no CA in ConfigMap {}/{} yet (its daemon does once it has started: see its log), so it cannot be verified; or pass the node's /var/lib/netiso/api-ca.pem with --ca-file",
+                    self.kube_namespace,
+                    trust::CONFIGMAP
+                ),
+            }),
+            (None, _) => Ok(Endpoint::Pod {
                 client: cluster.client.clone(),
                 namespace: self.kube_namespace.clone(),
                 name,
@@ -398,6 +413,7 @@ pub async fn get(endpoint: &Endpoint, path_and_query: &str) -> anyhow::Result<(u
                 Err(e) => Err(e).with_context(|| format!("asking {namespace}/{name} through the API server")),
             }
         }
+        Endpoint::Unverifiable { pod, reason } => bail!("{pod} {reason}"),
     }
 }
 
@@ -439,6 +455,7 @@ pub async fn stream_lines(
             }
             Ok(())
         }
+        Endpoint::Unverifiable { pod, reason } => bail!("{pod} {reason}"),
     }
 }
 
