@@ -613,6 +613,41 @@ impl Correlator {
         })
     }
 
+    /// Turns the record of a scan's first port beyond those recorded one by one into the record
+    /// that counts all of them (`sides`: which sides denied it), under the scan's key.
+    fn summarise_scan(&mut self, record: &mut FlowRecord, scan: &AttemptKey, sides: Option<(bool, bool)>, port: u16) {
+        record.ports = Some(PortSet::of(port).sweep());
+        record.policy.summary = format!(
+            "a scan: {} tried more than {SCAN_RECORDED_PORTS} ports of {} within {}, the ports beyond the first {SCAN_RECORDED_PORTS} summarised here, each judged as port {}: {}",
+            endpoint_name(&record.source),
+            endpoint_name(&record.destination),
+            humantime::format_duration(self.attempt_window),
+            record.destination.port,
+            record.policy.summary
+        );
+        record.destination.port = 0;
+        if let Some(state) = self.scans.get_mut(scan) {
+            state.summary_sides = sides;
+        }
+    }
+
+    /// A port a possible scan tried, recorded on its own: counted towards the scan's window (a
+    /// new window once the last one is over).
+    fn remember_scanned_port(&mut self, scan: &AttemptKey, r: &DatapathRecord) {
+        let window = self.attempt_window;
+        let state = self.scans.entry(scan.clone()).or_insert_with(|| Scan {
+            first: r.time,
+            recorded: Vec::new(),
+            summary_sides: None,
+        });
+        if r.time.duration_since(state.first).unwrap_or_default() >= window {
+            *state = Scan { first: r.time, recorded: Vec::new(), summary_sides: None };
+        }
+        if !state.recorded.contains(&r.dst_port) {
+            state.recorded.push(r.dst_port);
+        }
+    }
+
     fn admit(&mut self, r: &DatapathRecord, how: Admit) -> Option<Handled> {
         let key = datapath_key(r);
         let counted = |op, facts: &Arc<FlowFacts>| Handled {
@@ -672,32 +707,10 @@ impl Correlator {
         let scan = scan.filter(|_| attempt.is_some());
         let mut totals_key = attempt;
         if let (true, Some(scan)) = (summary_totals, &scan) {
-            record.ports = Some(PortSet::of(r.dst_port).sweep());
-            record.policy.summary = format!(
-                "a scan: {} tried more than {SCAN_RECORDED_PORTS} ports of {} within {}, the ports beyond the first {SCAN_RECORDED_PORTS} summarised here, each judged as port {}: {}",
-                endpoint_name(&record.source),
-                endpoint_name(&record.destination),
-                humantime::format_duration(self.attempt_window),
-                record.destination.port,
-                record.policy.summary
-            );
-            record.destination.port = 0;
-            if let Some(state) = self.scans.get_mut(scan) {
-                state.summary_sides = sides;
-            }
+            self.summarise_scan(&mut record, scan, sides, r.dst_port);
             totals_key = Some(scan.clone());
         } else if let Some(scan) = &scan {
-            let state = self.scans.entry(scan.clone()).or_insert_with(|| Scan {
-                first: r.time,
-                recorded: Vec::new(),
-                summary_sides: None,
-            });
-            if r.time.duration_since(state.first).unwrap_or_default() >= window {
-                *state = Scan { first: r.time, recorded: Vec::new(), summary_sides: None };
-            }
-            if !state.recorded.contains(&r.dst_port) {
-                state.recorded.push(r.dst_port);
-            }
+            self.remember_scanned_port(scan, r);
         }
         let facts = Arc::new(FlowFacts::of(&record));
         if let Some(conversation) = &totals_key {
